@@ -1,0 +1,563 @@
+"""The statistics stage: one Beam pipeline over a materialized dataset.
+
+Reads ``<data_dir>`` (layout in `models.data_layout`: ``interactions/train-*.parquet``,
+``items.parquet``, ``users.parquet``, ``schema.json``) and writes into ``<output_dir>``::
+
+    item_frequencies.csv   item_id,count,probability (count desc, then item_id)
+    feature_mi.json        {"features", "mi", "normalized_mi", "num_items"}
+    vocab/<name>.txt       one token per line, most frequent first
+    dead_letter.jsonl      one JSON object per malformed record (no particular order):
+                           {"file", "record" (0-based row in the file), "reason",
+                            "user_id", "item_id"}
+    summary.json           rows read/rejected by reason, runtime, runner, sizes
+
+Rejection reasons for interactions, checked in this order (a row gets the first):
+``null_user_id``, ``empty_user_id``, ``null_item_id``, ``empty_item_id``,
+``unknown_item_id`` (absent from the item table), ``null_label`` (null/NaN label, only
+when frequencies count positives). Item/user table rows with a null or empty id are
+rejected too (``summary["tables"]``) and left out of every statistic.
+
+Item frequencies count the valid training rows that retrieval trains on: rows with
+``label > 0`` when the schema has a label (`positives`), every row otherwise.
+
+Parquet files are read one row group per element by `ReadParquetRowGroups` (instead
+of ``beam.io.ReadFromParquetBatched``, which yields bare tables and so cannot say which
+file and row a malformed record came from). Everything else flows through Beam: counts
+are computed per batch with numpy and merged by CombineFns; only the small final
+tables are written by single-element steps; dead letters go through ``WriteToText``.
+
+The pipeline writes into a temporary sibling of ``output_dir``; only after the
+pipeline succeeded and the rejected fraction is within bounds is it moved into place
+(replacing an existing ``output_dir``), so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_jobs.feature_mi import FeatureMutualInformation
+from beam_jobs.item_frequencies import ItemFrequencies, SumCountsFn
+from beam_jobs.vocabularies import Vocabularies, table_vocabulary_features
+from models import data_layout
+from models.features import ITEM_ID, LABEL, USER_ID, Schema
+
+FREQUENCIES_FILE = "item_frequencies.csv"
+FEATURE_MI_FILE = "feature_mi.json"
+VOCAB_DIR = "vocab"
+DEAD_LETTER_FILE = "dead_letter.jsonl"
+SUMMARY_FILE = "summary.json"
+
+METRICS_NAMESPACE = "recfunnel.stats"
+INTERACTION_REASONS = ("null_user_id", "empty_user_id", "null_item_id", "empty_item_id",
+                       "unknown_item_id", "null_label")
+POSITIVES = ("auto", "all", "label")
+
+# (file, first_row, table): one Parquet row group and the file row of its first record.
+LocatedBatch = Tuple[str, int, pa.Table]
+
+
+class TooManyRejectedRows(ValueError):
+    """More interactions were malformed than `max_rejected_fraction` allows."""
+
+    def __init__(self, rows_read: int, rows_rejected: int, rejected_by_reason: Dict[str, int],
+                 max_rejected_fraction: float, data_dir: str):
+        self.rows_read = rows_read
+        self.rows_rejected = rows_rejected
+        self.rejected_by_reason = dict(rejected_by_reason)
+        self.max_rejected_fraction = max_rejected_fraction
+        fraction = rows_rejected / rows_read if rows_read else 1.0
+        super().__init__(
+            f"{rows_rejected} of {rows_read} interactions in {data_dir} are malformed "
+            f"({fraction:.2%} > max_rejected_fraction={max_rejected_fraction:.2%}); "
+            f"by reason: {self.rejected_by_reason}. No statistics were written.")
+
+
+# -- reading --------------------------------------------------------------------
+def _match(pattern: str) -> List[str]:
+    result = FileSystems.match([pattern])[0]
+    return sorted(m.path for m in result.metadata_list)
+
+
+def _list_row_groups(path: str) -> Iterable[Tuple[str, int, int]]:
+    """``(file, row_group, first_row)`` for each row group of a Parquet file."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        metadata = pq.ParquetFile(f).metadata
+    first_row = 0
+    for index in range(metadata.num_row_groups):
+        yield path, index, first_row
+        first_row += metadata.row_group(index).num_rows
+
+
+class _ReadRowGroup(beam.DoFn):
+    def __init__(self, columns: Sequence[str]):
+        super().__init__()
+        self._columns = list(columns)
+
+    def process(self, element) -> Iterable[LocatedBatch]:
+        path, index, first_row = element
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            parquet = pq.ParquetFile(f)
+            missing = [c for c in self._columns if c not in parquet.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{path} lacks columns {missing}; it has {parquet.schema_arrow.names}")
+            table = parquet.read_row_group(index, columns=self._columns)
+        yield path, first_row, table
+
+
+class ReadParquetRowGroups(beam.PTransform):
+    """Parquet files -> one ``(file, first_row, pyarrow.Table)`` per row group.
+
+    Row groups are spread over workers by a reshuffle of their (small) descriptors;
+    each worker then reads only its row group's `columns`.
+    """
+
+    def __init__(self, files: Sequence[str], columns: Sequence[str], label: str = None):
+        super().__init__(label)
+        if not files:
+            raise ValueError("`files` should list at least one Parquet file. Received: files=[]")
+        self._files = list(files)
+        self._columns = list(columns)
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            # file path
+            | "ListFiles" >> beam.Create(self._files)
+            # (file, row_group, first_row)
+            | "ListRowGroups" >> beam.FlatMap(_list_row_groups)
+            | "SpreadRowGroups" >> beam.Reshuffle()
+            # (file, first_row, table)
+            | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self._columns)))
+
+
+# -- validation -----------------------------------------------------------------
+def _as_string_column(table: pa.Table, name: str) -> pa.ChunkedArray:
+    column = table.column(name)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = pc.cast(column, pa.string())
+    return column
+
+
+def _null_and_empty(column: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    empty = pc.fill_null(pc.equal(column, ""), False).to_numpy(zero_copy_only=False)
+    return np.asarray(null, bool), np.asarray(empty, bool)
+
+
+def _dead_letters(path: str, first_row: int, rows: np.ndarray, reasons: np.ndarray,
+                  table: pa.Table, id_columns: Sequence[str]) -> Iterable[str]:
+    values = {c: table.column(c).take(pa.array(rows)).to_pylist() for c in id_columns}
+    for k, (row, reason) in enumerate(zip(rows.tolist(), reasons.tolist())):
+        record = {"file": path, "record": first_row + int(row), "reason": reason}
+        record.update({c: values[c][k] for c in id_columns})
+        yield json.dumps(record, sort_keys=True, default=str)
+
+
+class ValidateInteractions(beam.DoFn):
+    """Splits a row group into valid training rows, dead letters and counts.
+
+    With `positives_only`, the row group must carry a ``label`` column: a null/NaN label
+    is malformed, and only rows with ``label > 0`` are training positives (retrieval
+    trains on positives, so q(i) counts them).
+
+    Main output: ``pyarrow.Table`` (``user_id``, ``item_id`` as strings) of the valid
+    rows, restricted to positives under `positives_only`.
+    Tagged ``dead_letter``: one JSON line per rejected row.
+    Tagged ``counts``: ``{"interactions/rows_read": n, "interactions/positive_rows": m,
+    "interactions/<reason>": k}``.
+    """
+
+    DEAD_LETTER = "dead_letter"
+    COUNTS = "counts"
+
+    def __init__(self, positives_only: bool = False):
+        super().__init__()
+        self._positives_only = bool(positives_only)
+        self._rows_read = Metrics.counter(METRICS_NAMESPACE, "interactions_read")
+        self._rejected = {r: Metrics.counter(METRICS_NAMESPACE, f"interactions_rejected_{r}")
+                          for r in INTERACTION_REASONS}
+
+    def process(self, element: LocatedBatch, item_ids: np.ndarray):
+        path, first_row, table = element
+        user = _as_string_column(table, USER_ID)
+        item = _as_string_column(table, ITEM_ID)
+        user_null, user_empty = _null_and_empty(user)
+        item_null, item_empty = _null_and_empty(item)
+        item_str = item.fill_null("").to_numpy(zero_copy_only=False).astype(str)
+        uniques, inverse = np.unique(item_str, return_inverse=True)
+        position = np.minimum(np.searchsorted(item_ids, uniques), max(len(item_ids) - 1, 0))
+        known = (item_ids[position] == uniques) if len(item_ids) else np.zeros(len(uniques), bool)
+        unknown = ~known[inverse.reshape(-1)]
+
+        if self._positives_only:
+            label = table.column(LABEL)
+            label_null = np.asarray(pc.is_null(label, nan_is_null=True).to_numpy(zero_copy_only=False), bool)
+            positive = np.asarray(pc.fill_null(pc.greater(label, 0), False).to_numpy(zero_copy_only=False),
+                                  bool)
+        else:
+            label_null = np.zeros(table.num_rows, bool)
+            positive = np.ones(table.num_rows, bool)
+        conditions = [user_null, user_empty, item_null, item_empty, unknown, label_null]
+        bad = np.logical_or.reduce(conditions)
+        n = table.num_rows
+        keep = ~bad & positive
+        self._rows_read.inc(n)
+        counts = {"interactions/rows_read": n, "interactions/positive_rows": int(keep.sum())}
+        if bad.any():
+            reasons = np.select(conditions, INTERACTION_REASONS, default="")
+            rows = np.flatnonzero(bad)
+            for reason in INTERACTION_REASONS:
+                k = int(np.count_nonzero(reasons[rows] == reason))
+                if k:
+                    counts[f"interactions/{reason}"] = k
+                    self._rejected[reason].inc(k)
+            for line in _dead_letters(path, first_row, rows, reasons[rows], table,
+                                      (USER_ID, ITEM_ID)):
+                yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, line)
+        yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
+        if keep.any():
+            valid = pa.table({USER_ID: user, ITEM_ID: item})
+            yield valid if keep.all() else valid.filter(pa.array(keep))
+
+
+class ValidateTable(beam.DoFn):
+    """Drops user/item table rows whose id is null or empty (same outputs as above)."""
+
+    def __init__(self, table_name: str, id_column: str):
+        super().__init__()
+        self._name = table_name
+        self._id = id_column
+        self._rows_read = Metrics.counter(METRICS_NAMESPACE, f"{table_name}_read")
+        self._rejected = Metrics.counter(METRICS_NAMESPACE, f"{table_name}_rejected")
+
+    def process(self, element: LocatedBatch):
+        path, first_row, table = element
+        ids = _as_string_column(table, self._id)
+        null, empty = _null_and_empty(ids)
+        bad = null | empty
+        table = table.set_column(table.schema.get_field_index(self._id), self._id, ids)
+        counts = {f"{self._name}/rows_read": table.num_rows}
+        self._rows_read.inc(table.num_rows)
+        if bad.any():
+            reason_names = (f"null_{self._id}", f"empty_{self._id}")
+            reasons = np.select([null, empty], reason_names, default="")
+            rows = np.flatnonzero(bad)
+            for reason in reason_names:
+                k = int(np.count_nonzero(reasons[rows] == reason))
+                if k:
+                    counts[f"{self._name}/{reason}"] = k
+            self._rejected.inc(int(bad.sum()))
+            for line in _dead_letters(path, first_row, rows, reasons[rows], table, (self._id,)):
+                yield beam.pvalue.TaggedOutput(ValidateInteractions.DEAD_LETTER, line)
+            table = table.filter(pa.array(~bad))
+        yield beam.pvalue.TaggedOutput(ValidateInteractions.COUNTS, counts)
+        if table.num_rows:
+            yield table
+
+
+class SortedIdsFn(beam.CombineFn):
+    """Tables -> sorted unique array of one string column (the item-id side input)."""
+
+    def __init__(self, column: str):
+        super().__init__()
+        self._column = column
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, accumulator, table):
+        accumulator.append(table.column(self._column).to_numpy(zero_copy_only=False).astype(str))
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        accumulators = iter(accumulators)
+        out = next(accumulators, None)
+        out = [] if out is None else out
+        for other in accumulators:
+            out.extend(other)
+        return out
+
+    def extract_output(self, accumulator):
+        if not accumulator:
+            return np.zeros(0, dtype=str)
+        return np.unique(np.concatenate(accumulator))
+
+
+# -- writing --------------------------------------------------------------------
+def _write_text(path: str, text: str) -> None:
+    with FileSystems.create(path, compression_type="uncompressed") as f:
+        f.write(text.encode("utf-8"))
+
+
+def write_frequencies(rows: Sequence[Tuple[str, int, float]], path: str) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["item_id", "count", "probability"])
+    for item_id, count, probability in rows:
+        writer.writerow([item_id, int(count), repr(float(probability))])
+    _write_text(path, buffer.getvalue())
+
+
+def write_vocabulary(element: Tuple[str, List[str]], vocab_dir: str) -> None:
+    name, tokens = element
+    bad = [t for t in tokens if "\n" in t or "\r" in t]
+    if bad:
+        raise ValueError(f"Vocabulary {name!r} has tokens with line breaks, which a vocabulary "
+                         f"file cannot hold, e.g. {bad[0]!r}")
+    _write_text(FileSystems.join(vocab_dir, f"{name}.txt"), "".join(t + "\n" for t in tokens))
+
+
+def write_json(obj: Any, path: str) -> None:
+    _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def summarize_counts(counts: Dict[str, int], num_frequent_items: int,
+                     vocabulary_sizes: Dict[str, int]) -> Dict[str, Any]:
+    """Nests ``{"<table>/<key>": n}`` into the summary's counting part."""
+    tables: Dict[str, Dict[str, Any]] = {}
+    for key, value in counts.items():
+        table, name = key.split("/", 1)
+        entry = tables.setdefault(table, {"rows_read": 0, "rejected_by_reason": {}})
+        if name in ("rows_read", "positive_rows"):
+            entry[name] = int(value)
+        else:
+            entry["rejected_by_reason"][name] = int(value)
+    for entry in tables.values():
+        entry["rows_rejected"] = int(sum(entry["rejected_by_reason"].values()))
+        entry["rejected_by_reason"] = dict(sorted(entry["rejected_by_reason"].items()))
+    interactions = tables.pop("interactions", {"rows_read": 0, "rows_rejected": 0,
+                                               "rejected_by_reason": {}})
+    return {
+        "rows_read": interactions["rows_read"],
+        "positive_rows": interactions.get("positive_rows", 0),
+        "rows_rejected": interactions["rows_rejected"],
+        "rejected_by_reason": interactions["rejected_by_reason"],
+        "tables": dict(sorted(tables.items())),
+        "distinct_items_in_interactions": int(num_frequent_items),
+        "vocabulary_sizes": dict(sorted(vocabulary_sizes.items())),
+    }
+
+
+def positives_only(schema: Schema, positives: str) -> bool:
+    """Whether item frequencies count only ``label > 0`` rows (``auto``: iff a label exists)."""
+    if positives not in POSITIVES:
+        raise ValueError(f"`positives` should be one of {POSITIVES}. Received: positives={positives!r}")
+    if positives == "label" and not schema.has_label:
+        raise ValueError(f"`positives` is 'label' but dataset {schema.name!r} has no label column.")
+    return positives == "label" or (positives == "auto" and schema.has_label)
+
+
+def build_statistics_pipeline(pipeline: beam.Pipeline, data_dir: str, write_dir: str,
+                              schema: Schema, min_count: int = 1, split: str = "train",
+                              positives: str = "auto") -> None:
+    """Adds every step of the statistics job to `pipeline`, writing into `write_dir`."""
+    only_positives = positives_only(schema, positives)
+    interaction_files = _match(FileSystems.join(data_dir, data_layout.INTERACTIONS_DIR,
+                                                f"{split}-*.parquet"))
+    if not interaction_files:
+        raise FileNotFoundError(
+            f"No {split} interaction shards in {FileSystems.join(data_dir, data_layout.INTERACTIONS_DIR)} "
+            f"(expected {split}-00000-of-0000N.parquet)")
+    items_file = FileSystems.join(data_dir, data_layout.ITEMS_FILE)
+    users_file = FileSystems.join(data_dir, data_layout.USERS_FILE)
+    for path in (items_file, users_file):
+        if not FileSystems.exists(path):
+            raise FileNotFoundError(f"Missing table {path}")
+    item_columns = table_vocabulary_features(schema, "item")
+    mi_features = schema.categorical_item_features()
+    item_columns += [f for f in mi_features if f not in item_columns]
+    user_columns = table_vocabulary_features(schema, "user")
+
+    # (file, first_row, item table row group)
+    item_batches = (pipeline
+                    | "ReadItems" >> ReadParquetRowGroups([items_file], item_columns)
+                    | "ValidateItems" >> beam.ParDo(ValidateTable("items", ITEM_ID)).with_outputs(
+                        ValidateInteractions.DEAD_LETTER, ValidateInteractions.COUNTS, main="valid"))
+    # (file, first_row, user table row group)
+    user_batches = (pipeline
+                    | "ReadUsers" >> ReadParquetRowGroups([users_file], user_columns)
+                    | "ValidateUsers" >> beam.ParDo(ValidateTable("users", USER_ID)).with_outputs(
+                        ValidateInteractions.DEAD_LETTER, ValidateInteractions.COUNTS, main="valid"))
+    # item table -> sorted array of every item id (side input of the validation)
+    item_ids = item_batches.valid | "CollectItemIds" >> beam.CombineGlobally(SortedIdsFn(ITEM_ID))
+
+    # (file, first_row, interaction row group)
+    interactions = (pipeline
+                    | "ReadInteractions" >> ReadParquetRowGroups(
+                        interaction_files, [USER_ID, ITEM_ID] + ([LABEL] if only_positives else []))
+                    | "ValidateInteractions" >> beam.ParDo(
+                        ValidateInteractions(only_positives), beam.pvalue.AsSingleton(item_ids)).with_outputs(
+                        ValidateInteractions.DEAD_LETTER, ValidateInteractions.COUNTS, main="valid"))
+
+    # valid (positive) interaction table -> [(item_id, count, probability)]
+    frequencies = interactions.valid | "ItemFrequencies" >> ItemFrequencies()
+    # tables + frequencies -> (vocabulary name, [token, ...])
+    vocabularies = ({"users": user_batches.valid, "items": item_batches.valid,
+                     "item_frequencies": frequencies}
+                    | "Vocabularies" >> Vocabularies(schema, min_count=min_count))
+    # valid item table -> {"features", "mi", "normalized_mi", "num_items"}
+    mutual_information = item_batches.valid | "FeatureMutualInformation" >> FeatureMutualInformation(
+        mi_features)
+    # {"<table>/<key>": n} per row group -> one dict
+    counts = ((interactions.counts, item_batches.counts, user_batches.counts)
+              | "FlattenCounts" >> beam.Flatten()
+              | "SumCounts" >> beam.CombineGlobally(SumCountsFn()))
+    # JSON line per malformed record
+    dead_letters = ((interactions.dead_letter, item_batches.dead_letter, user_batches.dead_letter)
+                    | "FlattenDeadLetters" >> beam.Flatten())
+
+    _ = frequencies | "WriteFrequencies" >> beam.Map(
+        write_frequencies, FileSystems.join(write_dir, FREQUENCIES_FILE))
+    _ = vocabularies | "WriteVocabularies" >> beam.Map(
+        write_vocabulary, FileSystems.join(write_dir, VOCAB_DIR))
+    _ = mutual_information | "WriteMutualInformation" >> beam.Map(
+        write_json, FileSystems.join(write_dir, FEATURE_MI_FILE))
+    _ = dead_letters | "WriteDeadLetters" >> beam.io.WriteToText(
+        FileSystems.join(write_dir, "dead_letter"), file_name_suffix=".jsonl",
+        shard_name_template="", num_shards=1)
+    # (name, size) per vocabulary
+    vocabulary_sizes = vocabularies | "VocabularySizes" >> beam.MapTuple(
+        lambda name, tokens: (name, len(tokens)))
+    # number of distinct items in the valid interactions
+    num_frequent_items = frequencies | "CountDistinctItems" >> beam.Map(len)
+    _ = (counts
+         # {"<table>/<key>": n} -> summary dict (runtime and runner are added by the driver)
+         | "SummarizeCounts" >> beam.Map(summarize_counts,
+                                         beam.pvalue.AsSingleton(num_frequent_items),
+                                         beam.pvalue.AsDict(vocabulary_sizes))
+         | "WriteSummary" >> beam.Map(write_json, FileSystems.join(write_dir, SUMMARY_FILE)))
+
+
+# -- publishing -----------------------------------------------------------------
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _remove(path: str) -> None:
+    if _is_local(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif FileSystems.exists(path):
+        FileSystems.delete([path])
+
+
+def _publish(write_dir: str, output_dir: str) -> None:
+    """Moves the finished `write_dir` to `output_dir`, replacing what was there."""
+    if _is_local(output_dir):
+        backup = None
+        if os.path.exists(output_dir):
+            backup = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(output_dir, backup)
+        os.rename(write_dir, output_dir)
+        if backup:
+            shutil.rmtree(backup, ignore_errors=True)
+        return
+    # Object stores have no directory rename: replace file by file (not atomic, but
+    # only reached after the whole pipeline succeeded).
+    if FileSystems.exists(output_dir):
+        FileSystems.delete([output_dir])
+    sources = sorted(m.path for m in FileSystems.match([FileSystems.join(write_dir, "**")])[0].metadata_list)
+    destinations = [output_dir.rstrip("/") + s[len(write_dir.rstrip("/")):] for s in sources]
+    FileSystems.rename(sources, destinations)
+    _remove(write_dir)
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def runner_name(pipeline_args: Sequence[str]) -> str:
+    """The runner the options select (Beam's default is the DirectRunner)."""
+    runner = PipelineOptions(list(pipeline_args)).view_as(StandardOptions).runner
+    if runner is None:
+        return "DirectRunner"
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] = (),
+                   min_count: int = 1, max_rejected_fraction: float = 0.01,
+                   split: str = "train", positives: str = "auto") -> Dict[str, Any]:
+    """Runs the statistics pipeline over a materialized dataset.
+
+    Args:
+      data_dir: the materialized dataset (see `models.data_layout`).
+      output_dir: where the statistics go; replaced only if the run succeeds.
+      pipeline_args: Beam pipeline options, passed through unchanged (e.g.
+        ``["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2"]`` or Dataflow/Flink/Spark flags).
+      min_count: vocabulary pruning threshold for side features (ids are never pruned).
+      max_rejected_fraction: fail when rejected interactions / rows read exceeds this.
+      split: which interaction shards to count (``"train"``).
+      positives: which valid rows the item frequencies (and so the ``item_id`` order)
+        count: ``"label"`` rows with ``label > 0`` (the retrieval positives), ``"all"``
+        every row, ``"auto"`` (default) ``"label"`` when the schema has a label.
+
+    Returns:
+      The summary written to ``summary.json``.
+
+    Raises:
+      TooManyRejectedRows: too many malformed interactions (nothing is written).
+      ValueError: no interaction was read, or an argument is invalid.
+      FileNotFoundError: the dataset is incomplete.
+    """
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+        raise ValueError(f"`min_count` should be a positive integer. Received: min_count={min_count!r}")
+    if not 0.0 <= float(max_rejected_fraction) <= 1.0:
+        raise ValueError("`max_rejected_fraction` should be in [0, 1]. "
+                         f"Received: max_rejected_fraction={max_rejected_fraction!r}")
+    if isinstance(pipeline_args, str):
+        raise TypeError("`pipeline_args` should be a sequence of flags, not one string. "
+                        f"Received: pipeline_args={pipeline_args!r}")
+    output_dir = output_dir.rstrip("/") or output_dir
+    schema_path = FileSystems.join(data_dir, data_layout.SCHEMA_FILE)
+    if not FileSystems.exists(schema_path):
+        raise FileNotFoundError(f"Schema file not found: {schema_path}")
+    schema = Schema.from_dict(_read_json(schema_path))
+    positives_only(schema, positives)  # validates `positives` before anything runs
+
+    write_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
+    start = time.time()
+    try:
+        pipeline = beam.Pipeline(options=PipelineOptions(list(pipeline_args)))
+        build_statistics_pipeline(pipeline, data_dir, write_dir, schema, min_count, split, positives)
+        pipeline.run().wait_until_finish()
+        summary = _read_json(FileSystems.join(write_dir, SUMMARY_FILE))
+        rows_read, rows_rejected = summary["rows_read"], summary["rows_rejected"]
+        if rows_read == 0:
+            raise ValueError(f"No {split} interactions were read from {data_dir}.")
+        if rows_rejected / rows_read > max_rejected_fraction:
+            raise TooManyRejectedRows(rows_read, rows_rejected, summary["rejected_by_reason"],
+                                      max_rejected_fraction, data_dir)
+        summary.update({
+            "data_dir": data_dir,
+            "output_dir": output_dir,
+            "split": split,
+            "min_count": min_count,
+            "positives": "label" if positives_only(schema, positives) else "all",
+            "rejected_fraction": rows_rejected / rows_read,
+            "max_rejected_fraction": max_rejected_fraction,
+            "runner": runner_name(pipeline_args),
+            "pipeline_args": list(pipeline_args),
+            "runtime_seconds": round(time.time() - start, 3),
+        })
+        write_json(summary, FileSystems.join(write_dir, SUMMARY_FILE))
+        _publish(write_dir, output_dir)
+    finally:
+        _remove(write_dir)
+    return summary

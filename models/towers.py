@@ -1,0 +1,174 @@
+"""Query and item towers built from the feature schema.
+
+A tower embeds every feature of its side (categorical: lookup + embedding;
+multi-valued: masked mean of the value embeddings; sequence: masked mean of the
+item-id embeddings, shared with the item tower; numeric: standardized value),
+concatenates them and maps them through an MLP to the output embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from models.features import ITEM_ID, OOV_TOKEN, PAD_TOKEN, Feature, Kind, Schema
+from models.tf_compat import keras, tf
+
+
+class MaskedMeanPooling(keras.layers.Layer):
+    """Mean over the non-padding positions.
+
+    Inputs: embeddings ``[B, L, D]`` and ids ``[B, L]`` (int, 0 = padding).
+    Output: ``[B, D]``; all-padding rows give zeros.
+    """
+
+    def call(self, embeddings, ids):
+        mask = tf.cast(tf.not_equal(ids, 0), embeddings.dtype)[..., tf.newaxis]
+        total = tf.reduce_sum(embeddings * mask, axis=1)
+        count = tf.reduce_sum(mask, axis=1)
+        return tf.math.divide_no_nan(total, count)
+
+
+def make_lookup(tokens: Sequence[str], name: str) -> keras.layers.StringLookup:
+    """String → id with ``""`` as mask (id 0) and one OOV bucket (id 1)."""
+    vocab = [t for t in tokens if t not in (PAD_TOKEN, OOV_TOKEN)]
+    if not vocab:
+        raise ValueError(f"vocabulary {name!r} is empty")
+    return keras.layers.StringLookup(vocabulary=vocab, mask_token=PAD_TOKEN, num_oov_indices=1,
+                                     oov_token=OOV_TOKEN, name=f"{name}_lookup")
+
+
+class SharedItemEmbedding(keras.layers.Layer):
+    """Item-id lookup and embedding shared by the item tower and the query tower's history."""
+
+    def __init__(self, item_vocabulary: Sequence[str], dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.item_vocabulary = list(item_vocabulary)
+        self.dim = int(dim)
+        if self.dim < 1:
+            raise ValueError(f"`dim` should be positive. Received: dim={dim}")
+        self.lookup = make_lookup(self.item_vocabulary, ITEM_ID)
+        self.embedding = keras.layers.Embedding(self.lookup.vocabulary_size(), self.dim,
+                                                name="item_id_embedding")
+        # The towers call `ids` and `embedding` directly; the sublayers build lazily.
+        self.built = True
+
+    def ids(self, item_ids):
+        return self.lookup(item_ids)
+
+    def call(self, item_ids):
+        return self.embedding(self.lookup(item_ids))
+
+    def get_config(self):
+        return {**super().get_config(), "item_vocabulary": self.item_vocabulary, "dim": self.dim}
+
+
+class Tower(keras.Model):
+    """One tower: features of `side` → ``[B, output_dim]`` embedding.
+
+    Args:
+      schema: a `Schema` or its dict.
+      side: ``"user"`` (query tower) or ``"item"``.
+      vocabularies: vocabulary name → tokens (most frequent first), for every
+        categorical feature of the side (sequences use ``item_id``).
+      feature_dim: embedding size of every categorical feature.
+      hidden_units: sizes of the hidden ReLU layers.
+      output_dim: size of the output embedding.
+      normalize: L2-normalize the output (cosine similarity).
+      numeric_stats: feature → (mean, std) for standardizing numeric features.
+      shared_item_embedding: a `SharedItemEmbedding` to use for item ids and
+        sequences (the two-tower model passes the same one to both towers).
+    """
+
+    def __init__(self, schema, side: str, vocabularies: Mapping[str, Sequence[str]],
+                 feature_dim: int = 32, hidden_units: Sequence[int] = (128,), output_dim: int = 64,
+                 normalize: bool = False, numeric_stats: Optional[Mapping[str, Sequence[float]]] = None,
+                 shared_item_embedding: Optional[SharedItemEmbedding] = None, dropout: float = 0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.schema = schema if isinstance(schema, Schema) else Schema.from_dict(schema)
+        self.side = side
+        self.features: List[Feature] = list(self.schema.side(side))
+        for name, value in (("feature_dim", feature_dim), ("output_dim", output_dim)):
+            if int(value) < 1:
+                raise ValueError(f"`{name}` should be positive. Received: {name}={value}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"`dropout` should be in [0, 1). Received: dropout={dropout}")
+        self.vocabularies = {k: list(v) for k, v in vocabularies.items()}
+        self.feature_dim = int(feature_dim)
+        self.hidden_units = [int(u) for u in hidden_units]
+        self.output_dim = int(output_dim)
+        self.normalize = bool(normalize)
+        self.dropout = float(dropout)
+        self.numeric_stats = {k: [float(x) for x in v] for k, v in (numeric_stats or {}).items()}
+        needs_items = any(f.name == ITEM_ID or f.kind == Kind.SEQUENCE for f in self.features)
+        if needs_items and shared_item_embedding is None:
+            if ITEM_ID not in self.vocabularies:
+                raise ValueError(f"the {side} tower needs the {ITEM_ID!r} vocabulary")
+            shared_item_embedding = SharedItemEmbedding(self.vocabularies[ITEM_ID], self.feature_dim)
+        self.item_embedding = shared_item_embedding if needs_items else None
+        self.lookups: Dict[str, keras.layers.Layer] = {}
+        self.embeddings: Dict[str, keras.layers.Layer] = {}
+        for f in self.features:
+            if f.kind == Kind.NUMERIC or f.vocabulary_name == ITEM_ID:
+                continue
+            if f.vocabulary_name not in self.vocabularies:
+                raise ValueError(f"no vocabulary for feature {f.name!r} of the {side} tower; "
+                                 f"have {sorted(self.vocabularies)}")
+            lookup = make_lookup(self.vocabularies[f.vocabulary_name], f.name)
+            self.lookups[f.name] = lookup
+            self.embeddings[f.name] = keras.layers.Embedding(lookup.vocabulary_size(), self.feature_dim,
+                                                             name=f"{f.name}_embedding")
+        self.pool = MaskedMeanPooling()
+        layers = []
+        for units in self.hidden_units:
+            layers.append(keras.layers.Dense(units, activation="relu"))
+            if self.dropout:
+                layers.append(keras.layers.Dropout(self.dropout))
+        layers.append(keras.layers.Dense(self.output_dim))
+        self.mlp = keras.Sequential(layers, name=f"{side}_mlp")
+
+    def embed_features(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """Concatenated feature embeddings ``[B, sum of feature sizes]``."""
+        parts = []
+        for f in self.features:
+            x = inputs[f.name]
+            if f.kind == Kind.NUMERIC:
+                mean, std = self.numeric_stats.get(f.name, (0.0, 1.0))
+                parts.append(((tf.cast(x, tf.float32) - mean) / max(std, 1e-6))[:, tf.newaxis])
+            elif f.vocabulary_name == ITEM_ID:
+                ids = self.item_embedding.ids(x)
+                emb = self.item_embedding.embedding(ids)
+                parts.append(emb if f.kind == Kind.CATEGORICAL else self.pool(emb, ids))
+            else:
+                ids = self.lookups[f.name](x)
+                emb = self.embeddings[f.name](ids)
+                parts.append(emb if f.kind == Kind.CATEGORICAL else self.pool(emb, ids))
+        return tf.concat(parts, axis=-1)
+
+    def call(self, inputs, training=False):
+        out = self.mlp(self.embed_features(inputs), training=training)
+        if self.normalize:
+            out = tf.math.l2_normalize(out, axis=-1)
+        return out
+
+    def get_config(self):
+        return {
+            "schema": self.schema.to_dict(), "side": self.side, "vocabularies": self.vocabularies,
+            "feature_dim": self.feature_dim, "hidden_units": self.hidden_units,
+            "output_dim": self.output_dim, "normalize": self.normalize,
+            "numeric_stats": self.numeric_stats, "dropout": self.dropout, "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def serving_function(self):
+        """A concrete function taking the side's features and returning ``{"embedding"}``."""
+        specs = self.schema.tensor_specs(self.side)
+
+        @tf.function
+        def serve(**features):
+            return {"embedding": self(features, training=False)}
+
+        return serve.get_concrete_function(**specs)

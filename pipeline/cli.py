@@ -1,0 +1,158 @@
+"""The ``recfunnel`` command line.
+
+    recfunnel run   [--config FILE] [--workdir DIR] [--set section.key=value ...]
+    recfunnel query --workdir DIR --user-id ID [-k K] [--include-seen] [--cold-start]
+    recfunnel stats --dataset NAME --data-dir DIR --output OUT [Beam pipeline options ...]
+    recfunnel config [--config FILE] [--set ...]      print the resolved configuration
+
+Exit codes: 0 success; 1 the job failed while running; 2 bad usage or configuration
+(nothing was done); 3 bad input data (file, line and field are named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "tensorflow", "apache_beam", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recfunnel",
+        description="Retrieval → pre-ranking → ranking pipeline for recommender systems: "
+                    "Beam statistics, two-tower retrieval with logQ correction, SavedModel export, "
+                    "ScaNN index, evaluation and top-k queries.",
+        epilog="Exit codes: 0 ok, 1 job failed, 2 bad usage or configuration, 3 bad input data.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the whole job (default: the embedded synthetic data)")
+    run.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    run.add_argument("--workdir", default="recfunnel-workdir", help="output directory (default: %(default)s)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set retrieval.epochs=3 (repeatable)")
+
+    q = sub.add_parser("query", help="top-k items for a user from a workdir's exports")
+    q.add_argument("--workdir", required=True)
+    q.add_argument("--user-id", required=True)
+    q.add_argument("-k", type=int, default=10, help="number of items (default: %(default)s)")
+    q.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
+    q.add_argument("--cold-start", action="store_true",
+                   help="answer unknown users with the cold-start embedding (unknown id, empty history)")
+    q.add_argument("--version", type=int, help="export version (default: newest)")
+
+    s = sub.add_parser("stats", help="Beam statistics of a dataset (item frequencies, vocabularies, MI)",
+                       description="Runs the statistics job. Unrecognised options are Beam pipeline "
+                                   "options, e.g. --runner=DirectRunner --direct_num_workers=2.")
+    s.add_argument("--dataset", required=True,
+                   help="synthetic, movielens, movielens_tfds, bars, csv or parquet")
+    s.add_argument("--data-dir", default="", help="where the dataset's files are")
+    s.add_argument("--output", required=True, help="output directory")
+    s.add_argument("--config", help="YAML config for the data section (readers, split, synthetic size)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--max-rejected-fraction", type=float, default=None)
+
+    c = sub.add_parser("config", help="print the resolved configuration as YAML")
+    c.add_argument("--config")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "stats" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.verbose)
+    from pipeline.config import ConfigError, dump_config, load_config
+    from pipeline.data.canonical import DataError
+
+    log = logging.getLogger("recfunnel")
+    try:
+        if args.command == "config":
+            print(dump_config(load_config(args.config, args.overrides)), end="")
+            return EXIT_OK
+        if args.command == "run":
+            config = load_config(args.config, args.overrides)
+            from pipeline.job import run
+            metrics = run(config, args.workdir)
+            keys = sorted(k for k in metrics if k.startswith(("retrieval.", "index.", "baseline.")))
+            print(json.dumps({k: round(metrics[k], 4) for k in keys} | {
+                "workdir": os.path.abspath(args.workdir), "seconds": metrics["total_seconds"]}, indent=2))
+            return EXIT_OK
+        if args.command == "query":
+            return _query(args)
+        if args.command == "stats":
+            return _stats(args, extra)
+    except ConfigError as e:
+        print(f"recfunnel: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DataError as e:
+        print(f"recfunnel: bad input data: {e}", file=sys.stderr)
+        return EXIT_DATA
+    except (FileNotFoundError, ValueError) as e:
+        log.debug("failure", exc_info=True)
+        print(f"recfunnel: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_USAGE
+
+
+def _query(args) -> int:
+    from serving.recommender import Recommender
+    from serving.user_store import UnknownUserError
+
+    if args.k < 1:
+        print(f"recfunnel: -k should be a positive integer. Received: {args.k}", file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.isdir(args.workdir):
+        print(f"recfunnel: workdir not found: {args.workdir}", file=sys.stderr)
+        return EXIT_USAGE
+    rec = Recommender(args.workdir, args.version)
+    try:
+        out = rec.recommend(args.user_id, k=args.k, exclude_seen=not args.include_seen,
+                            allow_unknown=args.cold_start)
+    except UnknownUserError as e:
+        print(f"recfunnel: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(out, indent=2))
+    return EXIT_OK
+
+
+def _stats(args, pipeline_args: List[str]) -> int:
+    from beam_jobs.stats_job import run_statistics
+    from pipeline.config import load_config
+    from pipeline.data.materialize import materialize
+    from pipeline.job import read_source
+
+    overrides = [f"data.source={args.dataset}"] + ([f"data.path={args.data_dir}"] if args.data_dir else [])
+    config = load_config(args.config, overrides + list(args.overrides))
+    fraction = (args.max_rejected_fraction if args.max_rejected_fraction is not None
+                else config.stats.max_rejected_fraction)
+    raw = read_source(config)
+    with tempfile.TemporaryDirectory(prefix="recfunnel-stats-") as tmp:
+        data_dir = os.path.join(tmp, "data")
+        materialize(raw, data_dir, config.data.split, config.data.positives)
+        summary = run_statistics(data_dir, args.output, pipeline_args=list(config.stats.pipeline_args) + pipeline_args,
+                                 min_count=config.stats.min_count, max_rejected_fraction=fraction)
+    print(json.dumps(summary, indent=2, default=str))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

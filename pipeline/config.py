@@ -1,0 +1,305 @@
+"""Typed, validated run configuration: YAML file + ``--set section.key=value`` overrides.
+
+Every section is a frozen dataclass whose fields are documented where it is
+defined. Unknown keys and values of the wrong type are rejected before any work
+starts, with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from pipeline.data.splits import SplitConfig
+from pipeline.data.synthetic import SyntheticConfig
+from serving.index import IndexConfig
+
+SOURCES = ("synthetic", "movielens", "movielens_tfds", "bars", "csv", "parquet")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the interactions come from and how they are split.
+
+    Attributes:
+      source: ``synthetic`` (the embedded default), ``movielens`` (RecBole atomic,
+        GroupLens 100K or 1M layout, detected), ``movielens_tfds`` (a prepared TFDS
+        data dir; nothing is downloaded), ``bars`` (train.txt/test.txt), ``csv`` or
+        ``parquet`` (generic logs, see `tabular`).
+      path: directory or file of the source (unused for synthetic).
+      bad_rows: ``fail`` at the first malformed row, or ``skip`` and count.
+      positives: which interactions are retrieval positives: ``label`` (label > 0),
+        ``all``, or ``auto`` (label when the data has one).
+      history_length: length of the behaviour sequence for file sources.
+      tfds_name: TFDS dataset name for ``movielens_tfds``.
+      split: the train/test split.
+      synthetic: generator settings for ``synthetic``.
+      tabular: reader options for ``csv``/``parquet`` (columns mapping, feature tables;
+        see `pipeline.data.tabular.read_tabular`).
+    """
+
+    source: str = "synthetic"
+    path: str = ""
+    bad_rows: str = "fail"
+    positives: str = "auto"
+    history_length: int = 20
+    tfds_name: str = "movielens/100k-ratings"
+    split: SplitConfig = SplitConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    tabular: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ConfigError(f"`data.source` should be one of {SOURCES}. Received: source={self.source!r}")
+        if self.source != "synthetic" and not self.path:
+            raise ConfigError(f"`data.path` is required for data.source={self.source!r}")
+        if self.bad_rows not in ("fail", "skip"):
+            raise ConfigError(f"`data.bad_rows` should be 'fail' or 'skip'. Received: {self.bad_rows!r}")
+        if self.positives not in ("auto", "all", "label"):
+            raise ConfigError(f"`data.positives` should be auto, all or label. Received: {self.positives!r}")
+        if self.history_length < 1:
+            raise ConfigError(f"`data.history_length` should be >= 1. Received: {self.history_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsConfig:
+    """The Beam statistics stage.
+
+    Attributes:
+      pipeline_args: Beam pipeline options passed through unchanged, e.g.
+        ``["--runner=DirectRunner", "--direct_num_workers=2"]``.
+      min_count: minimum count of a vocabulary entry.
+      max_rejected_fraction: the job fails above this fraction of malformed rows.
+    """
+
+    pipeline_args: Tuple[str, ...] = ()
+    min_count: int = 1
+    max_rejected_fraction: float = 0.01
+
+    def __post_init__(self):
+        if self.min_count < 1:
+            raise ConfigError(f"`stats.min_count` should be >= 1. Received: {self.min_count}")
+        if not 0 <= self.max_rejected_fraction <= 1:
+            raise ConfigError(f"`stats.max_rejected_fraction` should be in [0, 1]. Received: {self.max_rejected_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """The two-tower retrieval model and its training.
+
+    Attributes:
+      embedding_dim: output size of both towers.
+      feature_dim: embedding size of each categorical feature.
+      hidden_units: hidden ReLU layers of each tower.
+      normalize: L2-normalize tower outputs (then use a temperature < 1).
+      temperature: logits are divided by it.
+      dropout: dropout after hidden layers.
+      logq_correction: subtract log q(i) from candidate logits.
+      remove_accidental_hits: mask in-batch copies of the positive item.
+      optimizer: ``adam`` or ``adagrad``.
+      learning_rate: optimizer step size.
+      batch_size: positives per batch (the in-batch negatives).
+      epochs: passes over the training positives.
+      seed: initialisation and shuffling.
+    """
+
+    embedding_dim: int = 64
+    feature_dim: int = 32
+    hidden_units: Tuple[int, ...] = (128,)
+    normalize: bool = True
+    temperature: float = 0.1
+    dropout: float = 0.0
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+    optimizer: str = "adam"
+    learning_rate: float = 0.01
+    batch_size: int = 512
+    epochs: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("embedding_dim", "feature_dim", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`retrieval.{name}` should be >= 1. Received: {getattr(self, name)}")
+        if any(u < 1 for u in self.hidden_units):
+            raise ConfigError(f"`retrieval.hidden_units` should be positive. Received: {list(self.hidden_units)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"`retrieval.temperature` should be positive. Received: {self.temperature}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"`retrieval.learning_rate` should be positive. Received: {self.learning_rate}")
+        if self.optimizer not in ("adam", "adagrad"):
+            raise ConfigError(f"`retrieval.optimizer` should be adam or adagrad. Received: {self.optimizer!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"`retrieval.dropout` should be in [0, 1). Received: {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """Offline evaluation over the full corpus.
+
+    Attributes:
+      ks: cut-offs K of Recall@K and NDCG@K.
+      max_users: evaluate at most this many test users (seeded sample); 0 = all.
+      seed: the user sample.
+    """
+
+    ks: Tuple[int, ...] = (10, 50)
+    max_users: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"`evaluation.ks` should be positive integers. Received: {list(self.ks)}")
+        if self.max_users < 0:
+            raise ConfigError(f"`evaluation.max_users` should be >= 0. Received: {self.max_users}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The whole scheduled job."""
+
+    data: DataConfig = DataConfig()
+    stats: StatsConfig = StatsConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    index: IndexConfig = IndexConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+
+# -- loading -------------------------------------------------------------------------
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"`{key}` should be a mapping. Received: {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin in (tuple, Tuple, list, List, Sequence):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{key}` should be a list. Received: {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_convert(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"`{key}` should be a mapping. Received: {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{key}` should be true or false. Received: {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"`{key}` should be an integer. Received: {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{key}` should be a number. Received: {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"`{key}` should be a string. Received: {value!r}")
+        return value
+    return value
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"`{prefix}`" if prefix else "the top level"
+        keys = ", ".join(f"`{prefix}.{u}`" if prefix else f"`{u}`" for u in unknown)
+        raise ConfigError(f"unknown key(s) {keys} "
+                          f"in {where}; known keys: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid `{prefix or 'config'}`: {e}") from None
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set `{dotted}`: `{p}` is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    """``a.b=value`` → (``"a.b"``, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} should look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {e}") from None
+    return key, value
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads a YAML config (or the defaults) and applies ``key=value`` overrides."""
+    tree: Dict[str, Any] = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level should be a mapping of sections")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return _build(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path + ': ' if path else ''}{e}") from None
+
+
+def config_to_dict(config) -> Dict[str, Any]:
+    """Plain dict (lists for tuples) for reports and YAML."""
+    def clean(v):
+        if isinstance(v, tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+    return clean(dataclasses.asdict(config))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

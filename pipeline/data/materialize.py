@@ -1,0 +1,245 @@
+"""Writes a `RawDataset` as a materialized dataset directory (see `models.data_layout`).
+
+The directory is built under a temporary sibling and renamed into place only when
+everything was written, so a failure never leaves a half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models import data_layout as layout
+from models.examples import encode_event, encode_side, join_example
+from models.features import ITEM_ID, LABEL, RATING, USER_ID, Schema
+from models.tf_compat import tf
+from pipeline.data.canonical import RawDataset
+from pipeline.data.splits import SplitConfig, assign_split
+
+log = logging.getLogger(__name__)
+
+POSITIVES = ("auto", "all", "label")
+
+
+def positives_mode(schema: Schema, positives: str) -> str:
+    """``label`` (rows with label > 0 are positives) or ``all`` (every row is)."""
+    if positives not in POSITIVES:
+        raise ValueError(f"`positives` should be one of {POSITIVES}. Received: positives={positives!r}")
+    if positives == "auto":
+        return "label" if schema.has_label else "all"
+    if positives == "label" and not schema.has_label:
+        raise ValueError(f"`positives` is 'label' but dataset {schema.name!r} has no label column.")
+    return positives
+
+
+def _check_ids(chunk: pd.DataFrame, raw: RawDataset, known_users, known_items) -> pd.DataFrame:
+    """Rejects rows whose ids are not in the user/item tables (policy of `raw.errors`)."""
+    bad_user = ~chunk[USER_ID].isin(known_users)
+    bad_item = ~chunk[ITEM_ID].isin(known_items)
+    bad = bad_user | bad_item
+    if bad.any():
+        for idx in np.flatnonzero(bad.to_numpy()):
+            row = chunk.iloc[idx]
+            field = USER_ID if bad_user.iloc[idx] else ITEM_ID
+            raw.errors.reject(raw.source, None, field,
+                              f"unknown {field.split('_')[0]} {row[field]!r} (not in the {field.split('_')[0]} table)",
+                              kind=f"unknown {field.split('_')[0]}")
+        chunk = chunk[~bad]
+    return chunk
+
+
+def materialize(raw: RawDataset, out_dir: str, split: SplitConfig = SplitConfig(),
+                positives: str = "auto") -> Dict[str, Any]:
+    """Splits, joins and writes `raw` to `out_dir`.
+
+    Each example's behaviour sequence holds the user's positive *training*
+    interactions strictly before the event's timestamp (no leakage from the event
+    itself, from events at the same second, or from the test split).
+
+    Returns:
+      a summary dict (rows per split, users, items, rejected rows, seconds).
+    """
+    start = time.time()
+    raw.validate_tables()
+    schema = raw.schema
+    split = split.resolve(raw.predefined_split)
+    mode = positives_mode(schema, positives)
+    seq = schema.sequence_feature
+    history_length = seq.max_length if seq is not None else 0
+
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(os.path.join(tmp, layout.INTERACTIONS_DIR))
+    os.makedirs(os.path.join(tmp, layout.EXAMPLES_DIR))
+    try:
+        summary = _write(raw, tmp, split, mode, history_length)
+        summary["seconds"] = round(time.time() - start, 3)
+        with open(os.path.join(tmp, layout.READ_REPORT_FILE), "w") as f:
+            json.dump(summary, f, indent=2)
+        if os.path.exists(out_dir):
+            old = f"{tmp}.old"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _chunks(raw: RawDataset):
+    if raw.user_complete_chunks:
+        yield from raw.interactions()
+    else:
+        chunks = list(raw.interactions())
+        yield pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
+
+
+def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_length: int) -> Dict[str, Any]:
+    schema = raw.schema
+    schema.save(os.path.join(tmp, layout.SCHEMA_FILE))
+    users = raw.users[schema.table_columns("user")].reset_index(drop=True)
+    items = raw.items[schema.table_columns("item")].reset_index(drop=True)
+    pq.write_table(pa.Table.from_pandas(users, preserve_index=False), os.path.join(tmp, layout.USERS_FILE))
+    pq.write_table(pa.Table.from_pandas(items, preserve_index=False), os.path.join(tmp, layout.ITEMS_FILE))
+
+    # Static features are serialized once per user and per item (see join_example).
+    user_bytes = dict(zip(users[USER_ID], (encode_side(schema, "user", r) for r in users.to_dict("records"))))
+    item_bytes = dict(zip(items[ITEM_ID], (encode_side(schema, "item", r) for r in items.to_dict("records"))))
+
+    cutoff = split.cutoff
+    if split.method == "time" and cutoff is None:
+        ts = np.concatenate([c["timestamp"].to_numpy() for c in _chunks(raw)] or [np.zeros(0)])
+        if len(ts) == 0:
+            raise ValueError(f"{raw.source}: no interactions")
+        cutoff = int(np.quantile(ts, split.time_quantile))
+
+    counts = {"train": 0, "test": 0}
+    positives = {"train": 0, "test": 0}
+    shard_files: Dict[str, List[str]] = {"train": [], "test": []}
+    last_history: Dict[str, List[str]] = {}
+    seen: Dict[str, List[str]] = {}
+    columns = [USER_ID, ITEM_ID, "timestamp"] + ([RATING] if schema.has_rating else []) + (
+        [LABEL] if schema.has_label else [])
+    t0 = time.time()
+    for chunk_index, chunk in enumerate(_chunks(raw)):
+        if len(chunk) == 0:
+            continue
+        chunk = _check_ids(chunk, raw, user_bytes.keys(), item_bytes.keys())
+        chunk = chunk.sort_values([USER_ID, "timestamp"], kind="stable").reset_index(drop=True)
+        is_test = assign_split(chunk, split, cutoff)
+        is_pos = (chunk[LABEL].to_numpy() > 0) if mode == "label" else np.ones(len(chunk), dtype=bool)
+        histories = _histories(chunk[USER_ID].to_numpy(), chunk[ITEM_ID].to_numpy(),
+                               chunk["timestamp"].to_numpy(), is_pos & ~is_test, history_length,
+                               last_history, seen)
+        for name, mask in (("train", ~is_test), ("test", is_test)):
+            part = chunk[mask]
+            if len(part) == 0:
+                continue
+            base = f"{name}-{len(shard_files[name]):05d}"
+            pq.write_table(pa.Table.from_pandas(part[columns], preserve_index=False),
+                           os.path.join(tmp, layout.INTERACTIONS_DIR, base + ".parquet"))
+            ex_path = os.path.join(tmp, layout.EXAMPLES_DIR, base + ".tfrecord.gz")
+            _write_examples(ex_path, schema, part, [histories[i] for i in np.flatnonzero(mask)],
+                            user_bytes, item_bytes)
+            shard_files[name].append(base)
+            counts[name] += len(part)
+            positives[name] += int(is_pos[mask].sum())
+        log.info("materialized chunk %d: %d rows so far (%.0f rows/s)", chunk_index,
+                 counts["train"] + counts["test"], (counts["train"] + counts["test"]) / max(time.time() - t0, 1e-9))
+
+    for name in ("train", "test"):
+        if counts[name] == 0:
+            raise ValueError(f"{raw.source}: the {name} split is empty after splitting with {split}; "
+                             "check the split settings and the data")
+        total = len(shard_files[name])
+        for i, base in enumerate(shard_files[name]):
+            final = layout.shard_name(name, i, total, "")
+            os.rename(os.path.join(tmp, layout.INTERACTIONS_DIR, base + ".parquet"),
+                      os.path.join(tmp, layout.INTERACTIONS_DIR, final + ".parquet"))
+            os.rename(os.path.join(tmp, layout.EXAMPLES_DIR, base + ".tfrecord.gz"),
+                      os.path.join(tmp, layout.EXAMPLES_DIR, final + ".tfrecord.gz"))
+
+    user_list = sorted(seen)
+    pq.write_table(pa.table({
+        USER_ID: user_list,
+        "history": [last_history.get(u, []) for u in user_list],
+        "seen": [seen[u] for u in user_list],
+    }), os.path.join(tmp, layout.USER_HISTORY_FILE))
+    return {
+        "source": raw.source,
+        "schema": schema.name,
+        "split": {"method": split.method, "n": split.n, "cutoff": cutoff,
+                  "test_fraction": split.test_fraction, "seed": split.seed},
+        "positives": mode,
+        "rows": counts,
+        "positive_rows": positives,
+        "users": int(len(users)),
+        "items": int(len(items)),
+        "read": raw.errors.summary(),
+    }
+
+
+def _histories(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, contributes: np.ndarray,
+               history_length: int, last_history: Dict[str, List[str]],
+               seen: Dict[str, List[str]]) -> List[List[str]]:
+    """Behaviour sequence of every row (rows sorted by user, timestamp).
+
+    A row's sequence is the last `history_length` contributing rows of the same
+    user with a strictly smaller timestamp. Updates `last_history` (the sequence after
+    the user's last row) and `seen` (all contributing items) per user.
+    """
+    out: List[List[str]] = []
+    current_user = None
+    hist: List[str] = []
+    pending: List[str] = []
+    pending_ts = None
+    user_seen: List[str] = []
+    for u, it, ts, c in zip(users, items, timestamps, contributes):
+        if u != current_user:
+            if current_user is not None:
+                hist.extend(pending)
+                last_history[current_user] = hist[-history_length:] if history_length else []
+                seen[current_user] = user_seen
+            current_user, pending, pending_ts = u, [], None
+            hist = list(last_history.get(u, []))
+            user_seen = list(seen.get(u, []))
+        if ts != pending_ts:
+            hist.extend(pending)
+            if len(hist) > 2 * history_length:
+                hist = hist[-history_length:]
+            pending, pending_ts = [], ts
+        out.append(hist[-history_length:] if history_length else [])
+        if c:
+            pending.append(it)
+            user_seen.append(it)
+    if current_user is not None:
+        hist.extend(pending)
+        last_history[current_user] = hist[-history_length:] if history_length else []
+        seen[current_user] = user_seen
+    return out
+
+
+def _write_examples(path: str, schema: Schema, part: pd.DataFrame, histories: List[List[str]],
+                    user_bytes: Dict[str, bytes], item_bytes: Dict[str, bytes]) -> None:
+    ratings = part[RATING].to_numpy() if schema.has_rating else [None] * len(part)
+    labels = part[LABEL].to_numpy() if schema.has_label else [None] * len(part)
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    with tf.io.TFRecordWriter(path, options) as writer:
+        for u, it, ts, r, lab, h in zip(part[USER_ID].to_numpy(), part[ITEM_ID].to_numpy(),
+                                        part["timestamp"].to_numpy(), ratings, labels, histories):
+            writer.write(join_example(user_bytes[u], item_bytes[it], encode_event(schema, h, ts, r, lab)))

@@ -1,0 +1,134 @@
+"""Offline evaluation of retrieval over the full corpus: exact, through the index, and a baseline.
+
+For every test user (optionally a seeded sample): score every item with the
+exported towers, remove the user's training items, and compare the top K with the
+user's test positives (Recall@K, NDCG@K, see `models.metrics`). The same is done
+through the exported index, whose agreement with exact search is also reported
+(`index.recall_vs_exact@K`, by score), and for a most-popular baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from models import data_layout as layout
+from models.features import ITEM_ID, LABEL, USER_ID
+from models.metrics import recall_ndcg_at_k, recall_vs_exact
+from pipeline.config import EvaluationConfig
+
+NEG_INF = -np.inf
+
+
+def test_positives(data_dir: str) -> Dict[str, List[str]]:
+    """user → test items that count as positives (by the dataset's positives mode)."""
+    with open(os.path.join(data_dir, layout.READ_REPORT_FILE)) as f:
+        mode = json.load(f)["positives"]
+    out: Dict[str, List[str]] = {}
+    for path in layout.interaction_files(data_dir, "test"):
+        cols = [USER_ID, ITEM_ID] + ([LABEL] if mode == "label" else [])
+        t = pq.read_table(path, columns=cols).to_pandas()
+        if mode == "label":
+            t = t[t[LABEL] > 0]
+        for u, it in zip(t[USER_ID].to_numpy(), t[ITEM_ID].to_numpy()):
+            out.setdefault(str(u), []).append(str(it))
+    return out
+
+
+def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequence[Sequence[int]],
+                block: int = 1024):
+    """Exact top-k by inner product with per-user excluded item indices.
+
+    Args:
+      queries: ``[U, D]``; items: ``[N, D]``; exclude: per user, item indices to skip.
+
+    Returns:
+      (indices ``[U, k]``, scores ``[U, k]``) sorted by descending score.
+    """
+    k = min(k, items.shape[0])
+    all_idx, all_scores = [], []
+    for start in range(0, len(queries), block):
+        scores = queries[start:start + block] @ items.T
+        for row, ex in enumerate(exclude[start:start + block]):
+            if len(ex):
+                scores[row, np.asarray(ex, dtype=np.int64)] = NEG_INF
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        all_idx.append(np.take_along_axis(part, order, axis=1))
+        all_scores.append(np.take_along_axis(part_scores, order, axis=1))
+    return np.concatenate(all_idx), np.concatenate(all_scores)
+
+
+def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> Dict[str, Any]:
+    """Metrics of the exported models of `version` in `workdir`."""
+    from pipeline.job import DATA_DIR, STATS_DIR, item_embeddings, read_item_frequencies
+    from serving import exports
+    from serving.recommender import Recommender
+
+    data_dir = os.path.join(workdir, DATA_DIR)
+    rec = Recommender(workdir, version)
+    truth = test_positives(data_dir)
+    users = sorted(u for u in truth if u in rec.users)
+    if config.max_users and len(users) > config.max_users:
+        rng = np.random.default_rng(config.seed)
+        users = sorted(rng.choice(users, size=config.max_users, replace=False).tolist())
+    if not users:
+        raise ValueError(f"no test user with positives in {data_dir}; cannot evaluate")
+
+    item_ids, item_emb = item_embeddings(exports.version_path(workdir, exports.ITEM_TOWER, version), data_dir)
+    position = {it: i for i, it in enumerate(item_ids)}
+    queries = np.concatenate([rec.query_embeddings(users[s:s + 2048]) for s in range(0, len(users), 2048)])
+    seen_idx = [[position[i] for i in rec.users.seen(u) if i in position] for u in users]
+    relevant = [truth[u] for u in users]
+    kmax = max(config.ks)
+
+    exact_idx, exact_scores = exact_top_k(queries, item_emb, kmax, seen_idx)
+    exact_ranked = [[item_ids[i] for i in row] for row in exact_idx]
+
+    # Through the index: ask for enough neighbours to survive the seen-item filter.
+    max_seen = max(len(s) for s in seen_idx)
+    fetch = min(len(item_ids), kmax + max_seen)
+    idx_ranked, idx_scores = [], np.full((len(users), kmax), NEG_INF)
+    for start in range(0, len(users), 1024):
+        _, ids = rec.index.search(queries[start:start + 1024], fetch)
+        for r, row in enumerate(ids):
+            u = start + r
+            seen = set(rec.users.seen(users[u]))
+            kept = [i for i in row if i not in seen][:kmax]
+            idx_ranked.append(kept)
+            # Exact scores of the returned items, so agreement is judged by score.
+            sc = [float(queries[u] @ item_emb[position[i]]) for i in kept]
+            idx_scores[u, :len(sc)] = sc
+
+    freq_ids, counts, _ = read_item_frequencies(os.path.join(workdir, STATS_DIR))
+    popular = [i for _, i in sorted(zip(-counts, freq_ids))]
+    pop_ranked = []
+    for u in users:
+        seen = set(rec.users.seen(u))
+        out = []
+        for i in popular:
+            if i not in seen:
+                out.append(i)
+                if len(out) == kmax:
+                    break
+        pop_ranked.append(out)
+
+    metrics: Dict[str, Any] = {"evaluation": {"users": len(users), "items": len(item_ids),
+                                              "index_kind": rec.index.kind}}
+    for k in config.ks:
+        ex = recall_ndcg_at_k(exact_ranked, relevant, k)
+        ix = recall_ndcg_at_k(idx_ranked, relevant, k)
+        pop = recall_ndcg_at_k(pop_ranked, relevant, k)
+        metrics[f"retrieval.recall@{k}"] = ex["recall"]
+        metrics[f"retrieval.ndcg@{k}"] = ex["ndcg"]
+        metrics[f"index.recall@{k}"] = ix["recall"]
+        metrics[f"index.ndcg@{k}"] = ix["ndcg"]
+        metrics[f"index.recall_vs_exact@{k}"] = recall_vs_exact(idx_scores[:, :k], exact_scores[:, :k], k)
+        metrics[f"baseline.popularity.recall@{k}"] = pop["recall"]
+        metrics[f"baseline.popularity.ndcg@{k}"] = pop["ndcg"]
+    return metrics

@@ -1,0 +1,49 @@
+"""Layout of the exported models under a workdir, and how versions are found.
+
+    <workdir>/export/query_tower/<version>/   SavedModel, signature serving_default
+    <workdir>/export/item_tower/<version>/    SavedModel, signatures serving_default, log_q
+    <workdir>/export/index/<version>/         manifest.json + saved_model/ (see serving.index)
+
+Versions are positive integers; a version directory appears only complete (it is
+written under a temporary name and renamed).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+EXPORT_DIR = "export"
+QUERY_TOWER = "query_tower"
+ITEM_TOWER = "item_tower"
+INDEX = "index"
+MODELS = (QUERY_TOWER, ITEM_TOWER, INDEX)
+
+
+def model_dir(workdir: str, model: str) -> str:
+    if model not in MODELS and not model.isidentifier():
+        raise ValueError(f"unknown export {model!r}")
+    return os.path.join(workdir, EXPORT_DIR, model)
+
+
+def versions(workdir: str, model: str) -> List[int]:
+    """Complete versions of an export, ascending."""
+    d = model_dir(workdir, model)
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(v) for v in os.listdir(d) if v.isdigit() and os.path.isdir(os.path.join(d, v)))
+
+
+def latest_version(workdir: str, model: str) -> Optional[int]:
+    vs = versions(workdir, model)
+    return vs[-1] if vs else None
+
+
+def next_version(workdir: str) -> int:
+    """One more than the highest version of any export (all exports of a run share it)."""
+    highest = [latest_version(workdir, m) or 0 for m in MODELS]
+    return max(highest) + 1
+
+
+def version_path(workdir: str, model: str, version: int) -> str:
+    return os.path.join(model_dir(workdir, model), str(int(version)))

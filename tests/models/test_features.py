@@ -1,0 +1,82 @@
+import pytest
+
+from models.features import (HISTORY, ITEM_ID, OOV_TOKEN, USER_ID, Feature, Kind, Schema, normalize_value,
+                             pad_values, padded_batch)
+
+
+def _schema(**kw):
+    return Schema(
+        user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"), Feature("age", Kind.NUMERIC, "user"),
+                       Feature(HISTORY, Kind.SEQUENCE, "user", max_length=3)),
+        item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),
+                       Feature("tags", Kind.MULTI_CATEGORICAL, "item", max_length=2),
+                       Feature("brand", Kind.CATEGORICAL, "item")),
+        **kw)
+
+
+def test_schema_round_trips_through_dict_and_file(tmp_path):
+    s = _schema(has_label=True, name="x")
+    assert Schema.from_dict(s.to_dict()) == s
+    s.save(tmp_path / "schema.json")
+    assert Schema.load(str(tmp_path / "schema.json")) == s
+
+
+def test_schema_invariants_are_enforced():
+    with pytest.raises(ValueError, match="first user feature must be 'user_id'"):
+        Schema(user_features=(Feature("age", Kind.NUMERIC, "user"),),
+               item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),))
+    with pytest.raises(ValueError, match="unique"):
+        Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"), Feature("x", Kind.NUMERIC, "user")),
+               item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("x", Kind.NUMERIC, "item")))
+    with pytest.raises(ValueError, match="reserved"):
+        Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"), Feature("label", Kind.NUMERIC, "user")),
+               item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),))
+    with pytest.raises(ValueError, match="side"):
+        Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
+               item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("a", Kind.NUMERIC, "user")))
+    with pytest.raises(ValueError, match="max_length"):
+        Feature("tags", Kind.MULTI_CATEGORICAL, "item", max_length=0)
+    with pytest.raises(ValueError, match="max_length"):
+        Feature("brand", Kind.CATEGORICAL, "item", max_length=3)
+    with pytest.raises(ValueError, match="user side"):
+        Feature("h", Kind.SEQUENCE, "item", max_length=3)
+    with pytest.raises(ValueError, match="Unknown schema keys"):
+        Schema.from_dict({**_schema().to_dict(), "extra": 1})
+
+
+def test_derived_views():
+    s = _schema()
+    assert s.sequence_feature.name == HISTORY
+    assert s.table_columns("user") == [USER_ID, "age"]
+    assert s.vocabulary_names() == [USER_ID, ITEM_ID, "tags", "brand"]
+    assert s.categorical_item_features() == ["tags", "brand"]
+    specs = s.tensor_specs("user")
+    assert specs[USER_ID].shape.as_list() == [None]
+    assert specs[HISTORY].shape.as_list() == [None, 3]
+    assert specs["age"].dtype.name == "float32"
+
+
+def test_normalize_and_pad_values():
+    s = _schema()
+    assert normalize_value(s.feature("age"), "3.5") == 3.5
+    with pytest.raises(ValueError, match="'age'.*number"):
+        normalize_value(s.feature("age"), "abc")
+    with pytest.raises(ValueError, match="finite"):
+        normalize_value(s.feature("age"), float("nan"))
+    assert normalize_value(s.feature("brand"), None) == OOV_TOKEN
+    assert normalize_value(s.feature("tags"), ["a", "", "b"]) == ["a", "b"]
+    with pytest.raises(ValueError, match="list"):
+        normalize_value(s.feature("tags"), "a b")
+    assert pad_values(["a", "b", "c"], 2) == ["a", "b"]
+    assert pad_values(["a", "b", "c"], 2, keep="last") == ["b", "c"]
+    assert pad_values(["a"], 3) == ["a", "", ""]
+
+
+def test_padded_batch_layout():
+    s = _schema()
+    batch = padded_batch(s, "user", [{USER_ID: "u1", "age": 2.0, HISTORY: ["i1", "i2", "i3", "i4"]},
+                                     {USER_ID: "u2", "age": 1.0, HISTORY: []}])
+    assert batch[HISTORY].shape == (2, 3)
+    assert list(batch[HISTORY][0]) == ["i2", "i3", "i4"]  # most recent kept
+    assert list(batch[HISTORY][1]) == ["", "", ""]
+    assert batch["age"].dtype.name == "float32"

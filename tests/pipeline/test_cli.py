@@ -1,0 +1,112 @@
+"""End to end: `recfunnel run` on the tiny config, then `recfunnel query`, in fresh processes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, python_subprocess
+
+TINY = os.path.join(REPO, "pipeline", "configs", "tiny.yaml")
+
+
+def recfunnel(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    w = str(tmp_path_factory.mktemp("run") / "w")
+    proc = recfunnel("run", "--config", TINY, "--workdir", w)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["workdir"] == os.path.abspath(w)
+    return w
+
+
+def test_help():
+    proc = recfunnel("--help")
+    assert proc.returncode == 0 and "run" in proc.stdout and "query" in proc.stdout
+
+
+def test_run_writes_the_public_contract(workdir):
+    with open(os.path.join(workdir, "stats", "item_frequencies.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["item_id", "count", "probability"]
+    total = sum(int(r["count"]) for r in rows)
+    assert all(abs(float(r["probability"]) - int(r["count"]) / total) < 1e-9 for r in rows)
+    for model in ("query_tower", "item_tower", "index"):
+        assert os.listdir(os.path.join(workdir, "export", model)) == ["1"]
+    with open(os.path.join(workdir, "reports", "latest", "metrics.json")) as f:
+        metrics = json.load(f)
+    for key in ("retrieval.recall@10", "retrieval.ndcg@10", "baseline.popularity.recall@10",
+                "index.recall_vs_exact@10"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["index_build"]["kind"] == "scann"
+
+
+def test_query_prints_k_distinct_unseen_items(workdir):
+    import pyarrow.parquet as pq
+
+    hist = pq.read_table(os.path.join(workdir, "data", "user_history.parquet")).to_pydict()
+    user, seen = next((u, s) for u, s in zip(hist["user_id"], hist["seen"]) if s)
+    proc = recfunnel("query", "--workdir", workdir, "--user-id", user, "-k", "7")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["user_id"] == user
+    ids = [i["item_id"] for i in out["items"]]
+    assert len(ids) == 7 == len(set(ids))
+    assert not set(ids) & set(seen)
+    scores = [i["score"] for i in out["items"]]
+    assert scores == sorted(scores, reverse=True)
+    with_seen = json.loads(recfunnel("query", "--workdir", workdir, "--user-id", user, "-k", "50",
+                                     "--include-seen").stdout)
+    assert len(with_seen["items"]) == 50
+
+
+def test_query_errors_are_clear(workdir):
+    proc = recfunnel("query", "--workdir", workdir, "--user-id", "nobody")
+    assert proc.returncode == 2
+    assert "unknown user id 'nobody'" in proc.stderr and "Traceback" not in proc.stderr
+    cold = recfunnel("query", "--workdir", workdir, "--user-id", "nobody", "--cold-start", "-k", "3")
+    assert cold.returncode == 0 and len(json.loads(cold.stdout)["items"]) == 3
+    proc = recfunnel("query", "--workdir", workdir, "--user-id", "u1", "-k", "0")
+    assert proc.returncode == 2 and "-k should be a positive integer" in proc.stderr
+    proc = recfunnel("query", "--workdir", workdir + "-missing", "--user-id", "u1")
+    assert proc.returncode == 2 and "workdir not found" in proc.stderr
+
+
+def test_bad_config_is_rejected_before_any_work(tmp_path):
+    w = str(tmp_path / "w")
+    proc = recfunnel("run", "--workdir", w, "--set", "retrieval.epochs=zero")
+    assert proc.returncode == 2
+    assert "`retrieval.epochs` should be an integer" in proc.stderr
+    assert not os.path.exists(w)
+
+
+def test_saved_models_load_in_a_fresh_process(workdir):
+    code = f"""
+import json
+import numpy as np
+from models.tf_compat import tf
+from serving.user_store import UserStore
+store = UserStore({os.path.join(workdir, 'data')!r})
+q = tf.saved_model.load({os.path.join(workdir, 'export', 'query_tower', '1')!r}).signatures["serving_default"]
+i = tf.saved_model.load({os.path.join(workdir, 'export', 'item_tower', '1')!r})
+feats = store.features(store.user_ids()[:3])
+emb = q(**{{k: tf.constant(v) for k, v in feats.items()}})["embedding"].numpy()
+logq = i.signatures["log_q"](item_id=tf.constant(["i0", "nope"]))["log_q"].numpy()
+print(json.dumps({{"q_inputs": sorted(q.structured_input_signature[1]), "shape": list(emb.shape),
+                  "i_inputs": sorted(i.signatures["serving_default"].structured_input_signature[1]),
+                  "logq": logq.tolist()}}))
+"""
+    proc = python_subprocess(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["q_inputs"] == sorted(["user_id", "age", "gender", "region", "history"])
+    assert out["i_inputs"] == sorted(["item_id", "category", "subcategory", "brand", "price_bucket", "color", "tags"])
+    assert out["shape"] == [3, 16]
+    assert all(v < 0 for v in out["logq"])

@@ -1,0 +1,64 @@
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, dump_config, load_config, parse_override
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["retrieval.epochs=3", "retrieval.hidden_units=[64, 32]", "data.split.n=2",
+                             "evaluation.ks=[5]"])
+    assert cfg.retrieval.epochs == 3
+    assert cfg.retrieval.hidden_units == (64, 32)
+    assert cfg.data.split.n == 2
+    assert cfg.evaluation.ks == (5,)
+    assert load_config() == RunConfig()
+
+
+def test_yaml_file_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(load_config(None, ["retrieval.epochs=2"])))
+    assert load_config(str(path)).retrieval.epochs == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    ("retrieval.epoch=3", "unknown key.*`retrieval.epoch`"),
+    ("retrieval.epochs=three", "`retrieval.epochs` should be an integer. Received: 'three'"),
+    ("retrieval.epochs=0", "`retrieval.epochs` should be >= 1"),
+    ("retrieval.normalize=2", "`retrieval.normalize` should be true or false"),
+    ("data.source=hive", "`data.source` should be one of"),
+    ("data.source=movielens", "`data.path` is required"),
+    ("index.kind=hnsw", "index.kind"),
+    ("data.split.method=kfold", "split.method"),
+    ("data.synthetic.num_users=-1", "num_users"),
+    ("bogus=1", "unknown key.*`bogus`"),
+    ("retrieval=3", "`retrieval` should be a mapping"),
+])
+def test_bad_values_are_rejected_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("retrieval: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(str(listy))
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("retrieval.epochs")
+
+
+def test_shipped_configs_are_valid():
+    import glob
+    import os
+
+    import pipeline
+
+    files = glob.glob(os.path.join(os.path.dirname(pipeline.__file__), "configs", "*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)

@@ -1,0 +1,116 @@
+import glob
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_synthetic_config
+
+from models import data_layout as layout
+from models.examples import parse_examples
+from models.features import HISTORY, ITEM_ID, USER_ID, Feature, Kind, Schema
+from models.tf_compat import tf
+from pipeline.data.canonical import DataError, RawDataset, RowErrors
+from pipeline.data.materialize import materialize
+from pipeline.data.splits import SplitConfig
+from pipeline.data.synthetic import generate_synthetic
+
+SCHEMA = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),
+                               Feature(HISTORY, Kind.SEQUENCE, "user", max_length=3)),
+                item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),), has_label=True)
+
+
+def _raw(interactions, policy="fail", complete=True):
+    users = pd.DataFrame({USER_ID: sorted(set(interactions[USER_ID]) - {"ghost"})})
+    items = pd.DataFrame({ITEM_ID: sorted(set(interactions[ITEM_ID]) - {"ghost"})})
+    return RawDataset(schema=SCHEMA, users=users, items=items, interactions=lambda: iter([interactions]),
+                      user_complete_chunks=complete, predefined_split=False, errors=RowErrors(policy),
+                      source="test")
+
+
+def _read_examples(data_dir, split):
+    files = layout.example_files(data_dir, split)
+    raw = list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+    out = parse_examples(SCHEMA, tf.constant(raw))
+    return [
+        {"user": u.decode(), "item": i.decode(), "ts": int(t), "label": float(l),
+         "history": [h.decode() for h in hist if h]}
+        for u, i, t, l, hist in zip(out[USER_ID].numpy(), out[ITEM_ID].numpy(), out["timestamp"].numpy(),
+                                    out["label"].numpy(), out[HISTORY].numpy())
+    ]
+
+
+def test_histories_by_hand(tmp_path):
+    df = pd.DataFrame({USER_ID: ["u"] * 6, ITEM_ID: ["a", "b", "c", "d", "e", "f"],
+                       "timestamp": [1, 2, 2, 3, 4, 5], "label": [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]})
+    out = str(tmp_path / "data")
+    materialize(_raw(df), out, SplitConfig(method="leave_last_n", n=1))
+    train = sorted(_read_examples(out, "train"), key=lambda r: (r["ts"], r["item"]))
+    # a@1: nothing before. b@2, c@2: only a (same-second events do not see each other).
+    # d@3 (negative): a, b, c. e@4: a, b, c (d is not a positive). f@5 is test: last 3 positives.
+    assert [r["history"] for r in train] == [[], ["a"], ["a"], ["a", "b", "c"], ["a", "b", "c"]]
+    test = _read_examples(out, "test")
+    assert test[0]["item"] == "f" and test[0]["history"] == ["b", "c", "e"]
+    hist = pq.read_table(os.path.join(out, layout.USER_HISTORY_FILE)).to_pydict()
+    assert hist["history"] == [["b", "c", "e"]]
+    assert hist["seen"] == [["a", "b", "c", "e"]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_leakage_with_shuffled_timestamps(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    n = 300  # distinct shuffled timestamps (same-second ties are covered by the hand case)
+    df = pd.DataFrame({USER_ID: rng.integers(0, 8, n).astype(str), ITEM_ID: rng.integers(0, 40, n).astype(str),
+                       "timestamp": rng.permutation(n), "label": (rng.random(n) < 0.6).astype(float)})
+    df[USER_ID] = "u" + df[USER_ID]
+    df[ITEM_ID] = "i" + df[ITEM_ID]
+    out = str(tmp_path / "data")
+    materialize(_raw(df.sample(frac=1.0, random_state=seed), complete=False), out,
+                SplitConfig(method="random", test_fraction=0.3, seed=seed))
+    train = _read_examples(out, "train")
+    positives = {}
+    for r in train:
+        if r["label"] > 0:
+            positives.setdefault(r["user"], []).append((r["ts"], r["item"]))
+    for r in train + _read_examples(out, "test"):
+        earlier = sorted(p for p in positives.get(r["user"], []) if p[0] < r["ts"])
+        allowed = [it for _, it in earlier]
+        # The history is a suffix of strictly earlier training positives of the same user.
+        assert len(r["history"]) == min(3, len(allowed))
+        assert r["history"] == (allowed[-len(r["history"]):] if r["history"] else [])
+
+
+def test_unknown_ids_fail_or_are_counted(tmp_path):
+    df = pd.DataFrame({USER_ID: ["u1", "u1", "u1", "u2", "u2"], ITEM_ID: ["a", "ghost", "b", "a", "b"],
+                       "timestamp": [1, 2, 3, 1, 2], "label": [1.0] * 5})
+    with pytest.raises(DataError, match="item_id.*unknown item 'ghost'"):
+        materialize(_raw(df), str(tmp_path / "data"), SplitConfig(method="leave_last_n", n=1))
+    assert not os.path.exists(tmp_path / "data")
+    assert not glob.glob(str(tmp_path / ".data*"))  # no temporary left behind
+    summary = materialize(_raw(df, policy="skip"), str(tmp_path / "data"), SplitConfig(method="leave_last_n", n=1))
+    assert summary["read"]["rejected_by_reason"] == {"unknown item": 1}
+    assert summary["rows"] == {"train": 2, "test": 2}
+
+
+def test_empty_split_is_an_error_and_old_output_survives(tmp_path):
+    out = str(tmp_path / "data")
+    materialize(generate_synthetic(tiny_synthetic_config()), out, SplitConfig(method="leave_last_n", n=3))
+    before = sorted(os.listdir(out))
+    df = pd.DataFrame({USER_ID: ["u1"], ITEM_ID: ["a"], "timestamp": [1], "label": [1.0]})
+    with pytest.raises(ValueError, match="test split is empty"):
+        materialize(_raw(df), out, SplitConfig(method="leave_last_n", n=1))
+    assert sorted(os.listdir(out)) == before
+
+
+def test_materialized_layout(tiny_data_dir):
+    with open(os.path.join(tiny_data_dir, layout.READ_REPORT_FILE)) as f:
+        report = json.load(f)
+    assert report["rows"]["train"] > 0 and report["rows"]["test"] > 0
+    assert report["positives"] == "label"
+    n_rows = sum(pq.read_metadata(p).num_rows for p in layout.interaction_files(tiny_data_dir, "train"))
+    n_examples = sum(1 for _ in tf.data.TFRecordDataset(layout.example_files(tiny_data_dir, "train"),
+                                                        compression_type="GZIP"))
+    assert n_rows == n_examples == report["rows"]["train"]
+    assert Schema.load(os.path.join(tiny_data_dir, layout.SCHEMA_FILE)).name == "synthetic"

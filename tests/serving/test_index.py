@@ -1,0 +1,103 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import python_subprocess
+
+from serving.index import IndexConfig, build_index, load_index, save_index
+
+
+def _clustered(n, d, seed):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, d))
+    x = centers[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _exact_scores(q, db, k):
+    s = q @ db.T
+    return -np.sort(-s, axis=1)[:, :k]
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "scann"])
+def test_index_scores_match_brute_force(kind, tmp_path):
+    db = _clustered(3000, 16, 0)
+    q = _clustered(50, 16, 1)
+    ids = [f"i{j}" for j in range(len(db))]
+    module, params = build_index(db, ids, IndexConfig(kind=kind))
+    path = str(tmp_path / "index")
+    save_index(module, params, path, item_tower_version="7", embedding_dim=16, num_items=len(db))
+    index = load_index(path, expected_item_tower_version="7")
+    scores, got_ids = index.search(q, 10)
+    exact = _exact_scores(q, db, 10)
+    # Compare scores, not ids (ties may flip): the returned items' true scores.
+    true = np.array([[q[r] @ db[int(i[1:])] for i in row] for r, row in enumerate(got_ids)])
+    np.testing.assert_allclose(true, scores, atol=1e-2 if kind == "scann" else 1e-5)
+    recall = np.mean(true >= exact[:, -1:] - 1e-5) if kind == "scann" else None
+    if kind == "brute_force":
+        np.testing.assert_allclose(scores, exact, atol=1e-5)
+    else:
+        assert recall >= 0.95
+
+
+def test_resolved_config_is_side_effect_free_and_validated():
+    cfg = IndexConfig()
+    assert cfg.resolved(500)["kind"] == "brute_force"
+    p = cfg.resolved(10000)
+    assert p["kind"] == "scann" and p["num_leaves"] == 100 and p["leaves_to_search"] == 33
+    assert cfg.resolved(10000) == p
+    with pytest.raises(ValueError, match="index.kind"):
+        IndexConfig(kind="hnsw")
+    with pytest.raises(ValueError, match="empty corpus"):
+        cfg.resolved(0)
+    with pytest.raises(ValueError, match="NaN"):
+        build_index(np.array([[np.nan, 1.0]], np.float32), ["a"])
+
+
+def test_manifest_mismatch_is_refused(tmp_path):
+    db = _clustered(100, 8, 2)
+    module, params = build_index(db, [str(i) for i in range(100)], IndexConfig(kind="brute_force"))
+    path = str(tmp_path / "index")
+    save_index(module, params, path, item_tower_version="3", embedding_dim=8, num_items=100)
+    with pytest.raises(ValueError, match="item tower version '3', not '4'"):
+        load_index(path, expected_item_tower_version="4")
+    with pytest.raises(ValueError, match="8-dim"):
+        load_index(path, expected_embedding_dim=16)
+    with open(os.path.join(path, "manifest.json")) as f:
+        assert json.load(f)["num_items"] == 100
+
+
+def test_scann_index_loads_in_a_fresh_process_with_identical_answers(tmp_path):
+    db = _clustered(2000, 16, 3)
+    q = _clustered(5, 16, 4)
+    module, params = build_index(db, [f"i{j}" for j in range(len(db))], IndexConfig(kind="scann"))
+    path = str(tmp_path / "index")
+    save_index(module, params, path, item_tower_version="1", embedding_dim=16, num_items=len(db))
+    here_scores, here_ids = load_index(path).search(q, 10)
+    np.save(tmp_path / "q.npy", q)
+    code = f"""
+import json, numpy as np
+from serving.index import load_index
+s, i = load_index({path!r}).search(np.load({str(tmp_path / 'q.npy')!r}), 10)
+print(json.dumps({{"scores": s.tolist(), "ids": i.tolist()}}))
+"""
+    proc = python_subprocess(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["scores"], here_scores, rtol=1e-6)
+    assert out["ids"] == here_ids.tolist()
+
+
+def test_tuning_reaches_the_target_recall_with_fewer_leaves_than_all():
+    db = _clustered(5000, 16, 5)
+    q = _clustered(200, 16, 6)
+    module, params = build_index(db, [f"i{j}" for j in range(len(db))], IndexConfig(kind="scann", target_recall=0.98),
+                                 tuning_queries=q)
+    assert params["leaves_to_search"] <= params["num_leaves"]
+    curve = params["tuning"]["curve"]
+    assert curve[-1][0] == params["leaves_to_search"] and curve[-1][1] >= 0.98
+    got = module.search(q, 10)["item_ids"].numpy()
+    true = np.array([[q[r] @ db[int(i.decode()[1:])] for i in row] for r, row in enumerate(got)])
+    exact = _exact_scores(q, db, 10)
+    assert np.mean(true >= exact[:, -1:] - 1e-4) >= 0.98
