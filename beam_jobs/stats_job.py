@@ -384,12 +384,13 @@ def build_statistics_pipeline(pipeline: beam.Pipeline, data_dir: str, write_dir:
     item_columns += [f for f in mi_features if f not in item_columns]
     user_columns = table_vocabulary_features(schema, "user")
 
-    # (file, first_row, item table row group)
+    # items.parquet -> (file, first_row, row group) -> valid item tables
+    #   (+ tagged dead-letter JSON lines and {"items/<key>": n} counts)
     item_batches = (pipeline
                     | "ReadItems" >> ReadParquetRowGroups([items_file], item_columns)
                     | "ValidateItems" >> beam.ParDo(ValidateTable("items", ITEM_ID)).with_outputs(
                         ValidateInteractions.DEAD_LETTER, ValidateInteractions.COUNTS, main="valid"))
-    # (file, first_row, user table row group)
+    # users.parquet -> (file, first_row, row group) -> valid user tables (+ dead letters, counts)
     user_batches = (pipeline
                     | "ReadUsers" >> ReadParquetRowGroups([users_file], user_columns)
                     | "ValidateUsers" >> beam.ParDo(ValidateTable("users", USER_ID)).with_outputs(
@@ -397,7 +398,8 @@ def build_statistics_pipeline(pipeline: beam.Pipeline, data_dir: str, write_dir:
     # item table -> sorted array of every item id (side input of the validation)
     item_ids = item_batches.valid | "CollectItemIds" >> beam.CombineGlobally(SortedIdsFn(ITEM_ID))
 
-    # (file, first_row, interaction row group)
+    # train-*.parquet -> (file, first_row, row group) -> valid (positive) interaction tables
+    #   with user_id, item_id (+ dead letters, {"interactions/<key>": n} counts)
     interactions = (pipeline
                     | "ReadInteractions" >> ReadParquetRowGroups(
                         interaction_files, [USER_ID, ITEM_ID] + ([LABEL] if only_positives else []))
@@ -429,7 +431,8 @@ def build_statistics_pipeline(pipeline: beam.Pipeline, data_dir: str, write_dir:
     _ = mutual_information | "WriteMutualInformation" >> beam.Map(
         write_json, FileSystems.join(write_dir, FEATURE_MI_FILE))
     _ = dead_letters | "WriteDeadLetters" >> beam.io.WriteToText(
-        FileSystems.join(write_dir, "dead_letter"), file_name_suffix=".jsonl",
+        FileSystems.join(write_dir, os.path.splitext(DEAD_LETTER_FILE)[0]),
+        file_name_suffix=os.path.splitext(DEAD_LETTER_FILE)[1],
         shard_name_template="", num_shards=1)
     # (name, size) per vocabulary
     vocabulary_sizes = vocabularies | "VocabularySizes" >> beam.MapTuple(
@@ -482,6 +485,30 @@ def _read_json(path: str) -> Dict[str, Any]:
         return json.loads(f.read().decode("utf-8"))
 
 
+def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir: str) -> None:
+    """Adds the reader's rejections to the summary and the dead-letter file."""
+    by_reason = {f"reader: {k}": int(v) for k, v in upstream.get("rejected_by_reason", {}).items()}
+    rejected = sum(by_reason.values())
+    summary["rows_read"] += rejected  # rows the reader dropped never reached the shards
+    summary["rows_rejected"] += rejected
+    merged = dict(summary.get("rejected_by_reason", {}))
+    merged.update(by_reason)
+    summary["rejected_by_reason"] = merged
+    summary["reader"] = {"rows_read": int(upstream.get("rows_read", 0)), "rows_rejected": rejected}
+    examples = upstream.get("examples", [])
+    if examples:
+        path = FileSystems.join(write_dir, DEAD_LETTER_FILE)
+        existing = b""
+        if FileSystems.exists(path):
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                existing = f.read()
+        with FileSystems.create(path, compression_type="uncompressed") as f:
+            f.write(existing)
+            for e in examples:
+                f.write((json.dumps({"file": e.get("file"), "record": e.get("line"), "field": e.get("field"),
+                                     "reason": e.get("reason"), "stage": "reader"}) + "\n").encode("utf-8"))
+
+
 def runner_name(pipeline_args: Sequence[str]) -> str:
     """The runner the options select (Beam's default is the DirectRunner)."""
     runner = PipelineOptions(list(pipeline_args)).view_as(StandardOptions).runner
@@ -492,7 +519,8 @@ def runner_name(pipeline_args: Sequence[str]) -> str:
 
 def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] = (),
                    min_count: int = 1, max_rejected_fraction: float = 0.01,
-                   split: str = "train", positives: str = "auto") -> Dict[str, Any]:
+                   split: str = "train", positives: str = "auto",
+                   upstream_rejections: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Runs the statistics pipeline over a materialized dataset.
 
     Args:
@@ -504,6 +532,10 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
       min_count: vocabulary pruning threshold for side features (ids are never pruned).
       max_rejected_fraction: fail when rejected interactions / rows read exceeds this.
       split: which interaction shards to count (``"train"``).
+      upstream_rejections: rows rejected before the data reached this job (by the
+        reader that built `data_dir`): ``{"rows_read", "rejected_by_reason",
+        "examples": [{"file", "line", "field", "reason"}]}``. They count toward the
+        threshold, appear in the summary and are written to the dead-letter file.
       positives: which valid rows the item frequencies (and so the ``item_id`` order)
         count: ``"label"`` rows with ``label > 0`` (the retrieval positives), ``"all"``
         every row, ``"auto"`` (default) ``"label"`` when the schema has a label.
@@ -538,6 +570,8 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
         build_statistics_pipeline(pipeline, data_dir, write_dir, schema, min_count, split, positives)
         pipeline.run().wait_until_finish()
         summary = _read_json(FileSystems.join(write_dir, SUMMARY_FILE))
+        if upstream_rejections:
+            _merge_upstream(summary, upstream_rejections, write_dir)
         rows_read, rows_rejected = summary["rows_read"], summary["rows_rejected"]
         if rows_read == 0:
             raise ValueError(f"No {split} interactions were read from {data_dir}.")

@@ -10,6 +10,13 @@ depend on how a runner grouped the batches, and the final floats are computed on
 in a fixed (sorted) order, from the merged integers. Two runs on the same data therefore
 produce bit-identical statistics whatever the runner and the number of workers.
 
+Frequencies and vocabularies are ordered by descending count, ties broken by the token
+(id) ascending, so the order is deterministic too. Vocabularies never list the padding
+token ``""`` nor the OOV token (the lookup layers add both).
+
+Strings are compared as numpy fixed-width unicode (sorting is several times faster than
+on Python objects); such arrays drop trailing NUL characters, so ids must not end in one.
+
 Mutual information between categorical item features
 ----------------------------------------------------
 Every item is one sample of weight 1 (items are *not* weighted by popularity: the MI

@@ -140,16 +140,20 @@ def _stats(args, pipeline_args: List[str]) -> int:
     from pipeline.data.materialize import materialize
     from pipeline.job import read_source
 
-    overrides = [f"data.source={args.dataset}"] + ([f"data.path={args.data_dir}"] if args.data_dir else [])
+    # Malformed rows go to the dead-letter file and count toward the threshold,
+    # rather than stopping the reader at the first one (unless the config says so).
+    overrides = ["data.bad_rows=skip", f"data.source={args.dataset}"] + (
+        [f"data.path={args.data_dir}"] if args.data_dir else [])
     config = load_config(args.config, overrides + list(args.overrides))
     fraction = (args.max_rejected_fraction if args.max_rejected_fraction is not None
                 else config.stats.max_rejected_fraction)
     raw = read_source(config)
     with tempfile.TemporaryDirectory(prefix="recfunnel-stats-") as tmp:
         data_dir = os.path.join(tmp, "data")
-        materialize(raw, data_dir, config.data.split, config.data.positives)
+        read = materialize(raw, data_dir, config.data.split, config.data.positives)
         summary = run_statistics(data_dir, args.output, pipeline_args=list(config.stats.pipeline_args) + pipeline_args,
-                                 min_count=config.stats.min_count, max_rejected_fraction=fraction)
+                                 min_count=config.stats.min_count, max_rejected_fraction=fraction,
+                                 positives=read["positives"], upstream_rejections=read["read"])
     print(json.dumps(summary, indent=2, default=str))
     return EXIT_OK
 

@@ -95,9 +95,13 @@ def stage_data(config: RunConfig, workdir: str) -> Dict[str, Any]:
 def stage_stats(config: RunConfig, workdir: str) -> Dict[str, Any]:
     from beam_jobs.stats_job import run_statistics
 
-    return run_statistics(os.path.join(workdir, DATA_DIR), os.path.join(workdir, STATS_DIR),
+    data_dir = os.path.join(workdir, DATA_DIR)
+    with open(os.path.join(data_dir, layout.READ_REPORT_FILE)) as f:
+        read = json.load(f)
+    return run_statistics(data_dir, os.path.join(workdir, STATS_DIR),
                           pipeline_args=list(config.stats.pipeline_args), min_count=config.stats.min_count,
-                          max_rejected_fraction=config.stats.max_rejected_fraction)
+                          max_rejected_fraction=config.stats.max_rejected_fraction,
+                          positives=read["positives"], upstream_rejections=read["read"])
 
 
 def read_item_frequencies(stats_dir: str) -> Tuple[List[str], np.ndarray, np.ndarray]:

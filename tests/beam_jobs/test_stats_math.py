@@ -1,6 +1,5 @@
 """Tests of the pure statistics math (no Beam)."""
 
-import itertools
 import math
 
 import numpy as np

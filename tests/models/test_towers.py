@@ -62,6 +62,7 @@ def test_item_log_q_lookup_and_floor():
 
 
 def test_two_tower_loss_matches_hand_computed_softmax_and_one_step_fit():
+    keras.utils.set_random_seed(0)
     model = TwoTowerModel(SCHEMA, VOCABS, item_log_q=ItemLogQ(["i1", "i3"], [0.75, 0.25]), embedding_dim=4,
                           feature_dim=4, hidden_units=(8,), remove_accidental_hits=True)
     feats = {**{k: tf.constant(v) for k, v in _users().items()}, **{k: tf.constant(v) for k, v in _items().items()}}
@@ -72,10 +73,10 @@ def test_two_tower_loss_matches_hand_computed_softmax_and_one_step_fit():
     ref = -np.sum(np.diag(logits) - np.log(np.exp(logits).sum(axis=1)))  # tfrs sums over the batch
     assert loss == pytest.approx(ref, rel=1e-4)
     model.compile(optimizer=keras.optimizers.Adam(0.01))
-    ds = tf.data.Dataset.from_tensors(feats).repeat(3)
-    hist = model.fit(ds, epochs=2, verbose=0)
+    hist = model.fit(tf.data.Dataset.from_tensors(feats).repeat(20), epochs=1, verbose=0)
     assert np.isfinite(hist.history["loss"]).all()
-    assert hist.history["loss"][-1] < hist.history["loss"][0]
+    # Twenty Adam steps on one batch fit it better than the initial weights did.
+    assert float(model.compute_loss(feats)) < loss
 
 
 def test_tower_serving_function_signature():

@@ -38,7 +38,8 @@ def test_index_scores_match_brute_force(kind, tmp_path):
     if kind == "brute_force":
         np.testing.assert_allclose(scores, exact, atol=1e-5)
     else:
-        assert recall >= 0.95
+        # Untuned defaults (a third of the partitions); tuning is tested below.
+        assert recall >= 0.9
 
 
 def test_resolved_config_is_side_effect_free_and_validated():
