@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "scann[tf]==1.4.2",
     "apache-beam>=2.60",
     "tensorflow-datasets>=4.9",
+    "importlib_resources",  # tensorflow-datasets needs it to prepare a dataset locally
     "numpy>=1.26",
     "pandas>=2.0",
     "pyarrow>=14",

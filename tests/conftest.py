@@ -41,3 +41,11 @@ def python_subprocess(code: str, timeout: int = 300):
 
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO)
+
+
+def recfunnel(*args, timeout: int = 600):
+    """Runs the `recfunnel` CLI in a fresh process; returns CompletedProcess (text)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)

@@ -3,18 +3,11 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, python_subprocess
+from conftest import REPO, python_subprocess, recfunnel
 
 TINY = os.path.join(REPO, "pipeline", "configs", "tiny.yaml")
-
-
-def recfunnel(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,915 @@
+"""Generic CSV/Parquet interaction logs, and the parsing helpers every file reader shares.
+
+`read_tabular` reads an interaction log (one file, a directory of files or a glob) whose
+columns are named by a mapping, plus optional user/item feature tables, into the
+canonical `RawDataset`.
+
+The helpers below it are shared with the MovieLens and BARS readers:
+
+* `read_text_lines` / `read_delimited`: vectorised splitting of line-oriented files
+  (pyarrow string kernels), with exact 1-based line numbers and every line that has the
+  wrong number of fields reported as a bad row.
+* `FileProblems`: collects the bad rows of one file, then hands them to the `RowErrors`
+  policy in line order, so ``bad_rows="fail"`` always names the *first* malformed line
+  whatever check found it, and a row with several problems counts once.
+* `user_grouped_chunks`: sorts interactions by (user, timestamp) once and yields chunks
+  of about `CHUNK_ROWS` rows cut at user boundaries (``user_complete_chunks=True``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob as globlib
+import os
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union)
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from models.features import (HISTORY, ITEM_ID, LABEL, OOV_TOKEN, RATING, TIMESTAMP, USER_ID, Feature,
+                             Kind, Schema)
+from pipeline.data.canonical import DataError, RawDataset, RowErrors
+
+CHUNK_ROWS = 1_000_000
+FORMATS = ("auto", "csv", "tsv", "parquet")
+TIMESTAMP_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+COLUMN_KEYS = (USER_ID, ITEM_ID, TIMESTAMP, RATING, LABEL)
+REQUIRED_COLUMN_KEYS = (USER_ID, ITEM_ID, TIMESTAMP)
+FEATURE_SPEC_KEYS = ("name", "kind", "column", "separator", "max_length")
+TABLE_KINDS = (Kind.CATEGORICAL.value, Kind.MULTI_CATEGORICAL.value, Kind.NUMERIC.value)
+
+_EXTENSIONS = {
+    ".csv": "csv", ".csv.gz": "csv", ".csv.bz2": "csv", ".csv.zst": "csv",
+    ".tsv": "tsv", ".tsv.gz": "tsv", ".tsv.bz2": "tsv", ".tsv.zst": "tsv",
+    ".parquet": "parquet", ".pq": "parquet", ".parq": "parquet",
+}
+
+
+# ---------------------------------------------------------------------------------
+# Shared helpers: bad rows, line splitting, numbers, chunking.
+# ---------------------------------------------------------------------------------
+def check_history_length(history_length: Any) -> int:
+    if (not isinstance(history_length, (int, np.integer)) or isinstance(history_length, bool)
+            or history_length < 1):
+        raise ValueError("`history_length` should be a positive integer. "
+                         f"Received: history_length={history_length!r}")
+    return int(history_length)
+
+
+def empty_file_error(path: str, what: str) -> DataError:
+    """The error for a file without data rows (`what` says what rows were expected)."""
+    return DataError(path, None, None, f"the file has no data rows; expected {what}")
+
+
+class FileProblems:
+    """The bad rows of one file, reported to a `RowErrors` in line order.
+
+    Checks run column by column over whole arrays, so problems are found out of line
+    order; `flush` sorts them, keeps the first problem of each line (a row counts
+    once), and forwards them to the policy, which under ``fail`` raises at the first.
+
+    Args:
+      path: the file, as it appears in messages.
+      errors: the policy and counters.
+      lines: ``[rows]`` 1-based line (or row) number of each parsed row.
+      location: ``"line"`` for text files; ``"row"`` for Parquet, whose row index (0-based)
+        then goes into the message instead of a line number.
+    """
+
+    def __init__(self, path: str, errors: RowErrors, lines: np.ndarray, location: str = "line"):
+        self.path = path
+        self.errors = errors
+        self.lines = np.asarray(lines, dtype=np.int64)
+        self.location = location
+        self.bad = np.zeros(len(self.lines), dtype=bool)
+        self._entries: List[Tuple[int, int, Optional[str], str, str]] = []
+        self._seq = 0
+
+    @property
+    def only_first(self) -> bool:
+        # Under "fail" only the earliest problem of each check can be the one raised.
+        return self.errors.policy == "fail"
+
+    def add_line(self, line: int, field: Optional[str], reason: str, kind: str) -> None:
+        """A problem on a line that produced no row (e.g. a wrong number of fields)."""
+        self._entries.append((int(line), self._seq, field, reason, kind))
+        self._seq += 1
+
+    def reject(self, mask: np.ndarray, field: Optional[str], kind: str,
+               describe: Callable[[int], str]) -> None:
+        """Marks the rows where `mask` is True as bad; `describe(row)` gives the reason."""
+        rows = np.flatnonzero(np.asarray(mask, dtype=bool))
+        if len(rows) == 0:
+            return
+        self.bad[rows] = True
+        if self.only_first:
+            rows = rows[:1]
+        seq = self._seq
+        self._seq += 1
+        self._entries.extend((int(self.lines[r]), seq, field, describe(int(r)), kind) for r in rows)
+
+    def flush(self) -> np.ndarray:
+        """Reports the problems in line order; returns the ``[rows]`` mask of good rows."""
+        self._entries.sort(key=lambda e: (e[0], e[1]))
+        last_line = None
+        for line, _, field, reason, kind in self._entries:
+            if line == last_line:
+                continue
+            last_line = line
+            if self.only_first:
+                reason += " (bad_rows='skip' drops such rows and counts them)"
+            if self.location == "row":
+                self.errors.reject(self.path, None, field, f"row {line} (0-based): {reason}", kind=kind)
+            else:
+                self.errors.reject(self.path, line, field, reason, kind=kind)
+        self._entries = []
+        return ~self.bad
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_text_lines(path: str, encoding: str = "utf-8", header: bool = False
+                    ) -> Tuple[Optional[str], pa.Array, np.ndarray]:
+    """The non-blank lines of a text file, whitespace-trimmed, with their line numbers.
+
+    Returns:
+      ``(header, lines, numbers)``: the first line when `header` (else None), a pyarrow
+      string array ``[rows]`` of the remaining non-blank lines, and ``[rows]`` int64
+      1-based line numbers.
+
+    Raises:
+      DataError: the file is not valid `encoding` text (names the line), or has no data
+        line (empty, blank or only a header).
+    """
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(path, line, None,
+                        f"not valid {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.split("\n")
+    head = None
+    first = 0
+    if header:
+        while first < len(lines) and not lines[first].strip():
+            first += 1
+        if first == len(lines):
+            raise DataError(path, None, None, "the file is empty; expected a header line and data rows")
+        head = lines[first].strip()
+        first += 1
+    array = pa.array(lines[first:], pa.string())
+    array = pc.utf8_trim_whitespace(array)
+    nonblank = pc.not_equal(array, "")
+    numbers = np.arange(first + 1, len(lines) + 1, dtype=np.int64)[nonblank.to_numpy(zero_copy_only=False)]
+    return head, array.filter(nonblank), numbers
+
+
+@dataclasses.dataclass
+class DelimitedRows:
+    """The rows of a delimited text file that have the expected number of fields.
+
+    Attributes:
+      path: the file.
+      header: the header line split into fields (None without header).
+      lines: ``[rows]`` 1-based line numbers.
+      columns: one ``[rows]`` pyarrow string array per field, whitespace-stripped.
+      problems: lines with a wrong field count are already in it; add value checks and
+        `flush` it to get the rows to keep.
+      lines_read: data lines read, good or bad (for `RowErrors.rows_read`).
+    """
+
+    path: str
+    header: Optional[List[str]]
+    lines: np.ndarray
+    columns: List[pa.Array]
+    problems: FileProblems
+    lines_read: int
+
+    @property
+    def fields(self) -> List[np.ndarray]:
+        """The columns as ``[rows]`` object arrays of str (converted on first use)."""
+        if not hasattr(self, "_fields"):
+            self._fields = [c.to_numpy(zero_copy_only=False) for c in self.columns]
+        return self._fields
+
+
+def read_delimited(path: str, delimiter: str, errors: RowErrors, *, num_fields: Optional[int] = None,
+                   header: bool = False, encoding: str = "utf-8",
+                   field_names: Optional[Sequence[str]] = None, what: str = "data rows") -> DelimitedRows:
+    """Splits a delimited text file without quoting (MovieLens, RecBole atomic files).
+
+    Args:
+      path: the file.
+      delimiter: the field separator (may be several characters, e.g. ``"::"``).
+      errors: the bad-row policy; lines with a field count other than `num_fields` are
+        recorded in the returned `problems`.
+      num_fields: expected fields per line; with `header`, defaults to the header's count.
+      header: the first non-blank line is a header.
+      encoding: text encoding of the file.
+      field_names: names used in the wrong-field-count message.
+      what: description of the expected rows, for the empty-file message.
+    """
+    head, lines, numbers = read_text_lines(path, encoding, header)
+    head_fields = [h.strip() for h in head.split(delimiter)] if head is not None else None
+    if num_fields is None:
+        if head_fields is None:
+            raise ValueError("`num_fields` is required for a file without header")
+        num_fields = len(head_fields)
+    if len(lines) == 0:
+        raise empty_file_error(path, what + (" after the header line" if header else ""))
+    parts = pc.split_pattern(lines, delimiter)
+    counts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    good = counts == num_fields
+    problems = FileProblems(path, errors, numbers[good])
+    bad_lines = np.flatnonzero(~good)
+    if problems.only_first:
+        bad_lines = bad_lines[:1]
+    names = field_names or head_fields
+    shown = f" ({', '.join(names)})" if names else ""
+    for i in bad_lines:
+        problems.add_line(numbers[i], None,
+                          f"expected {num_fields} fields{shown} separated by {delimiter!r}, found {counts[i]}",
+                          kind="wrong number of fields")
+    flat = pc.utf8_trim_whitespace(pc.list_flatten(parts.filter(pa.array(good))))
+    n_good = int(good.sum())
+    columns = [flat.take(pa.array(np.arange(j, n_good * num_fields, num_fields))) for j in range(num_fields)]
+    return DelimitedRows(path=path, header=head_fields, lines=numbers[good], columns=columns,
+                         problems=problems, lines_read=len(numbers))
+
+
+Strings = Union[np.ndarray, pa.Array]
+
+
+def _arrow_cast(values: Strings, target: pa.DataType) -> Optional[np.ndarray]:
+    """Fast path: the whole column cast by pyarrow, or None when any value does not parse."""
+    try:
+        array = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+        return pc.cast(array, target).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError):
+        return None
+
+
+def _objects(values: Strings) -> np.ndarray:
+    return values.to_numpy(zero_copy_only=False) if isinstance(values, pa.Array) else values
+
+
+def parse_numbers(values: Strings) -> Tuple[np.ndarray, np.ndarray]:
+    """``[n]`` strings -> (``[n]`` float64, ``[n]`` bool mask of unparsable/non-finite)."""
+    numbers = _arrow_cast(values, pa.float64())
+    if numbers is None:
+        numbers = pd.to_numeric(pd.Series(_objects(values), dtype=object), errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan)
+    return numbers, ~np.isfinite(numbers)
+
+
+def parse_seconds(values: Strings) -> Tuple[np.ndarray, np.ndarray]:
+    """``[n]`` strings of (possibly fractional) seconds -> (``[n]`` int64 floored, ``[n]`` bad mask)."""
+    ints = _arrow_cast(values, pa.int64())
+    if ints is not None:
+        return ints.astype(np.int64), np.zeros(len(values), dtype=bool)
+    floats, bad = parse_numbers(values)
+    bad |= np.abs(np.where(bad, 0.0, floats)) > 2.0 ** 62
+    return np.floor(np.where(bad, 0.0, floats)).astype(np.int64), bad
+
+
+def lookup_ids(values: Strings, table_ids: pd.Index) -> np.ndarray:
+    """``[n]`` position of each id in `table_ids` (unique strings), -1 where absent."""
+    if isinstance(values, pa.Array):
+        index = pc.index_in(values, value_set=pa.array(table_ids.to_numpy(dtype=object), pa.string()))
+        return pc.fill_null(index, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return table_ids.get_indexer(pd.Index(values, dtype=object))
+
+
+def user_grouped_chunks(user_codes: np.ndarray, timestamps: np.ndarray,
+                        columns: Mapping[str, Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]],
+                        chunk_rows: int = CHUNK_ROWS) -> Callable[[], Iterator[pd.DataFrame]]:
+    """Sorts interactions by (user, timestamp) and cuts them into user-complete chunks.
+
+    Args:
+      user_codes: ``[n]`` integer code of each row's user (any code order).
+      timestamps: ``[n]`` int64 seconds.
+      columns: output columns in order; a value is either an ``[n]`` array or a
+        ``(codes [n], values [k])`` pair decoded per chunk (keeps ids compact in memory).
+      chunk_rows: target rows per chunk; a chunk ends at the first user boundary at or
+        after it (a single user larger than that gets a chunk of their own).
+
+    Returns:
+      a callable returning a fresh iterator of DataFrames; rows sorted by user then
+      timestamp (ties keep input order); every user's rows in exactly one chunk.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"`chunk_rows` should be positive. Received: chunk_rows={chunk_rows}")
+    user_codes = np.asarray(user_codes)
+    order = np.lexsort((np.asarray(timestamps), user_codes))  # stable
+    sorted_codes = user_codes[order]
+    stored: Dict[str, Any] = {}
+    for name, col in columns.items():
+        if isinstance(col, tuple):
+            stored[name] = (np.asarray(col[0])[order], np.asarray(col[1], dtype=object))
+        else:
+            stored[name] = np.asarray(col)[order]
+    n = len(order)
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]) if n else np.zeros(0, np.int64)
+    cuts = [0]
+    while cuts[-1] < n:
+        k = np.searchsorted(starts, cuts[-1] + chunk_rows, side="left")
+        cuts.append(int(starts[k]) if k < len(starts) else n)
+
+    def interactions() -> Iterator[pd.DataFrame]:
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            data = {}
+            for name, col in stored.items():
+                data[name] = col[1][col[0][a:b]] if isinstance(col, tuple) else col[a:b].copy()
+            yield pd.DataFrame(data)
+
+    return interactions
+
+
+# ---------------------------------------------------------------------------------
+# The generic reader.
+# ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _TableFeature:
+    feature: Feature
+    column: str
+    separator: str
+    auto_length: bool = False
+
+
+def _extension_format(path: str) -> Optional[str]:
+    name = os.path.basename(path).lower()
+    for ext, kind in sorted(_EXTENSIONS.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(ext):
+            return kind
+    return None
+
+
+def resolve_files(path: str, fmt: str = "auto", what: str = "interaction log") -> List[Tuple[str, str]]:
+    """``[(file, format)]`` for a file, a directory (its data files) or a glob pattern.
+
+    The format comes from the extension (``.csv[.gz|.bz2|.zst]``, ``.tsv[...]``,
+    ``.parquet``/``.pq``); files without a known extension take `fmt` when it is not
+    ``auto``. In a directory, names starting with ``.`` or ``_`` are ignored, and so are
+    files of another format than an explicit `fmt`.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"`format` should be one of {FORMATS}. Received: format={fmt!r}")
+    if any(ch in path for ch in "*?["):
+        candidates = sorted(p for p in globlib.glob(path) if os.path.isfile(p))
+        if not candidates:
+            raise FileNotFoundError(f"No file matches the {what} pattern {path!r}.")
+        explicit = True
+    elif os.path.isdir(path):
+        candidates = sorted(os.path.join(path, n) for n in os.listdir(path)
+                            if not n.startswith((".", "_")) and os.path.isfile(os.path.join(path, n)))
+        explicit = False
+    elif os.path.isfile(path):
+        candidates, explicit = [path], True
+    else:
+        raise FileNotFoundError(f"The {what} was not found: {path!r} is neither a file, a directory nor a "
+                                "glob pattern matching files.")
+    out = []
+    for p in candidates:
+        kind = _extension_format(p)
+        if kind is None:
+            if fmt != "auto":
+                kind = fmt
+            elif explicit:
+                raise ValueError(f"Cannot tell the format of the {what} file {p!r} from its name; use a .csv, "
+                                 ".tsv or .parquet extension" + (" or pass format='csv', 'tsv' or 'parquet'."
+                                                                 if what == "interaction log" else "."))
+            else:
+                continue
+        elif fmt != "auto" and kind != fmt:
+            if explicit:
+                raise ValueError(f"The {what} file {p!r} looks like {kind} from its name but format={fmt!r}.")
+            continue
+        out.append((p, kind))
+    if not out:
+        listing = sorted(os.listdir(path))
+        raise FileNotFoundError(f"No {what} files in directory {path!r}: expected names ending in "
+                                f"{', '.join(sorted(_EXTENSIONS))}" + (f" (format={fmt!r})" if fmt != "auto" else "")
+                                + f"; found {listing[:20]}{' ...' if len(listing) > 20 else ''}.")
+    kinds = {k for _, k in out}
+    if len(kinds) > 1:
+        raise ValueError(f"The {what} {path!r} mixes formats {sorted(kinds)}; pass `format` or point to one kind.")
+    return out
+
+
+def _csv_header(path: str, delimiter: str) -> List[str]:
+    head = b""
+    with pa.input_stream(path, compression="detect") as stream:
+        while b"\n" not in head:
+            block = stream.read(1 << 16)
+            if not block:
+                break
+            head += block
+    try:
+        first = head.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+    except UnicodeDecodeError:
+        raise DataError(path, 1, None, "the header line is not valid UTF-8 text") from None
+    if not first.strip():
+        raise DataError(path, None, None, "the file is empty; expected a header line naming the columns")
+    return [c.strip() for c in next(csv.reader([first], delimiter=delimiter))]
+
+
+def _require_columns(path: str, available: Sequence[str], wanted: Mapping[str, str], location: str) -> None:
+    missing = {key: col for key, col in wanted.items() if col not in available}
+    if missing:
+        shown = ", ".join(f"{col!r} (for {key})" for key, col in missing.items())
+        raise DataError(path, 1 if location == "line" else None, None,
+                        f"no column {shown}; the file has columns {list(available)}")
+
+
+@dataclasses.dataclass
+class _Columns:
+    """The wanted columns of one file as pyarrow arrays, with line/row numbers."""
+
+    path: str
+    arrays: Dict[str, pa.Array]
+    problems: FileProblems
+    lines_read: int
+
+
+def _read_columns(path: str, fmt: str, wanted: Mapping[str, str], errors: RowErrors, what: str) -> _Columns:
+    """Reads the columns `wanted` (key -> file column) of one CSV/TSV/Parquet file."""
+    if fmt == "parquet":
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(path, None, None, f"not a readable Parquet file: {e}") from None
+        _require_columns(path, schema.names, wanted, "row")
+        table = pq.read_table(path, columns=sorted(set(wanted.values())))
+        if table.num_rows == 0:
+            raise empty_file_error(path, what)
+        n = table.num_rows
+        problems = FileProblems(path, errors, np.arange(n, dtype=np.int64), location="row")
+        arrays = {key: table.column(col).combine_chunks() for key, col in wanted.items()}
+        return _Columns(path, arrays, problems, n)
+
+    delimiter = "\t" if fmt == "tsv" else ","
+    header = _csv_header(path, delimiter)
+    _require_columns(path, header, wanted, "line")
+    dupes = sorted({c for c in wanted.values() if header.count(c) > 1})
+    if dupes:
+        raise DataError(path, 1, None, f"the header names column(s) {dupes} more than once")
+    skipped: List[Tuple[int, int, int]] = []
+
+    def on_invalid(row) -> str:
+        skipped.append((row.number, row.expected_columns, row.actual_columns))
+        return "skip"
+
+    used = sorted(set(wanted.values()))
+    table = pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(use_threads=False, encoding="utf8"),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid,
+                                         ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in used},
+                                             include_columns=used, strings_can_be_null=False,
+                                             quoted_strings_can_be_null=False))
+    n = table.num_rows
+    # Line of data row i: rows are lines 2, 3, ... minus the skipped (ragged) lines.
+    skipped_lines = np.sort(np.asarray([s[0] for s in skipped if s[0] is not None], dtype=np.int64))
+    shift = skipped_lines - 2 - np.arange(len(skipped_lines))
+    rows = np.arange(n, dtype=np.int64)
+    lines = rows + 2 + np.searchsorted(shift, rows, side="right")
+    arrays = {key: table.column(col).combine_chunks() for key, col in wanted.items()}
+    # Blank lines come back as rows of empty strings: not data.
+    blank = np.ones(n, dtype=bool)
+    for col in used:
+        blank &= pc.equal(pc.utf8_trim_whitespace(table.column(col).combine_chunks()), "").to_numpy(
+            zero_copy_only=False)
+    if blank.any():
+        keep = pa.array(~blank)
+        arrays = {k: a.filter(keep) for k, a in arrays.items()}
+        lines = lines[~blank]
+    if len(lines) == 0 and not skipped:
+        raise empty_file_error(path, what + " after the header line")
+    problems = FileProblems(path, errors, lines)
+    entries = skipped[:1] if problems.only_first else skipped
+    for number, expected, actual in entries:
+        problems.add_line(number if number is not None else 0, None,
+                          f"expected {expected} fields separated by {delimiter!r}, found {actual}",
+                          kind="wrong number of fields")
+    return _Columns(path, arrays, problems, len(lines) + len(skipped))
+
+
+def _strings(array: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+    """A column as ``[n]`` object array of stripped str, and the ``[n]`` missing mask."""
+    t = array.type
+    if pa.types.is_dictionary(t):
+        array = array.dictionary_decode()
+        t = array.type
+    if pa.types.is_floating(t):
+        values = array.to_numpy(zero_copy_only=False).astype(np.float64)
+        missing = ~np.isfinite(values)
+        integral = ~missing & (values == np.floor(values)) & (np.abs(values) < 2.0 ** 53)
+        out = np.asarray([str(int(v)) if ok else ("" if m else repr(float(v)))
+                          for v, ok, m in zip(values, integral, missing)], dtype=object)
+        return out, missing
+    if pa.types.is_boolean(t):
+        array = pc.cast(array, pa.string())  # "true"/"false"
+    elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        try:
+            array = pc.cast(array, pa.string())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            values = array.to_pylist()
+            return (np.asarray(["" if v is None else str(v).strip() for v in values], dtype=object),
+                    np.asarray([v is None or str(v).strip() == "" for v in values], dtype=bool))
+    array = pc.utf8_trim_whitespace(array)
+    array = pc.fill_null(array, "")
+    values = array.to_numpy(zero_copy_only=False)
+    missing = pc.equal(array, "").to_numpy(zero_copy_only=False)
+    return values, missing
+
+
+def _numbers(array: pa.Array) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(``[n]`` float64, ``[n]`` missing, ``[n]`` unparsable) of a numeric or text column."""
+    if pa.types.is_boolean(array.type):
+        array = pc.cast(array, pa.int8())
+    if pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_decimal(array.type):
+        values = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
+        missing = np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        return values, missing, ~missing & ~np.isfinite(values)
+    text, missing = _strings(array)
+    values, bad = parse_numbers(text)
+    for i in np.flatnonzero(bad & ~missing):
+        word = text[i].lower()
+        if word in ("true", "false"):
+            values[i], bad[i] = float(word == "true"), False
+    return values, missing, bad & ~missing
+
+
+def _seconds(array: pa.Array, timestamp_format: Optional[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(``[n]`` int64 seconds, missing, unparsable, what was expected) of a timestamp column."""
+    n = len(array)
+    t = array.type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        series = array.to_pandas()
+        if pa.types.is_date(t):
+            series = pd.to_datetime(series)
+        dt = pd.to_datetime(series, utc=True)
+        missing = dt.isna().to_numpy()
+        secs = np.zeros(n, dtype=np.int64)
+        valid = dt[~missing]
+        secs[~missing] = (valid - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+        return secs, missing, np.zeros(n, dtype=bool), "a timestamp"
+    unit = 1
+    fmt = timestamp_format
+    if fmt in TIMESTAMP_UNITS:
+        unit, fmt = TIMESTAMP_UNITS[fmt], None
+        numeric_only = True
+    else:
+        numeric_only = False
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        if fmt is not None:
+            raise ValueError(f"`timestamp_format`={timestamp_format!r} is a date format but the timestamp "
+                             f"column holds numbers ({t}); use None or one of {sorted(TIMESTAMP_UNITS)}.")
+        values = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
+        missing = np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        bad = ~missing & ~np.isfinite(values)
+        if pa.types.is_integer(t):
+            ints = pc.fill_null(array, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
+            return ints // unit, missing, bad, "a number of seconds"
+        return np.floor(np.where(np.isfinite(values), values, 0) / unit).astype(np.int64), missing, bad, \
+            "a number of seconds"
+    text, missing = _strings(array)
+    if fmt is None:
+        numbers = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce")
+        numeric = numbers.notna().to_numpy()
+        if numeric_only or numeric[~missing].any() or (~missing).sum() == 0:
+            floats = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+            bad = ~missing & ~np.isfinite(floats)
+            if numbers.dtype.kind in "iu":
+                secs = numbers.to_numpy(dtype=np.int64) // unit
+            else:
+                secs = np.floor(np.where(bad | missing, 0.0, floats) / unit).astype(np.int64)
+            expected = "a number of seconds" if unit == 1 else f"a number of {timestamp_format}"
+            return secs, missing, bad, expected
+        expected = "a date/time string (format inferred from the first value; pass timestamp_format)"
+        dt = pd.to_datetime(pd.Series(np.where(missing, None, text)), errors="coerce", utc=True)
+    else:
+        expected = f"a date/time string in the format {fmt!r}"
+        dt = pd.to_datetime(pd.Series(np.where(missing, None, text)), format=fmt, errors="coerce", utc=True)
+    nat = dt.isna().to_numpy()
+    secs = np.zeros(n, dtype=np.int64)
+    secs[~nat] = (dt[~nat] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    return secs, missing, nat & ~missing, expected
+
+
+def _parse_feature_specs(specs: Sequence[Mapping[str, Any]], side: str, id_key: str, default_id_column: str
+                         ) -> Tuple[str, List[_TableFeature], bool]:
+    """(id column, features, id column given explicitly) from the `{side}_features` argument."""
+    arg = f"{side}_features"
+    if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
+        raise TypeError(f"`{arg}` should be a list of dicts. Received: {arg}={specs!r}")
+    id_column, explicit = default_id_column, False
+    out: List[_TableFeature] = []
+    names = set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"`{arg}[{i}]` should be a dict with keys {FEATURE_SPEC_KEYS}. Received: {spec!r}")
+        unknown = sorted(set(spec) - set(FEATURE_SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"`{arg}[{i}]` has unknown keys {unknown}; allowed: {list(FEATURE_SPEC_KEYS)}. "
+                             f"Received: {dict(spec)!r}")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"`{arg}[{i}]['name']` should be a non-empty string. Received: name={name!r}")
+        column = spec.get("column", name)
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"`{arg}[{i}]['column']` should be a non-empty string. Received: column={column!r}")
+        if name == id_key:
+            if spec.get("kind", "categorical") != "categorical":
+                raise ValueError(f"`{arg}[{i}]`: {id_key!r} is always categorical. Received: kind={spec['kind']!r}")
+            id_column, explicit = column, True
+            continue
+        if name in names:
+            raise ValueError(f"`{arg}` names feature {name!r} twice")
+        names.add(name)
+        kind = spec.get("kind")
+        if kind not in TABLE_KINDS:
+            hint = " (the behaviour sequence 'history' is derived from the interactions)" if kind == "sequence" else ""
+            raise ValueError(f"`{arg}[{i}]['kind']` should be one of {TABLE_KINDS}{hint}. "
+                             f"Received: kind={kind!r} for feature {name!r}")
+        if name in (HISTORY, TIMESTAMP, RATING, LABEL, USER_ID, ITEM_ID):
+            raise ValueError(f"`{arg}[{i}]`: the feature name {name!r} is reserved. Received: name={name!r}")
+        separator = spec.get("separator", "|")
+        if not isinstance(separator, str) or not separator:
+            raise ValueError(f"`{arg}[{i}]['separator']` should be a non-empty string. Received: {separator!r}")
+        max_length = spec.get("max_length")
+        if kind == "multi_categorical":
+            if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
+                raise ValueError(f"`{arg}[{i}]['max_length']` should be a positive integer. "
+                                 f"Received: max_length={max_length!r} for feature {name!r}")
+        elif max_length not in (None, 1):
+            raise ValueError(f"`{arg}[{i}]['max_length']` only applies to multi_categorical features; "
+                             f"{name!r} is {kind}. Received: max_length={max_length!r}")
+        feature = Feature(name, Kind(kind), side, max_length=int(max_length or 1))
+        out.append(_TableFeature(feature, column, separator,
+                                 auto_length=kind == "multi_categorical" and max_length is None))
+    return id_column, out, explicit
+
+
+def _multi_values(array: pa.Array, separator: str) -> List[List[str]]:
+    """Lists of stripped non-empty tokens (list columns as they are, text split on `separator`)."""
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        return [[str(v).strip() for v in (row or []) if v is not None and str(v).strip()]
+                for row in array.to_pylist()]
+    text, missing = _strings(array)
+    out = []
+    for value, m in zip(text, missing):
+        out.append([] if m else [t.strip() for t in value.split(separator) if t.strip()])
+    return out
+
+
+def _read_feature_table(path: str, fmt: str, side: str, id_key: str, id_column: str, id_explicit: bool,
+                        default_id_column: str, specs: List[_TableFeature], errors: RowErrors
+                        ) -> Tuple[pd.DataFrame, List[Feature]]:
+    """A user or item table with one row per id; returns it and the final features."""
+    files = resolve_files(path, fmt, what=f"{side} table")
+    frames = []
+    lengths: Dict[str, int] = {s.feature.name: 1 for s in specs if s.feature.kind == Kind.MULTI_CATEGORICAL}
+    seen: Dict[str, str] = {}
+    for file, kind in files:
+        available = (pq.read_schema(file).names if kind == "parquet"
+                     else _csv_header(file, "\t" if kind == "tsv" else ","))
+        column = id_column
+        if not id_explicit and column not in available and id_key in available:
+            column = id_key
+        if column not in available:
+            raise DataError(file, 1 if kind != "parquet" else None, None,
+                            f"no id column {column!r} in the {side} table (columns: {available}); name it with "
+                            f"a {{'name': {id_key!r}, 'column': ...}} entry in `{side}_features`")
+        wanted = {id_key: column}
+        wanted.update({s.feature.name: s.column for s in specs})
+        cols = _read_columns(file, kind, wanted, errors, what=f"{side} rows")
+        problems = cols.problems
+        ids, missing = _strings(cols.arrays[id_key])
+        problems.reject(missing, id_key, f"missing {id_key}", lambda r: f"missing {id_key}")
+        dup_in_file = pd.Series(ids).duplicated().to_numpy() & ~missing
+        first_line: Dict[str, int] = {}
+        for i in np.flatnonzero(pd.Series(ids).duplicated(keep=False).to_numpy() & ~missing):
+            first_line.setdefault(ids[i], int(problems.lines[i]))
+        earlier = pd.Index(ids, dtype=object).isin(list(seen)) & ~missing
+        where = "row" if kind == "parquet" else "line"
+        problems.reject(dup_in_file, id_key, f"duplicate {id_key}",
+                        lambda r: f"duplicate {id_key} {ids[r]!r} (first on {where} {first_line[ids[r]]})")
+        problems.reject(earlier, id_key, f"duplicate {id_key}",
+                        lambda r: f"duplicate {id_key} {ids[r]!r} (already in {seen[ids[r]]})")
+        data: Dict[str, Any] = {id_key: ids}
+        for s in specs:
+            f = s.feature
+            array = cols.arrays[f.name]
+            if f.kind == Kind.NUMERIC:
+                values, miss, bad = _numbers(array)
+                problems.reject(miss, f.name, f"missing {f.name}", lambda r, n=f.name: f"missing numeric {n}")
+                problems.reject(bad, f.name, f"bad {f.name}",
+                                lambda r, a=array, n=f.name: f"{n} {a[r].as_py()!r} is not a finite number")
+                data[f.name] = values
+            elif f.kind == Kind.CATEGORICAL:
+                values, miss = _strings(array)
+                data[f.name] = np.where(miss, OOV_TOKEN, values)
+            else:
+                lists = _multi_values(array, s.separator)
+                lengths[f.name] = max([lengths[f.name]] + [len(v) for v in lists])
+                data[f.name] = lists
+        keep = problems.flush()
+        frame = pd.DataFrame({k: (list(v) if isinstance(v, list) else v) for k, v in data.items()})[keep]
+        for i in frame[id_key]:
+            seen[i] = file
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    features = [Feature(id_key, Kind.CATEGORICAL, side)]
+    for s in specs:
+        f = s.feature
+        if s.auto_length and lengths[f.name] > 1:
+            f = dataclasses.replace(f, max_length=lengths[f.name])
+        features.append(f)
+    return table, features
+
+
+def _dataset_name(path: str) -> str:
+    """A schema name from the path: file stem, directory name, or a glob's directory."""
+    if any(ch in path for ch in "*?["):
+        path = os.path.dirname(path)
+    name = os.path.basename(os.path.normpath(path)) if path else ""
+    for ext in sorted(_EXTENSIONS, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[:-len(ext)] or "tabular"
+    return name or "tabular"
+
+
+def _check_columns_arg(columns: Mapping[str, str]) -> Dict[str, str]:
+    if not isinstance(columns, Mapping):
+        raise TypeError(f"`columns` should map canonical names {COLUMN_KEYS} to column names. "
+                        f"Received: columns={columns!r}")
+    unknown = sorted(set(columns) - set(COLUMN_KEYS))
+    if unknown:
+        raise ValueError(f"`columns` has unknown keys {unknown}; allowed: {list(COLUMN_KEYS)}. "
+                         f"Received: columns={dict(columns)!r}")
+    missing = [k for k in REQUIRED_COLUMN_KEYS if not columns.get(k)]
+    if missing:
+        raise ValueError(f"`columns` should name the file columns of {missing}. Received: columns={dict(columns)!r}")
+    for k, v in columns.items():
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"`columns[{k!r}]` should be a non-empty column name. Received: {v!r}")
+    return {k: columns[k] for k in COLUMN_KEYS if columns.get(k)}
+
+
+def _check_timestamp_format(timestamp_format: Optional[str]) -> None:
+    if timestamp_format is None or timestamp_format in TIMESTAMP_UNITS:
+        return
+    if not isinstance(timestamp_format, str) or "%" not in timestamp_format:
+        raise ValueError("`timestamp_format` should be None (numbers of seconds, or dates with an inferred "
+                         f"format), one of {sorted(TIMESTAMP_UNITS)} (numbers in that unit), or a strftime "
+                         f"format such as '%Y-%m-%d %H:%M:%S'. Received: timestamp_format={timestamp_format!r}")
+
+
+def read_tabular(path: str, columns: Mapping[str, str], user_table: Optional[str] = None,
+                 item_table: Optional[str] = None, user_features: Sequence[Mapping[str, Any]] = (),
+                 item_features: Sequence[Mapping[str, Any]] = (), format: str = "auto", bad_rows: str = "fail",
+                 history_length: int = 50, timestamp_format: Optional[str] = None) -> RawDataset:
+    """Reads a CSV/TSV/Parquet interaction log and optional feature tables.
+
+    Args:
+      path: a file, a directory (its ``.csv``/``.tsv``/``.parquet`` files, optionally
+        compressed ``.csv.gz``; names starting with ``.`` or ``_`` are ignored) or a glob.
+      columns: canonical name -> file column, for ``user_id``, ``item_id``,
+        ``timestamp`` (required) and ``rating``, ``label`` (optional).
+      user_table, item_table: optional feature tables (file, directory or glob; format
+        from the extension). When given, interactions whose user (item) is not in the
+        table are bad rows ("unknown user"/"unknown item"); without, the table is derived
+        from the interaction ids.
+      user_features, item_features: the table columns to use, each a dict
+        ``{name, kind, column?, separator?, max_length?}``: `kind` is ``categorical``,
+        ``multi_categorical`` or ``numeric``; `column` defaults to `name`; `separator`
+        splits multi-valued text cells (default ``"|"``; Parquet list columns are used
+        as they are); `max_length` of a multi-valued feature defaults to the longest
+        list in the table. A dict named ``user_id``/``item_id`` only sets the table's id
+        column (default: the interaction log's id column name, else ``user_id``/``item_id``).
+      format: ``auto`` (from the file extension), ``csv``, ``tsv`` or ``parquet``.
+      bad_rows: ``fail`` or ``skip`` (see `RowErrors`).
+      history_length: max length of the ``history`` sequence feature.
+      timestamp_format: None: numbers are seconds since the epoch, text is parsed as
+        dates with a format pandas infers from the first value; ``"s"``, ``"ms"``,
+        ``"us"``, ``"ns"``: numbers in that unit; a strftime format (``"%Y-%m-%d"``):
+        dates in that format. Dates without a time zone are taken as UTC.
+
+    Missing ids, unparsable timestamps, ratings or labels and lines with a wrong field
+    count are bad rows: the `DataError` names the file, the line (CSV: 1-based, the
+    header is line 1; line numbers count records, so they match physical lines unless a
+    quoted value spans lines) or, for Parquet, the 0-based row, and the field. Missing
+    categorical feature values become the OOV token, missing multi-valued ones ``[]``.
+    Everything is held in memory (ids are stored as integer codes).
+    """
+    errors = RowErrors(bad_rows)
+    history_length = check_history_length(history_length)
+    cols = _check_columns_arg(columns)
+    _check_timestamp_format(timestamp_format)
+    user_id_col, user_specs, user_explicit = _parse_feature_specs(user_features, "user", USER_ID, cols[USER_ID])
+    item_id_col, item_specs, item_explicit = _parse_feature_specs(item_features, "item", ITEM_ID, cols[ITEM_ID])
+    for side, table, specs, explicit in (("user", user_table, user_specs, user_explicit),
+                                         ("item", item_table, item_specs, item_explicit)):
+        if table is None and (specs or explicit):
+            raise ValueError(f"`{side}_features` needs `{side}_table` (the file holding those columns). "
+                             f"Received: {side}_table=None")
+    files = resolve_files(path, format)
+
+    tables: Dict[str, Optional[pd.DataFrame]] = {"user": None, "item": None}
+    features: Dict[str, List[Feature]] = {"user": [Feature(USER_ID, Kind.CATEGORICAL, "user")],
+                                          "item": [Feature(ITEM_ID, Kind.CATEGORICAL, "item")]}
+    table_paths = {"user": user_table, "item": item_table}
+    for side, id_key, id_col, explicit, specs in (("user", USER_ID, user_id_col, user_explicit, user_specs),
+                                                  ("item", ITEM_ID, item_id_col, item_explicit, item_specs)):
+        if table_paths[side] is not None:
+            tables[side], features[side] = _read_feature_table(
+                table_paths[side], "auto", side, id_key, id_col, explicit, cols[id_key], specs, errors)
+    known = {side: (pd.Index(t[USER_ID if side == "user" else ITEM_ID]) if t is not None else None)
+             for side, t in tables.items()}
+
+    parts: Dict[str, List[np.ndarray]] = {k: [] for k in ("user", "item", "ts", RATING, LABEL)}
+    for file, kind in files:
+        read = _read_columns(file, kind, cols, errors, what="interaction rows")
+        errors.rows_read += read.lines_read
+        problems, arrays = read.problems, read.arrays
+        ids = {}
+        for key, side in ((USER_ID, "user"), (ITEM_ID, "item")):
+            values, missing = _strings(arrays[key])
+            problems.reject(missing, key, f"missing {key}", lambda r, k=key: f"missing {k}")
+            if known[side] is not None:
+                unknown = (lookup_ids(values, known[side]) < 0) & ~missing
+                problems.reject(unknown, key, f"unknown {side}",
+                                lambda r, v=values, s=side: f"unknown {s} {v[r]!r} (not in the {s} table "
+                                                            f"{table_paths[s]})")
+            ids[side] = values
+        secs, missing, bad, expected = _seconds(arrays[TIMESTAMP], timestamp_format)
+        ts_array = arrays[TIMESTAMP]
+        problems.reject(missing, TIMESTAMP, "missing timestamp", lambda r: "missing timestamp")
+        problems.reject(bad, TIMESTAMP, "bad timestamp",
+                        lambda r: f"timestamp {ts_array[r].as_py()!r} is not {expected}")
+        extra = {}
+        for key in (RATING, LABEL):
+            if key in cols:
+                values, missing, bad = _numbers(arrays[key])
+                problems.reject(missing, key, f"missing {key}", lambda r, k=key: f"missing {k}")
+                problems.reject(bad, key, f"bad {key}",
+                                lambda r, a=arrays[key], k=key: f"{k} {a[r].as_py()!r} is not a finite number")
+                extra[key] = values
+        keep = problems.flush()
+        parts["user"].append(ids["user"][keep])
+        parts["item"].append(ids["item"][keep])
+        parts["ts"].append(secs[keep])
+        for key, values in extra.items():
+            parts[key].append(values[keep].astype(np.float32))
+
+    users_all = np.concatenate(parts["user"])
+    if len(users_all) == 0:
+        raise ValueError(f"No valid interactions in {path!r}: all {errors.rows_read} rows were rejected "
+                         f"({dict(errors.rejected)}).")
+    items_all = np.concatenate(parts["item"])
+    timestamps = np.concatenate(parts["ts"])
+
+    codes = {}
+    for side, values in (("user", users_all), ("item", items_all)):
+        key = USER_ID if side == "user" else ITEM_ID
+        if known[side] is not None:
+            codes[side], uniques = lookup_ids(values, known[side]), known[side].to_numpy(dtype=object)
+        else:
+            codes[side], uniques = pd.factorize(pd.Series(values, dtype=object), sort=False)
+            uniques = np.asarray(uniques, dtype=object)
+            tables[side] = pd.DataFrame({key: uniques})
+        codes[side] = (codes[side], uniques)
+
+    out_columns: Dict[str, Any] = {USER_ID: codes["user"], ITEM_ID: codes["item"], TIMESTAMP: timestamps}
+    for key in (RATING, LABEL):
+        if key in cols:
+            out_columns[key] = np.concatenate(parts[key])
+    schema = Schema(
+        name=_dataset_name(path),
+        user_features=tuple(features["user"]) + (
+            Feature(HISTORY, Kind.SEQUENCE, "user", max_length=history_length,
+                    description="items interacted with before the event, oldest first"),),
+        item_features=tuple(features["item"]),
+        has_rating=RATING in cols,
+        has_label=LABEL in cols,
+    )
+    users = tables["user"][schema.table_columns("user")].reset_index(drop=True)
+    items = tables["item"][schema.table_columns("item")].reset_index(drop=True)
+    return RawDataset(
+        schema=schema, users=users, items=items,
+        interactions=user_grouped_chunks(codes["user"][0], timestamps, out_columns),
+        user_complete_chunks=True, predefined_split=False, errors=errors,
+        source=f"{format if format != 'auto' else files[0][1]}:{path}")
