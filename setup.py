@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "pandas>=2.0",
     "pyarrow>=14",
     "pyyaml>=6.0",
+    "matplotlib>=3.7",
 ]
 
 EXTRAS_REQUIRE = {

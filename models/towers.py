@@ -21,6 +21,10 @@ class MaskedMeanPooling(keras.layers.Layer):
     Output: ``[B, D]``; all-padding rows give zeros.
     """
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built = True  # no weights
+
     def call(self, embeddings, ids):
         mask = tf.cast(tf.not_equal(ids, 0), embeddings.dtype)[..., tf.newaxis]
         total = tf.reduce_sum(embeddings * mask, axis=1)

@@ -5,8 +5,13 @@
     recfunnel stats --dataset NAME --data-dir DIR --output OUT [Beam pipeline options ...]
     recfunnel config [--config FILE] [--set ...]      print the resolved configuration
 
-Exit codes: 0 success; 1 the job failed while running; 2 bad usage or configuration
-(nothing was done); 3 bad input data (file, line and field are named).
+Exit codes (for schedulers such as cron, Airflow or Kubeflow):
+  0  success (for `run`: the new version passed the quality gates and was promoted)
+  1  the job failed while running (re-running resumes from the last finished stage)
+  2  bad usage or configuration (nothing was done)
+  3  bad input data (file, line and field are named)
+  4  another run holds the workdir's lock (nothing was done; retry later)
+  5  `run` finished but the quality gates blocked promotion (serving keeps the old version)
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DATA, EXIT_LOCKED, EXIT_NOT_PROMOTED = 0, 1, 2, 3, 4, 5
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -35,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Retrieval → pre-ranking → ranking pipeline for recommender systems: "
                     "Beam statistics, two-tower retrieval with logQ correction, SavedModel export, "
                     "ScaNN index, evaluation and top-k queries.",
-        epilog="Exit codes: 0 ok, 1 job failed, 2 bad usage or configuration, 3 bad input data.")
+        epilog="Exit codes: 0 ok, 1 job failed, 2 bad usage or configuration, 3 bad input data, "
+               "4 workdir locked by another run, 5 run finished but not promoted by the quality gates.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -44,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", default="recfunnel-workdir", help="output directory (default: %(default)s)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set retrieval.epochs=3 (repeatable)")
+    stages = run.add_mutually_exclusive_group()
+    stages.add_argument("--from-stage", metavar="STAGE",
+                        help="re-run this stage and all later ones (data, statistics, retrieval, export, "
+                             "index, evaluation); by default unchanged stages are skipped")
+    stages.add_argument("--only-stage", metavar="STAGE", help="run only this stage (its inputs must exist)")
 
     q = sub.add_parser("query", help="top-k items for a user from a workdir's exports")
     q.add_argument("--workdir", required=True)
@@ -82,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(args.verbose)
     from pipeline.config import ConfigError, dump_config, load_config
     from pipeline.data.canonical import DataError
+    from pipeline.orchestration import WorkdirLocked
 
     log = logging.getLogger("recfunnel")
     try:
@@ -90,12 +102,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_OK
         if args.command == "run":
             config = load_config(args.config, args.overrides)
-            from pipeline.job import run
-            metrics = run(config, args.workdir)
+            from pipeline.job import STAGES, run
+            for flag, value in (("--from-stage", args.from_stage), ("--only-stage", args.only_stage)):
+                if value is not None and value not in STAGES:
+                    print(f"recfunnel: {flag} should be one of {', '.join(STAGES)}. Received: {value!r}",
+                          file=sys.stderr)
+                    return EXIT_USAGE
+            metrics = run(config, args.workdir, from_stage=args.from_stage, only_stage=args.only_stage)
             keys = sorted(k for k in metrics if k.startswith(("retrieval.", "index.", "baseline.")))
             print(json.dumps({k: round(metrics[k], 4) for k in keys} | {
-                "workdir": os.path.abspath(args.workdir), "seconds": metrics["total_seconds"]}, indent=2))
-            return EXIT_OK
+                "workdir": os.path.abspath(args.workdir), "seconds": metrics["total_seconds"],
+                "version": metrics["export_version"], "promoted": metrics["promotion"]["promote"],
+                "skipped_stages": metrics["skipped_stages"]}, indent=2))
+            return EXIT_OK if metrics["promotion"]["promote"] else EXIT_NOT_PROMOTED
         if args.command == "query":
             return _query(args)
         if args.command == "stats":
@@ -103,6 +122,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"recfunnel: configuration error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except WorkdirLocked as e:
+        print(f"recfunnel: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     except DataError as e:
         print(f"recfunnel: bad input data: {e}", file=sys.stderr)
         return EXIT_DATA

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from pipeline.data.splits import SplitConfig
+from pipeline.promotion import PromotionConfig
 from pipeline.data.synthetic import SyntheticConfig
 from serving.index import IndexConfig
 
@@ -104,6 +105,15 @@ class RetrievalConfig:
       dropout: dropout after hidden layers.
       logq_correction: subtract log q(i) from candidate logits.
       remove_accidental_hits: mask in-batch copies of the positive item.
+      negatives: ``inbatch`` (the batch's items, `tfrs.tasks.Retrieval`), ``cbns``
+        (in-batch plus a FIFO memory bank of recent batches' item embeddings after
+        `warmup_steps`), or ``mixed`` (in-batch plus `num_mixed_negatives` items
+        drawn uniformly from the corpus each step; combinable with the bank through
+        `memory_size`).
+      memory_size: entries of the cross-batch memory bank (``cbns``/``mixed``).
+      warmup_steps: steps trained with in-batch negatives only before the bank is used.
+      num_hard_negatives: keep only the k hardest negatives per row (0 = all).
+      num_mixed_negatives: uniformly sampled corpus items per step (``mixed``).
       optimizer: ``adam`` or ``adagrad``.
       learning_rate: optimizer step size.
       batch_size: positives per batch (the in-batch negatives).
@@ -119,6 +129,11 @@ class RetrievalConfig:
     dropout: float = 0.0
     logq_correction: bool = True
     remove_accidental_hits: bool = True
+    negatives: str = "inbatch"
+    memory_size: int = 0
+    warmup_steps: int = 0
+    num_hard_negatives: int = 0
+    num_mixed_negatives: int = 0
     optimizer: str = "adam"
     learning_rate: float = 0.01
     batch_size: int = 512
@@ -135,6 +150,17 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.temperature` should be positive. Received: {self.temperature}")
         if self.learning_rate <= 0:
             raise ConfigError(f"`retrieval.learning_rate` should be positive. Received: {self.learning_rate}")
+        if self.negatives not in ("inbatch", "cbns", "mixed"):
+            raise ConfigError(f"`retrieval.negatives` should be inbatch, cbns or mixed. Received: {self.negatives!r}")
+        for name in ("memory_size", "warmup_steps", "num_hard_negatives", "num_mixed_negatives"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`retrieval.{name}` should be >= 0. Received: {getattr(self, name)}")
+        if self.negatives == "cbns" and self.memory_size < 1:
+            raise ConfigError("`retrieval.memory_size` should be >= 1 with negatives=cbns. "
+                              f"Received: memory_size={self.memory_size}")
+        if self.negatives == "mixed" and self.num_mixed_negatives < 1:
+            raise ConfigError("`retrieval.num_mixed_negatives` should be >= 1 with negatives=mixed. "
+                              f"Received: num_mixed_negatives={self.num_mixed_negatives}")
         if self.optimizer not in ("adam", "adagrad"):
             raise ConfigError(f"`retrieval.optimizer` should be adam or adagrad. Received: {self.optimizer!r}")
         if not 0 <= self.dropout < 1:
@@ -171,6 +197,7 @@ class RunConfig:
     retrieval: RetrievalConfig = RetrievalConfig()
     index: IndexConfig = IndexConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
 
 # -- loading -------------------------------------------------------------------------

@@ -29,7 +29,6 @@ log = logging.getLogger("recfunnel")
 
 DATA_DIR = "data"
 STATS_DIR = "stats"
-REPORTS_DIR = "reports"
 
 
 class StageTimer:
@@ -144,7 +143,7 @@ def numeric_stats(data_dir: str, schema: Schema) -> Dict[str, List[float]]:
 
 
 def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q_table, num_stats):
-    from models.tf_compat import keras, tf
+    from models.tf_compat import keras
     from models.two_tower import TwoTowerModel
 
     r = config.retrieval
@@ -157,14 +156,12 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
     opt = (keras.optimizers.Adam(r.learning_rate) if r.optimizer == "adam"
            else keras.optimizers.Adagrad(r.learning_rate))
     model.compile(optimizer=opt)
-    del tf
     return model
 
 
-def stage_train(config: RunConfig, workdir: str) -> Tuple[Any, Dict[str, Any]]:
-    from models.input_pipeline import example_dataset
+def load_retrieval_inputs(config: RunConfig, workdir: str):
+    """(schema, vocabularies, ItemLogQ, numeric stats, positives mode) for building the model."""
     from models.logq import ItemLogQ
-    from models.tf_compat import keras
 
     data_dir = os.path.join(workdir, DATA_DIR)
     stats_dir = os.path.join(workdir, STATS_DIR)
@@ -172,23 +169,70 @@ def stage_train(config: RunConfig, workdir: str) -> Tuple[Any, Dict[str, Any]]:
     vocabs = read_vocabularies(stats_dir, schema)
     ids, _, probs = read_item_frequencies(stats_dir)
     log_q = ItemLogQ(ids, probs, name="item_log_q")
-    model = build_retrieval_model(config, schema, vocabs, log_q, numeric_stats(data_dir, schema))
-    r = config.retrieval
     with open(os.path.join(data_dir, layout.READ_REPORT_FILE)) as f:
         mode = json.load(f)["positives"]
-    train = example_dataset(layout.example_files(data_dir, "train"), schema, r.batch_size, shuffle=True,
-                            seed=r.seed, positives_only=(mode == "label"))
+    return schema, vocabs, log_q, numeric_stats(data_dir, schema), mode
+
+
+def new_retrieval_model(config: RunConfig, workdir: str):
+    """A freshly built (untrained) retrieval model and its training dataset."""
+    from models.input_pipeline import example_dataset
+
+    schema, vocabs, log_q, num_stats, mode = load_retrieval_inputs(config, workdir)
+    model = build_retrieval_model(config, schema, vocabs, log_q, num_stats)
+    r = config.retrieval
+    train = example_dataset(layout.example_files(os.path.join(workdir, DATA_DIR), "train"), schema, r.batch_size,
+                            shuffle=True, seed=r.seed, positives_only=(mode == "label"))
+    return model, train
+
+
+def _create_variables(model, dataset) -> None:
+    """Runs one forward pass so every variable exists (before restoring weights)."""
+    batch = next(iter(dataset))
+    model.query_tower({f.name: batch[f.name] for f in model.schema.user_features})
+    model.item_tower({f.name: batch[f.name] for f in model.schema.item_features})
+
+
+def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: Optional[str] = None
+                ) -> Tuple[Any, Dict[str, Any]]:
+    """Trains the retrieval model.
+
+    With `checkpoint_dir`, training state is backed up every epoch (and restored
+    after a crash: a killed run resumes from the last completed epoch), and the
+    final weights are written to ``checkpoint_dir/final`` for the export stage.
+    """
+    from models.tf_compat import keras, tf
+
+    model, train = new_retrieval_model(config, workdir)
+    r = config.retrieval
 
     class _Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             log.info("retrieval epoch %d/%d: loss %.4f", epoch + 1, r.epochs, (logs or {}).get("loss", float("nan")))
 
+    cbs = [_Progress(), *callbacks]
+    if checkpoint_dir:
+        cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs", "retrieval"), write_graph=False,
+                                               update_freq="epoch"))
+        cbs.append(keras.callbacks.BackupAndRestore(os.path.join(checkpoint_dir, "backup")))
     start = time.time()
-    history = model.fit(train, epochs=r.epochs, verbose=0, callbacks=[_Progress()])
+    history = model.fit(train, epochs=r.epochs, verbose=0, callbacks=cbs)
     losses = [float(x) for x in history.history.get("loss", [])]
-    if not losses or not np.isfinite(losses[-1]):
+    if losses and not np.isfinite(losses[-1]):
         raise FloatingPointError(f"retrieval training diverged: losses {losses}")
+    if checkpoint_dir:
+        tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, "final", "weights"))
     return model, {"loss": losses, "seconds": round(time.time() - start, 3)}
+
+
+def restore_retrieval_model(config: RunConfig, workdir: str, checkpoint_dir: str):
+    """The trained model rebuilt from ``checkpoint_dir/final`` (for a resumed export)."""
+    from models.tf_compat import tf
+
+    model, train = new_retrieval_model(config, workdir)
+    _create_variables(model, train)
+    tf.train.Checkpoint(model=model).read(os.path.join(checkpoint_dir, "final", "weights")).expect_partial()
+    return model
 
 
 def _export_saved_model(obj, path: str, signatures, options=None) -> None:
@@ -283,69 +327,166 @@ def stage_index(config: RunConfig, workdir: str, version: int) -> Dict[str, Any]
 
 
 def write_report(workdir: str, run_id: str, config: RunConfig, metrics: Dict[str, Any]) -> str:
-    reports = os.path.join(workdir, REPORTS_DIR)
-    os.makedirs(reports, exist_ok=True)
-    tmp = os.path.join(reports, f".{run_id}.tmp")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, "config.yaml"), "w") as f:
-        f.write(dump_config(config))
-    final = os.path.join(reports, run_id)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    latest_tmp = os.path.join(reports, ".latest.tmp")
-    if os.path.exists(latest_tmp):
-        shutil.rmtree(latest_tmp)
-    shutil.copytree(final, latest_tmp)
-    latest = os.path.join(reports, "latest")
-    if os.path.exists(latest):
-        old = os.path.join(reports, ".latest.old")
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.rename(latest, old)
-        os.rename(latest_tmp, latest)
-        shutil.rmtree(old)
-    else:
-        os.rename(latest_tmp, latest)
-    return final
+    from pipeline.report import write_report as _write
+
+    return _write(workdir, run_id, dump_config(config), metrics, stats_dir=os.path.join(workdir, STATS_DIR))
 
 
-def run(config: RunConfig, workdir: str) -> Dict[str, Any]:
-    """Runs the whole job; returns the metrics written to ``reports/latest/metrics.json``."""
-    from pipeline.evaluation import evaluate_retrieval
+STAGES = ("data", "statistics", "retrieval", "export", "index", "evaluation")
+
+
+def _cleanup_incomplete_exports(workdir: str) -> None:
+    """Removes leftovers of an export killed midway (we hold the workdir lock).
+
+    Temporary directories, and versions present for only some of the required models
+    (never the promoted one), cannot be served and are deleted.
+    """
     from serving import exports
 
-    os.makedirs(workdir, exist_ok=True)
-    started = time.time()
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
-    timer = StageTimer()
-    metrics: Dict[str, Any] = {"run_id": run_id}
+    promoted = exports.promoted_version(workdir)
+    complete = None
+    for model in exports.REQUIRED_MODELS:
+        d = exports.model_dir(workdir, model)
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if name.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+        vs = set(exports.versions(workdir, model))
+        complete = vs if complete is None else complete & vs
+    for model in exports.REQUIRED_MODELS:
+        for v in exports.versions(workdir, model):
+            if v not in (complete or set()) and v != promoted:
+                log.warning("removing incomplete export %s version %d", model, v)
+                shutil.rmtree(exports.version_path(workdir, model, v), ignore_errors=True)
 
-    with timer("data"):
-        data_summary = stage_data(config, workdir)
-    metrics["data"] = data_summary
-    with timer("statistics"):
-        stats_summary = stage_stats(config, workdir)
-    metrics["statistics"] = stats_summary
-    with timer("retrieval_training"):
-        model, train_summary = stage_train(config, workdir)
-    metrics["retrieval_training"] = train_summary
-    version = exports.next_version(workdir)
-    with timer("export"):
-        stage_export(model, workdir, version)
-    with timer("index"):
-        index_summary = stage_index(config, workdir, version)
-    metrics["index_build"] = index_summary["params"]
-    with timer("evaluation"):
-        metrics.update(evaluate_retrieval(workdir, version, config.evaluation))
-    metrics["export_version"] = version
-    metrics["stage_seconds"] = timer.seconds
-    metrics["total_seconds"] = round(time.time() - started, 3)
-    metrics["config"] = config_to_dict(config)
-    path = write_report(workdir, run_id, config, metrics)
-    log.info("report written to %s", path)
-    return metrics
+
+def _source_paths(config: RunConfig) -> List[str]:
+    if config.data.source == "synthetic":
+        return []
+    paths = [config.data.path]
+    for key in ("user_table", "item_table"):
+        if config.data.tabular.get(key):
+            paths.append(str(config.data.tabular[key]))
+    return paths
+
+
+def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
+        only_stage: Optional[str] = None) -> Dict[str, Any]:
+    """Runs the job; returns the metrics written to ``reports/latest/metrics.json``.
+
+    Stages whose inputs and config are unchanged since their last successful run
+    are skipped (see `pipeline.orchestration`). `from_stage` re-runs that stage and
+    every later one; `only_stage` runs just that stage (its inputs must exist).
+
+    Raises:
+      WorkdirLocked: another run holds the workdir.
+    """
+    from pipeline.evaluation import evaluate_retrieval
+    from pipeline.orchestration import StageState, WorkdirLock, content_hash, digest
+    from pipeline.promotion import promote_if_better
+    from serving import exports
+
+    for name, value in (("from_stage", from_stage), ("only_stage", only_stage)):
+        if value is not None and value not in STAGES:
+            raise ValueError(f"`{name}` should be one of {STAGES}. Received: {value!r}")
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):
+        started = time.time()
+        run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
+        timer = StageTimer()
+        state = StageState(workdir)
+        if from_stage:
+            state.invalidate(STAGES[STAGES.index(from_stage):])
+        if only_stage:
+            state.invalidate([only_stage])
+
+        def wanted(stage: str) -> bool:
+            return only_stage is None or only_stage == stage
+
+        def prior(stage: str) -> Dict[str, Any]:
+            record = state.load(stage)
+            if record is None:
+                raise FileNotFoundError(f"stage {stage!r} has not completed in {workdir}; run it first")
+            return record
+
+        metrics: Dict[str, Any] = {"run_id": run_id, "skipped_stages": []}
+        data_dir = os.path.join(workdir, DATA_DIR)
+        stats_dir = os.path.join(workdir, STATS_DIR)
+
+        # data
+        fp_data = digest({"data": config_to_dict(config.data), "source": content_hash(_source_paths(config))})
+        if wanted("data") and not state.is_current("data", fp_data, [os.path.join(data_dir, layout.SCHEMA_FILE)]):
+            with timer("data"):
+                state.record("data", fp_data, stage_data(config, workdir))
+        else:
+            metrics["skipped_stages"].append("data")
+        metrics["data"] = prior("data")["summary"]
+
+        # statistics
+        fp_stats = digest({"stats": config_to_dict(config.stats), "data": prior("data")["fingerprint"]})
+        if wanted("statistics") and not state.is_current("statistics", fp_stats,
+                                                         [os.path.join(stats_dir, "item_frequencies.csv")]):
+            with timer("statistics"):
+                state.record("statistics", fp_stats, stage_stats(config, workdir))
+        else:
+            metrics["skipped_stages"].append("statistics")
+        metrics["statistics"] = prior("statistics")["summary"]
+
+        # retrieval training (checkpointed: a killed run resumes from the last epoch)
+        fp_ret = digest({"retrieval": config_to_dict(config.retrieval), "stats": prior("statistics")["fingerprint"]})
+        ckpt = os.path.join(workdir, "checkpoints", "retrieval", fp_ret[:16])
+        model = None
+        if wanted("retrieval") and not state.is_current("retrieval", fp_ret, [os.path.join(ckpt, "final")]):
+            with timer("retrieval_training"):
+                model, summary = stage_train(config, workdir, checkpoint_dir=ckpt)
+                state.record("retrieval", fp_ret, {**summary, "checkpoint": ckpt})
+        else:
+            metrics["skipped_stages"].append("retrieval")
+        metrics["retrieval_training"] = prior("retrieval")["summary"]
+
+        # export (a new version, written atomically)
+        fp_exp = digest({"retrieval": prior("retrieval")["fingerprint"]})
+        rec = state.load("export")
+        version = rec["summary"]["version"] if rec else None
+        export_outputs = [exports.version_path(workdir, m, version) for m in (exports.QUERY_TOWER, exports.ITEM_TOWER)
+                          ] if version else ["/nonexistent"]
+        if wanted("export") and not state.is_current("export", fp_exp, export_outputs):
+            with timer("export"):
+                _cleanup_incomplete_exports(workdir)
+                if model is None:
+                    model = restore_retrieval_model(config, workdir, prior("retrieval")["summary"]["checkpoint"])
+                version = exports.next_version(workdir)
+                stage_export(model, workdir, version)
+                state.record("export", fp_exp, {"version": version})
+        else:
+            metrics["skipped_stages"].append("export")
+        version = prior("export")["summary"]["version"]
+
+        # index
+        fp_idx = digest({"index": config_to_dict(config.index), "export": prior("export")["fingerprint"]})
+        if wanted("index") and not state.is_current("index", fp_idx,
+                                                    [exports.version_path(workdir, exports.INDEX, version)]):
+            with timer("index"):
+                state.record("index", fp_idx, stage_index(config, workdir, version))
+        else:
+            metrics["skipped_stages"].append("index")
+        metrics["index_build"] = prior("index")["summary"]["params"]
+
+        # evaluation
+        fp_eval = digest({"evaluation": config_to_dict(config.evaluation), "index": prior("index")["fingerprint"]})
+        if wanted("evaluation") and not state.is_current("evaluation", fp_eval):
+            with timer("evaluation"):
+                state.record("evaluation", fp_eval, evaluate_retrieval(workdir, version, config.evaluation))
+        else:
+            metrics["skipped_stages"].append("evaluation")
+        metrics.update(prior("evaluation")["summary"])
+
+        # promotion: only a version that passes the quality gate becomes the served one
+        metrics["export_version"] = version
+        metrics["promotion"] = promote_if_better(workdir, version, metrics, config.promotion)
+        metrics["stage_seconds"] = timer.seconds
+        metrics["total_seconds"] = round(time.time() - started, 3)
+        metrics["config"] = config_to_dict(config)
+        path = write_report(workdir, run_id, config, metrics)
+        log.info("report written to %s", path)
+        return metrics

@@ -5,19 +5,24 @@
     <workdir>/export/index/<version>/         manifest.json + saved_model/ (see serving.index)
 
 Versions are positive integers; a version directory appears only complete (it is
-written under a temporary name and renamed).
+written under a temporary name and renamed). ``<workdir>/export/promoted.json`` names the
+version that passed the quality gates; serving and queries load it by default.
 """
 
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+import json
+import time
+from typing import Any, Dict, List, Optional
 
 EXPORT_DIR = "export"
 QUERY_TOWER = "query_tower"
 ITEM_TOWER = "item_tower"
 INDEX = "index"
 MODELS = (QUERY_TOWER, ITEM_TOWER, INDEX)
+REQUIRED_MODELS = (QUERY_TOWER, ITEM_TOWER, INDEX)
+PROMOTED_FILE = "promoted.json"
 
 
 def model_dir(workdir: str, model: str) -> str:
@@ -47,3 +52,42 @@ def next_version(workdir: str) -> int:
 
 def version_path(workdir: str, model: str, version: int) -> str:
     return os.path.join(model_dir(workdir, model), str(int(version)))
+
+
+def promoted(workdir: str) -> Optional[Dict[str, Any]]:
+    """The promotion record (``version``, ``metrics``, ``promoted_at``), or None."""
+    path = os.path.join(workdir, EXPORT_DIR, PROMOTED_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def promoted_version(workdir: str) -> Optional[int]:
+    record = promoted(workdir)
+    return int(record["version"]) if record else None
+
+
+def serving_version(workdir: str) -> Optional[int]:
+    """The version serving loads by default: the promoted one, else the newest complete one."""
+    v = promoted_version(workdir)
+    if v is not None:
+        return v
+    complete = None
+    for model in REQUIRED_MODELS:
+        vs = set(versions(workdir, model))
+        complete = vs if complete is None else complete & vs
+    return max(complete) if complete else None
+
+
+def write_promoted(workdir: str, version: int, metrics: Dict[str, Any]) -> None:
+    """Atomically records `version` as the promoted one."""
+    path = os.path.join(workdir, EXPORT_DIR, PROMOTED_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"version": int(version), "metrics": metrics,
+                   "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -20,13 +20,13 @@ class Recommender:
 
     Args:
       workdir: the directory `recfunnel run` wrote.
-      version: export version to load; None = the newest.
+      version: export version to load; None = the promoted one (else the newest).
     """
 
     def __init__(self, workdir: str, version: Optional[int] = None):
         self.workdir = workdir
         if version is None:
-            version = exports.latest_version(workdir, exports.INDEX)
+            version = exports.serving_version(workdir)
             if version is None:
                 raise FileNotFoundError(
                     f"no exported index under {exports.model_dir(workdir, exports.INDEX)}; "

@@ -1,0 +1,85 @@
+"""Quality gates deciding whether a new export version becomes the served one.
+
+A version is promoted when its gate metric reaches `min_value` and is not worse than
+the currently promoted version's by more than `max_regression` (absolute). Only then
+does ``export/promoted.json`` change, so a bad model never reaches serving. The newest
+`keep_versions` versions are kept (the promoted one always).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from typing import Any, Dict, Optional
+
+log = logging.getLogger("recfunnel")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromotionConfig:
+    """Quality gates and retention of exports.
+
+    Attributes:
+      metric: the metrics.json key compared, e.g. ``retrieval.recall@10``.
+      min_value: the metric must reach at least this.
+      max_regression: allowed drop against the promoted version (absolute).
+      keep_versions: how many newest versions to keep on disk (>= 1).
+    """
+
+    metric: str = "retrieval.recall@10"
+    min_value: float = 0.0
+    max_regression: float = 0.01
+    keep_versions: int = 5
+
+    def __post_init__(self):
+        if self.keep_versions < 1:
+            raise ValueError(f"`promotion.keep_versions` should be >= 1. Received: {self.keep_versions}")
+        if self.max_regression < 0:
+            raise ValueError(f"`promotion.max_regression` should be >= 0. Received: {self.max_regression}")
+
+
+def gate(candidate: Dict[str, Any], current: Optional[Dict[str, Any]], config: PromotionConfig) -> Dict[str, Any]:
+    """Pure decision: ``{"promote": bool, "reason": str, ...}``."""
+    if config.metric not in candidate:
+        raise ValueError(f"`promotion.metric` {config.metric!r} is not among the run's metrics: "
+                         f"{sorted(k for k in candidate if '@' in k)}")
+    value = float(candidate[config.metric])
+    out = {"metric": config.metric, "value": value, "min_value": config.min_value}
+    if not value >= config.min_value:
+        return {**out, "promote": False, "reason": f"{config.metric}={value:.4f} < min_value={config.min_value}"}
+    if current is not None and config.metric in current:
+        previous = float(current[config.metric])
+        out["promoted_value"] = previous
+        if value < previous - config.max_regression:
+            return {**out, "promote": False,
+                    "reason": f"{config.metric}={value:.4f} is worse than the promoted {previous:.4f} "
+                              f"by more than max_regression={config.max_regression}"}
+    return {**out, "promote": True, "reason": "passed"}
+
+
+def promote_if_better(workdir: str, version: int, metrics: Dict[str, Any], config: PromotionConfig) -> Dict[str, Any]:
+    """Applies the gate to `version`, records the promotion, prunes old versions."""
+    from serving import exports
+
+    record = exports.promoted(workdir)
+    if record is not None and int(record["version"]) == int(version):
+        return {"promote": True, "version": int(version), "reason": "already promoted"}
+    decision = gate(metrics, record["metrics"] if record else None, config)
+    decision["version"] = int(version)
+    if decision["promote"]:
+        gated = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "@" in k}
+        exports.write_promoted(workdir, version, gated)
+        log.info("promoted export version %d (%s)", version, decision["reason"])
+    else:
+        log.warning("export version %d NOT promoted: %s", version, decision["reason"])
+    keep = set()
+    for model in exports.MODELS:
+        vs = exports.versions(workdir, model)
+        keep |= set(vs[-config.keep_versions:])
+    current = exports.promoted_version(workdir)
+    for model in exports.MODELS:
+        for v in exports.versions(workdir, model):
+            if v not in keep and v != current:
+                shutil.rmtree(exports.version_path(workdir, model, v), ignore_errors=True)
+    return decision

@@ -1,0 +1,109 @@
+"""The scheduled job's safety: skipping, the lock, quality gates, and SIGKILL at three points."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, recfunnel
+
+TINY = os.path.join(REPO, "pipeline", "configs", "tiny.yaml")
+pytestmark = pytest.mark.slow
+
+
+def _versions(workdir, model):
+    d = os.path.join(workdir, "export", model)
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def _assert_no_partial_exports(workdir):
+    """Every visible version directory is complete and no temporary is visible as a version."""
+    for model in ("query_tower", "item_tower", "index"):
+        for name in _versions(workdir, model):
+            assert name.isdigit(), f"{model}/{name} is not a clean version directory"
+            path = os.path.join(workdir, "export", model, name)
+            marker = "manifest.json" if model == "index" else "saved_model.pb"
+            assert os.path.exists(os.path.join(path, marker)), f"{path} is incomplete"
+
+
+def _kill_when(workdir, marker, extra=()):
+    """Starts a run and SIGKILLs it as soon as `marker` appears on its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", TINY, "--workdir", workdir,
+                             *extra], cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    deadline = time.time() + 300
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert time.time() < deadline
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    return "".join(seen)
+
+
+def _finish(workdir, extra=()):
+    proc = recfunnel("run", "--config", TINY, "--workdir", workdir, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), proc.stderr
+
+
+@pytest.mark.parametrize("marker", [
+    "stage statistics: started",       # during the Beam job
+    "retrieval epoch 2/",              # mid-training (after one checkpointed epoch)
+    "stage export: started",           # mid-export
+])
+def test_sigkill_then_rerun_completes(tmp_path, marker):
+    w = str(tmp_path / "w")
+    extra = ("--set", "retrieval.epochs=4")
+    _kill_when(w, marker, extra)
+    _assert_no_partial_exports(w)
+    assert not os.path.exists(os.path.join(w, "export", "promoted.json"))
+    out, log = _finish(w, extra)
+    _assert_no_partial_exports(w)
+    assert out["promoted"] and out["version"] >= 1
+    with open(os.path.join(w, "export", "promoted.json")) as f:
+        assert json.load(f)["version"] == out["version"]
+    if "epoch 2/" in marker:
+        # BackupAndRestore resumed after the finished epoch(s) instead of starting over.
+        assert "retrieval epoch 1/4" not in log
+    q = recfunnel("query", "--workdir", w, "--user-id", "u1", "-k", "3")
+    assert q.returncode == 0, q.stderr[-2000:]
+
+
+def test_rerun_skips_unchanged_stages_and_gates_block_promotion(tmp_path):
+    w = str(tmp_path / "w")
+    first, _ = _finish(w)
+    assert first["skipped_stages"] == []
+    again, _ = _finish(w)
+    assert again["skipped_stages"] == ["data", "statistics", "retrieval", "export", "index", "evaluation"]
+    assert again["version"] == first["version"]
+    # A changed training config retrains, exports a new version, and an impossible gate blocks it.
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--set", "retrieval.epochs=1",
+                     "--set", "promotion.min_value=0.99")
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["version"] == first["version"] + 1 and not out["promoted"]
+    assert "data" in out["skipped_stages"] and "retrieval" not in out["skipped_stages"]
+    with open(os.path.join(w, "export", "promoted.json")) as f:
+        assert json.load(f)["version"] == first["version"]
+    q = json.loads(recfunnel("query", "--workdir", w, "--user-id", "u1", "-k", "2").stdout)
+    assert q["version"] == first["version"]
+    # The report renders and links every plot it made.
+    page = open(os.path.join(w, "reports", "latest", "index.html")).read()
+    pngs = [f for f in os.listdir(os.path.join(w, "reports", "latest")) if f.endswith(".png")]
+    assert len(pngs) >= 3 and all(f'src="{p}"' in page for p in pngs)
+
+
+def test_lock_blocks_a_second_run(tmp_path):
+    from pipeline.orchestration import WorkdirLock
+
+    w = str(tmp_path / "w")
+    os.makedirs(w)
+    with WorkdirLock(w):
+        proc = recfunnel("run", "--config", TINY, "--workdir", w)
+    assert proc.returncode == 4 and "another recfunnel run holds" in proc.stderr
