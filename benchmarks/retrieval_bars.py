@@ -30,20 +30,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def _prepare(data_dir: str, cache: str, history_length: int) -> str:
+def _prepare(data_dir: str, cache: str, history_length: int, history_mode: str) -> str:
     """Materialized data + statistics for `data_dir` (cached)."""
     from beam_jobs.stats_job import run_statistics
     from pipeline.data.bars import read_bars
     from pipeline.data.materialize import materialize
     from pipeline.data.splits import SplitConfig
 
-    key = hashlib.sha256(f"{os.path.abspath(data_dir)}|{history_length}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{os.path.abspath(data_dir)}|{history_length}|{history_mode}".encode()).hexdigest()[:12]
     workdir = os.path.join(cache, f"bars-{key}")
     if not os.path.exists(os.path.join(workdir, "stats", "summary.json")):
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir)
         materialize(read_bars(data_dir, history_length=history_length), os.path.join(workdir, "data"),
-                    SplitConfig(method="predefined"), positives="all")
+                    SplitConfig(method="predefined"), positives="all", history_mode=history_mode)
         run_statistics(os.path.join(workdir, "data"), os.path.join(workdir, "stats"), positives="all")
     return workdir
 
@@ -58,6 +58,9 @@ def main() -> None:
     p.add_argument("--num-mixed-negatives", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--history-length", type=int, default=50)
+    p.add_argument("--history-mode", choices=["past", "all_other"], default="all_other",
+                   help="BARS files carry no time: by default an event's history is the user's other "
+                        "training items")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config override, e.g. retrieval.learning_rate=0.003")
     p.add_argument("--cache", default=os.path.join(REPO, ".cache", "benchmarks"))
@@ -69,7 +72,7 @@ def main() -> None:
     from pipeline.config import EvaluationConfig, config_to_dict, load_config
     from pipeline.evaluation import evaluate_retrieval
 
-    base = _prepare(args.data_dir, args.cache, args.history_length)
+    base = _prepare(args.data_dir, args.cache, args.history_length, args.history_mode)
     overrides = [f"retrieval.negatives={args.negatives}", f"retrieval.batch_size={args.batch_size}",
                  f"retrieval.memory_size={args.memory_size}", f"retrieval.warmup_steps={args.warmup_steps}",
                  f"retrieval.num_mixed_negatives={args.num_mixed_negatives}", f"retrieval.epochs={args.epochs}",

@@ -172,7 +172,7 @@ def _stats(args, pipeline_args: List[str]) -> int:
     raw = read_source(config)
     with tempfile.TemporaryDirectory(prefix="recfunnel-stats-") as tmp:
         data_dir = os.path.join(tmp, "data")
-        read = materialize(raw, data_dir, config.data.split, config.data.positives)
+        read = materialize(raw, data_dir, config.data.split, config.data.positives, config.data.history_mode)
         summary = run_statistics(data_dir, args.output, pipeline_args=list(config.stats.pipeline_args) + pipeline_args,
                                  min_count=config.stats.min_count, max_rejected_fraction=fraction,
                                  positives=read["positives"], upstream_rejections=read["read"])

@@ -39,7 +39,11 @@ class DataConfig:
       bad_rows: ``fail`` at the first malformed row, or ``skip`` and count.
       positives: which interactions are retrieval positives: ``label`` (label > 0),
         ``all``, or ``auto`` (label when the data has one).
-      history_length: length of the behaviour sequence for file sources.
+      history_length: length of the behaviour sequence.
+      history_mode: what an event's behaviour sequence holds: ``past`` (the user's
+        training positives strictly before it) or ``all_other`` (all the user's
+        training positives but the event's own item; for data without meaningful
+        time order such as the BARS splits).
       tfds_name: TFDS dataset name for ``movielens_tfds``.
       split: the train/test split.
       synthetic: generator settings for ``synthetic``.
@@ -52,6 +56,7 @@ class DataConfig:
     bad_rows: str = "fail"
     positives: str = "auto"
     history_length: int = 20
+    history_mode: str = "past"
     tfds_name: str = "movielens/100k-ratings"
     split: SplitConfig = SplitConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -66,6 +71,8 @@ class DataConfig:
             raise ConfigError(f"`data.bad_rows` should be 'fail' or 'skip'. Received: {self.bad_rows!r}")
         if self.positives not in ("auto", "all", "label"):
             raise ConfigError(f"`data.positives` should be auto, all or label. Received: {self.positives!r}")
+        if self.history_mode not in ("past", "all_other"):
+            raise ConfigError(f"`data.history_mode` should be past or all_other. Received: {self.history_mode!r}")
         if self.history_length < 1:
             raise ConfigError(f"`data.history_length` should be >= 1. Received: {self.history_length}")
 

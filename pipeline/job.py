@@ -88,7 +88,8 @@ def stage_data(config: RunConfig, workdir: str) -> Dict[str, Any]:
 
     raw = read_source(config)
     log.info("reading %s", raw.source)
-    return materialize(raw, os.path.join(workdir, DATA_DIR), config.data.split, config.data.positives)
+    return materialize(raw, os.path.join(workdir, DATA_DIR), config.data.split, config.data.positives,
+                       config.data.history_mode)
 
 
 def stage_stats(config: RunConfig, workdir: str) -> Dict[str, Any]:

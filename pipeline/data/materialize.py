@@ -28,6 +28,7 @@ from pipeline.data.splits import SplitConfig, assign_split
 log = logging.getLogger(__name__)
 
 POSITIVES = ("auto", "all", "label")
+HISTORY_MODES = ("past", "all_other")
 
 
 def positives_mode(schema: Schema, positives: str) -> str:
@@ -58,16 +59,23 @@ def _check_ids(chunk: pd.DataFrame, raw: RawDataset, known_users, known_items) -
 
 
 def materialize(raw: RawDataset, out_dir: str, split: SplitConfig = SplitConfig(),
-                positives: str = "auto") -> Dict[str, Any]:
+                positives: str = "auto", history_mode: str = "past") -> Dict[str, Any]:
     """Splits, joins and writes `raw` to `out_dir`.
 
     Each example's behaviour sequence holds the user's positive *training*
-    interactions strictly before the event's timestamp (no leakage from the event
-    itself, from events at the same second, or from the test split).
+    interactions, never test ones:
+
+    * ``history_mode="past"`` (default): those strictly before the event's timestamp
+      (no leakage from the event itself or from events at the same second);
+    * ``history_mode="all_other"``: all of them except the event's own item, for data
+      whose order carries no time (e.g. the BARS splits, where a user is a bag of
+      items); test events see all training positives either way.
 
     Returns:
       a summary dict (rows per split, users, items, rejected rows, seconds).
     """
+    if history_mode not in HISTORY_MODES:
+        raise ValueError(f"`history_mode` should be one of {HISTORY_MODES}. Received: history_mode={history_mode!r}")
     start = time.time()
     raw.validate_tables()
     schema = raw.schema
@@ -84,7 +92,7 @@ def materialize(raw: RawDataset, out_dir: str, split: SplitConfig = SplitConfig(
     os.makedirs(os.path.join(tmp, layout.INTERACTIONS_DIR))
     os.makedirs(os.path.join(tmp, layout.EXAMPLES_DIR))
     try:
-        summary = _write(raw, tmp, split, mode, history_length)
+        summary = _write(raw, tmp, split, mode, history_length, history_mode)
         summary["seconds"] = round(time.time() - start, 3)
         with open(os.path.join(tmp, layout.READ_REPORT_FILE), "w") as f:
             json.dump(summary, f, indent=2)
@@ -109,7 +117,8 @@ def _chunks(raw: RawDataset):
         yield pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
 
 
-def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_length: int) -> Dict[str, Any]:
+def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_length: int,
+           history_mode: str = "past") -> Dict[str, Any]:
     schema = raw.schema
     schema.save(os.path.join(tmp, layout.SCHEMA_FILE))
     users = raw.users[schema.table_columns("user")].reset_index(drop=True)
@@ -146,6 +155,9 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
         histories = _histories(chunk[USER_ID].to_numpy(), chunk[ITEM_ID].to_numpy(),
                                chunk["timestamp"].to_numpy(), is_pos & ~is_test, history_length,
                                last_history, seen)
+        if history_mode == "all_other":
+            histories = _all_other_histories(chunk[USER_ID].to_numpy(), chunk[ITEM_ID].to_numpy(),
+                                             is_pos & ~is_test, history_length, seen)
         for name, mask in (("train", ~is_test), ("test", is_test)):
             part = chunk[mask]
             if len(part) == 0:
@@ -186,6 +198,7 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
         "split": {"method": split.method, "n": split.n, "cutoff": cutoff,
                   "test_fraction": split.test_fraction, "seed": split.seed},
         "positives": mode,
+        "history_mode": history_mode,
         "rows": counts,
         "positive_rows": positives,
         "users": int(len(users)),
@@ -231,6 +244,22 @@ def _histories(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, con
         hist.extend(pending)
         last_history[current_user] = hist[-history_length:] if history_length else []
         seen[current_user] = user_seen
+    return out
+
+
+def _all_other_histories(users: np.ndarray, items: np.ndarray, contributes: np.ndarray, history_length: int,
+                         seen: Dict[str, List[str]]) -> List[List[str]]:
+    """Each row's sequence: the user's training positives except the row's own item (last `history_length`)."""
+    out: List[List[str]] = []
+    for u, it, c in zip(users, items, contributes):
+        mine = seen.get(u, [])
+        if c:
+            # Drop the row's own occurrence, keep the order of the others.
+            idx = len(mine) - 1 - mine[::-1].index(it) if it in mine else None
+            others = mine[:idx] + mine[idx + 1:] if idx is not None else mine
+        else:
+            others = mine
+        out.append(others[-history_length:] if history_length else [])
     return out
 
 

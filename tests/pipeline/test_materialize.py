@@ -114,3 +114,16 @@ def test_materialized_layout(tiny_data_dir):
                                                         compression_type="GZIP"))
     assert n_rows == n_examples == report["rows"]["train"]
     assert Schema.load(os.path.join(tiny_data_dir, layout.SCHEMA_FILE)).name == "synthetic"
+
+
+def test_all_other_history_mode(tmp_path):
+    df = pd.DataFrame({USER_ID: ["u"] * 4, ITEM_ID: ["a", "b", "c", "d"], "timestamp": [1, 2, 3, 4],
+                       "label": [1.0, 0.0, 1.0, 1.0]})
+    out = str(tmp_path / "data")
+    materialize(_raw(df), out, SplitConfig(method="leave_last_n", n=1), history_mode="all_other")
+    train = sorted(_read_examples(out, "train"), key=lambda r: r["ts"])
+    # Training positives are a and c; every event sees the others (never d, the test item).
+    assert [r["history"] for r in train] == [["c"], ["a", "c"], ["a"]]
+    assert _read_examples(out, "test")[0]["history"] == ["a", "c"]
+    with pytest.raises(ValueError, match="history_mode"):
+        materialize(_raw(df), out, SplitConfig(method="leave_last_n", n=1), history_mode="future")
