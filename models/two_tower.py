@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence
 import tensorflow_recommenders as tfrs
 
 from models.features import ITEM_ID, Schema
+from models.cross_batch_retrieval import CrossBatchRetrieval
 from models.logq import ItemLogQ
 from models.tf_compat import keras, tf
 from models.towers import SharedItemEmbedding, Tower
@@ -31,15 +32,20 @@ class TwoTowerModel(tfrs.Model):
       embedding_dim, feature_dim, hidden_units, normalize, dropout: tower settings.
       temperature: logits are divided by it (useful with normalized embeddings).
       remove_accidental_hits: mask in-batch candidates equal to the positive item.
-      task: a loss layer with the `tfrs.tasks.Retrieval` call signature; defaults to
-        `tfrs.tasks.Retrieval`.
+      task: the loss layer: `tfrs.tasks.Retrieval` (default, in-batch negatives) or a
+        `CrossBatchRetrieval` (memory bank, hard and mixed negatives).
+      corpus: item features of the whole corpus (padded, `Schema.tensor_specs("item")`
+        layout) to draw `num_mixed_negatives` uniform negatives from each step.
+      num_mixed_negatives: uniform corpus negatives per step (needs a
+        `CrossBatchRetrieval` task and `corpus`).
     """
 
     def __init__(self, schema: Schema, vocabularies: Mapping[str, Sequence[str]],
                  item_log_q: Optional[ItemLogQ] = None, embedding_dim: int = 64, feature_dim: int = 32,
                  hidden_units: Sequence[int] = (128,), normalize: bool = False, temperature: float = 1.0,
                  remove_accidental_hits: bool = True, dropout: float = 0.0,
-                 numeric_stats=None, task: Optional[keras.layers.Layer] = None):
+                 numeric_stats=None, task: Optional[keras.layers.Layer] = None,
+                 corpus: Optional[Mapping[str, object]] = None, num_mixed_negatives: int = 0):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
@@ -53,7 +59,15 @@ class TwoTowerModel(tfrs.Model):
         self.item_log_q = item_log_q
         self.temperature = float(temperature)
         self.remove_accidental_hits = bool(remove_accidental_hits)
-        self.task = task if task is not None else tfrs.tasks.Retrieval(temperature=self.temperature)
+        self.task = task if task is not None else tfrs.tasks.Retrieval(
+            temperature=self.temperature, remove_accidental_hits=self.remove_accidental_hits)
+        self.num_mixed_negatives = int(num_mixed_negatives)
+        if self.num_mixed_negatives:
+            if not isinstance(self.task, CrossBatchRetrieval):
+                raise ValueError("`num_mixed_negatives` needs a CrossBatchRetrieval task")
+            if corpus is None:
+                raise ValueError("`num_mixed_negatives` needs the item `corpus` to sample from")
+        self.corpus = {k: tf.constant(v) for k, v in corpus.items()} if corpus is not None else None
 
     def compute_loss(self, features, training=False):
         user = {f.name: features[f.name] for f in self.schema.user_features}
@@ -61,6 +75,15 @@ class TwoTowerModel(tfrs.Model):
         query_embeddings = self.query_tower(user, training=training)
         candidate_embeddings = self.item_tower(item, training=training)
         item_ids = features[ITEM_ID]
+        if isinstance(self.task, CrossBatchRetrieval):
+            log_q = self.item_log_q(item_ids) if self.item_log_q is not None else None
+            extra = None
+            if self.num_mixed_negatives:
+                extra = self._uniform_negatives(training)
+            optimizer = getattr(self, "optimizer", None)
+            step = optimizer.iterations if optimizer is not None else None
+            return self.task(query_embeddings, candidate_embeddings, item_ids, log_q, step=step,
+                             extra_negatives=extra, training=training)
         kwargs = {}
         if self.item_log_q is not None:
             kwargs["candidate_sampling_probability"] = tf.exp(self.item_log_q(item_ids))
@@ -68,3 +91,13 @@ class TwoTowerModel(tfrs.Model):
             kwargs["candidate_ids"] = item_ids
         return self.task(query_embeddings, candidate_embeddings, compute_metrics=False,
                          compute_batch_metrics=False, **kwargs)
+
+    def _uniform_negatives(self, training):
+        """Item embeddings, ids and log q of items drawn uniformly from the corpus."""
+        size = tf.shape(self.corpus[ITEM_ID])[0]
+        idx = tf.random.uniform([self.num_mixed_negatives], 0, size, dtype=tf.int32)
+        feats = {f.name: tf.gather(self.corpus[f.name], idx) for f in self.schema.item_features}
+        emb = self.item_tower(feats, training=training)
+        ids = feats[ITEM_ID]
+        log_q = self.item_log_q(ids) if self.item_log_q is not None else tf.zeros([self.num_mixed_negatives])
+        return emb, ids, log_q, size

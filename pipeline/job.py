@@ -143,17 +143,45 @@ def numeric_stats(data_dir: str, schema: Schema) -> Dict[str, List[float]]:
     return out
 
 
-def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q_table, num_stats):
+def retrieval_task(config: RunConfig):
+    """The loss layer for `retrieval.negatives`: None means plain `tfrs.tasks.Retrieval`."""
+    from models.cross_batch_retrieval import CrossBatchRetrieval
+
+    r = config.retrieval
+    if r.negatives == "inbatch" and not r.num_hard_negatives:
+        return None
+    return CrossBatchRetrieval(r.embedding_dim, memory_size=r.memory_size, warmup_steps=r.warmup_steps,
+                               temperature=r.temperature, remove_accidental_hits=r.remove_accidental_hits,
+                               num_hard_negatives=r.num_hard_negatives, name="cross_batch_retrieval")
+
+
+def item_corpus(data_dir: str, schema: Schema) -> Dict[str, np.ndarray]:
+    """Every item's features in the item tower's input layout (for uniform negatives)."""
+    import pyarrow.parquet as pq
+
+    from models.features import padded_batch
+
+    rows = pq.read_table(os.path.join(data_dir, layout.ITEMS_FILE)).to_pylist()
+    return padded_batch(schema, "item", rows)
+
+
+def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q_table, num_stats,
+                          data_dir: Optional[str] = None):
     from models.tf_compat import keras
     from models.two_tower import TwoTowerModel
 
     r = config.retrieval
     keras.utils.set_random_seed(r.seed)
+    mixed = r.negatives == "mixed"
+    if mixed and data_dir is None:
+        raise ValueError("negatives=mixed needs the dataset directory to sample corpus items from")
     model = TwoTowerModel(schema, vocabularies, item_log_q=log_q_table if r.logq_correction else None,
                           embedding_dim=r.embedding_dim, feature_dim=r.feature_dim,
                           hidden_units=r.hidden_units, normalize=r.normalize, temperature=r.temperature,
                           remove_accidental_hits=r.remove_accidental_hits, dropout=r.dropout,
-                          numeric_stats=num_stats)
+                          numeric_stats=num_stats, task=retrieval_task(config),
+                          corpus=item_corpus(data_dir, schema) if mixed else None,
+                          num_mixed_negatives=r.num_mixed_negatives if mixed else 0)
     opt = (keras.optimizers.Adam(r.learning_rate) if r.optimizer == "adam"
            else keras.optimizers.Adagrad(r.learning_rate))
     model.compile(optimizer=opt)
@@ -180,7 +208,7 @@ def new_retrieval_model(config: RunConfig, workdir: str):
     from models.input_pipeline import example_dataset
 
     schema, vocabs, log_q, num_stats, mode = load_retrieval_inputs(config, workdir)
-    model = build_retrieval_model(config, schema, vocabs, log_q, num_stats)
+    model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, data_dir=os.path.join(workdir, DATA_DIR))
     r = config.retrieval
     train = example_dataset(layout.example_files(os.path.join(workdir, DATA_DIR), "train"), schema, r.batch_size,
                             shuffle=True, seed=r.seed, positives_only=(mode == "label"))

@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+# Select the Keras 2 API before any test module imports TensorFlow or TFRS directly.
+import models.tf_compat  # noqa: F401,E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
 

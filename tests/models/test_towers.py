@@ -79,6 +79,19 @@ def test_two_tower_loss_matches_hand_computed_softmax_and_one_step_fit():
     assert float(model.compute_loss(feats)) < loss
 
 
+def test_in_batch_task_removes_accidental_hits():
+    keras.utils.set_random_seed(0)
+    feats = {**{k: tf.constant(v) for k, v in _users().items()},
+             **{k: tf.constant(v) for k, v in padded_batch(SCHEMA, "item", [{ITEM_ID: "i1", "tags": ["a"]},
+                                                                            {ITEM_ID: "i1", "tags": ["a"]}]).items()}}
+    on = TwoTowerModel(SCHEMA, VOCABS, embedding_dim=4, feature_dim=4, hidden_units=(8,))
+    # Both rows have the same positive: with removal each row's softmax has one column -> loss 0.
+    assert float(on.compute_loss(feats)) == pytest.approx(0.0, abs=1e-6)
+    off = TwoTowerModel(SCHEMA, VOCABS, embedding_dim=4, feature_dim=4, hidden_units=(8,),
+                        remove_accidental_hits=False)
+    assert float(off.compute_loss(feats)) == pytest.approx(2 * np.log(2), rel=1e-4)  # identical columns
+
+
 def test_tower_serving_function_signature():
     tower = Tower(SCHEMA, "item", VOCABS, feature_dim=4, hidden_units=(), output_dim=3)
     fn = tower.serving_function()

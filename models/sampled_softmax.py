@@ -1,0 +1,108 @@
+"""The sampled-softmax logits chain of the retrieval task (pure TF functions).
+
+Candidates are the batch's items (row i's positive is column i) followed by any
+extra rows: a cross-batch memory bank, uniformly sampled corpus items. The logits are
+built in small steps, as in TFRS:
+
+    scores → ÷ temperature → − log q (sampling-bias correction) → accidental hits
+    removed → invalid extra rows removed → optional top-k hard negatives → softmax
+    cross-entropy against the diagonal.
+
+Formula: loss_i = −log softmax(z_i)[i],  z_ij = q_i·c_j / τ − log Q(j)  (masked
+entries get a very negative logit).
+
+References:
+  Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
+  Recommendations", RecSys 2019 (logQ correction).
+  Wang et al., "Cross-Batch Negative Sampling for Training Two-Tower Recommenders",
+  SIGIR 2021 (memory-bank candidates).
+  Yang et al., "Mixed Negative Sampling for Learning Two-tower Neural Networks in
+  Recommendations", WWW 2020 (batch + uniform candidates).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from models.tf_compat import tf
+
+# Large but finite, so masked logits never produce NaN in the softmax gradient.
+MASKED_LOGIT = -1e9
+
+
+def id_hashes(ids: tf.Tensor) -> tf.Tensor:
+    """int64 fingerprints of string ids (used to detect accidental hits cheaply)."""
+    if ids.dtype == tf.string:
+        return tf.strings.to_hash_bucket_fast(ids, 2 ** 62)
+    return tf.cast(ids, tf.int64)
+
+
+def mixed_log_q(log_q: tf.Tensor, num_unigram, num_uniform, corpus_size) -> tf.Tensor:
+    """log of the per-draw probability of each candidate when candidates are a mix.
+
+    `num_unigram` draws come from the training distribution q(i) (the batch and a
+    bank filled from past batches), `num_uniform` from the uniform distribution over
+    `corpus_size` items. Any candidate could have come from either source, so every
+    column is corrected by the mixture probability:
+
+    Formula: Q(i) = (n_u·q(i) + n_v/N) / (n_u + n_v).
+    """
+    n_u = tf.cast(num_unigram, tf.float32)
+    n_v = tf.cast(num_uniform, tf.float32)
+    total = n_u + n_v
+    unigram = tf.math.log(n_u / total) + tf.cast(log_q, tf.float32)
+    uniform = tf.math.log(n_v / tf.cast(corpus_size, tf.float32) / total)
+    return tf.reduce_logsumexp(tf.stack([unigram, tf.fill(tf.shape(unigram), uniform)]), axis=0)
+
+
+def sampled_softmax_logits(query: tf.Tensor, candidates: tf.Tensor, *, positive_ids: tf.Tensor,
+                           candidate_ids: tf.Tensor, candidate_log_q: Optional[tf.Tensor] = None,
+                           candidate_valid: Optional[tf.Tensor] = None, temperature: float = 1.0,
+                           remove_accidental_hits: bool = True) -> tf.Tensor:
+    """Corrected, masked logits ``[B, N]``; row i's positive is column i.
+
+    Args:
+      query: ``[B, D]`` query embeddings.
+      candidates: ``[N, D]`` candidate embeddings, N >= B; the first B are the batch's
+        positives.
+      positive_ids: ``[B]`` int64 id fingerprints of the positives.
+      candidate_ids: ``[N]`` int64 id fingerprints of the candidates.
+      candidate_log_q: ``[N]`` log sampling probability of each candidate, or None.
+      candidate_valid: ``[N]`` bool, False for empty memory slots, or None.
+      temperature: positive; scores are divided by it.
+      remove_accidental_hits: mask candidates with the positive's id other than the
+        positive itself.
+    """
+    if temperature <= 0:
+        raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
+    logits = tf.matmul(query, candidates, transpose_b=True) / temperature
+    if candidate_log_q is not None:
+        logits = logits - tf.cast(candidate_log_q, logits.dtype)[tf.newaxis, :]
+    batch = tf.shape(query)[0]
+    num = tf.shape(candidates)[0]
+    is_positive = tf.equal(tf.range(batch)[:, tf.newaxis], tf.range(num)[tf.newaxis, :])
+    masked = tf.zeros_like(is_positive)
+    if remove_accidental_hits:
+        same = tf.equal(positive_ids[:, tf.newaxis], candidate_ids[tf.newaxis, :])
+        masked = tf.logical_and(same, tf.logical_not(is_positive))
+    if candidate_valid is not None:
+        masked = tf.logical_or(masked, tf.logical_not(candidate_valid)[tf.newaxis, :])
+    return tf.where(masked, tf.cast(MASKED_LOGIT, logits.dtype), logits)
+
+
+def hard_negative_logits(logits: tf.Tensor, num_hard_negatives: int) -> tf.Tensor:
+    """``[B, 1 + k]``: the positive (column 0) and the k highest-scoring negatives of each row."""
+    batch = tf.shape(logits)[0]
+    positive = tf.linalg.diag_part(logits[:, :batch])
+    negatives = tf.where(tf.equal(tf.range(batch)[:, tf.newaxis], tf.range(tf.shape(logits)[1])[tf.newaxis, :]),
+                         tf.cast(MASKED_LOGIT, logits.dtype), logits)
+    k = tf.minimum(num_hard_negatives, tf.shape(logits)[1] - 1)
+    top, _ = tf.math.top_k(negatives, k=k)
+    return tf.concat([positive[:, tf.newaxis], top], axis=1)
+
+
+def softmax_cross_entropy(logits: tf.Tensor, positive_column: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """Per-row loss ``[B]``; the positive is column i of row i (or `positive_column`)."""
+    batch = tf.shape(logits)[0]
+    labels = tf.range(batch) if positive_column is None else positive_column
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)

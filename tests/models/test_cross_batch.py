@@ -1,0 +1,222 @@
+"""Cross-batch negatives: the logits chain, the memory bank and the task."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow_recommenders as tfrs
+from conftest import python_subprocess
+
+from models.cross_batch_memory import CrossBatchMemory
+from models.cross_batch_retrieval import CrossBatchRetrieval
+from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q,
+                                    sampled_softmax_logits)
+from models.tf_compat import keras, tf
+
+
+def _np_loss(logits):
+    logits = np.asarray(logits, np.float64)
+    m = logits.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+    return lse - np.diag(logits[:, : logits.shape[0]])
+
+
+def test_hand_computed_case_with_bank_logq_and_an_accidental_hit():
+    q = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    c = tf.constant([[1.0, 0.0], [0.0, 2.0]])          # positives: items "a", "b"
+    bank = tf.constant([[0.5, 0.5], [1.0, 1.0]])        # bank items: "b", "c"
+    ids = id_hashes(tf.constant(["a", "b", "b", "c"]))
+    log_q = tf.math.log(tf.constant([0.5, 0.25, 0.25, 0.125]))
+    logits = sampled_softmax_logits(q, tf.concat([c, bank], 0), positive_ids=ids[:2], candidate_ids=ids,
+                                    candidate_log_q=log_q).numpy()
+    # Row 0 (query [1,0], positive a): scores [1, 0, .5, 1] - log q = [1+ln2, 0+ln4, .5+ln4, 1+ln8].
+    np.testing.assert_allclose(logits[0], [1 + np.log(2), np.log(4), 0.5 + np.log(4), 1 + np.log(8)], rtol=1e-6)
+    # Row 1 (positive b): the bank's copy of b (column 2) is an accidental hit and is masked.
+    np.testing.assert_allclose(logits[1, [0, 1, 3]], [np.log(2), 2 + np.log(4), 1 + np.log(8)], rtol=1e-6)
+    assert logits[1, 2] == MASKED_LOGIT
+    # loss_1 = -log(e^{2+ln4} / (e^{ln2} + e^{2+ln4} + e^{1+ln8})) = -log(4e^2 / (2 + 4e^2 + 8e)).
+    expected = -np.log(4 * np.e ** 2 / (2 + 4 * np.e ** 2 + 8 * np.e))
+    assert _np_loss(logits)[1] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_logits_against_a_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    b, n, d = 6, 15, 4
+    q, cands = rng.normal(size=(b, d)), rng.normal(size=(n, d))
+    raw_ids = rng.integers(0, 5, n)
+    log_q = np.log(rng.uniform(0.01, 0.5, n))
+    valid = rng.random(n) < 0.8
+    valid[:b] = True
+    got = sampled_softmax_logits(tf.constant(q), tf.constant(cands), positive_ids=tf.constant(raw_ids[:b]),
+                                 candidate_ids=tf.constant(raw_ids), candidate_log_q=tf.constant(log_q),
+                                 candidate_valid=tf.constant(valid), temperature=0.5).numpy()
+    ref = q @ cands.T / 0.5 - log_q[None, :]
+    for i in range(b):
+        for j in range(n):
+            if (raw_ids[j] == raw_ids[i] and j != i) or not valid[j]:
+                ref[i, j] = MASKED_LOGIT
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_memory_size_zero_is_exactly_the_tfrs_in_batch_loss():
+    rng = np.random.default_rng(0)
+    q = tf.constant(rng.normal(size=(8, 4)), tf.float32)
+    c = tf.constant(rng.normal(size=(8, 4)), tf.float32)
+    ids = tf.constant(["a", "b", "a", "c", "d", "e", "b", "f"])
+    probs = tf.constant(rng.uniform(0.05, 0.5, 8), tf.float32)
+    ours = CrossBatchRetrieval(4, memory_size=0, temperature=0.2)(q, c, ids, tf.math.log(probs))
+    theirs = tfrs.tasks.Retrieval(temperature=0.2, remove_accidental_hits=True)(q, c, candidate_sampling_probability=probs, candidate_ids=ids,
+                                                   compute_metrics=False, compute_batch_metrics=False)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+
+
+def test_fifo_order_wrap_around_and_large_batches():
+    mem = CrossBatchMemory(5, 2)
+    def batch(start, n):
+        v = np.arange(start, start + n, dtype=np.float32)
+        return tf.constant(np.stack([v, -v], 1)), tf.constant(v / 100), tf.constant(np.arange(start, start + n))
+    mem.enqueue(*batch(0, 3))                      # slots 0-2 = items 0,1,2
+    emb, _, ids, valid = mem.read()
+    assert valid.numpy().tolist() == [True] * 3 + [False] * 2
+    mem.enqueue(*batch(3, 3))                      # items 3,4 fill slots 3-4; item 5 overwrites slot 0
+    emb, log_q, ids, valid = mem.read()
+    assert ids.numpy().tolist() == [5, 1, 2, 3, 4] and valid.numpy().all()
+    np.testing.assert_allclose(emb.numpy()[0], [5, -5])
+    np.testing.assert_allclose(log_q.numpy()[0], 0.05)
+    assert int(mem.pointer.numpy()) == 1
+    mem.enqueue(*batch(10, 7))                     # larger than the bank: the newest 5 (12..16) are kept
+    _, _, ids, _ = mem.read()
+    assert sorted(ids.numpy().tolist()) == [12, 13, 14, 15, 16]
+    with pytest.raises(ValueError, match="memory_size"):
+        CrossBatchMemory(0, 2)
+
+
+def test_bank_gets_no_gradient_and_survives_checkpoints(tmp_path):
+    task = CrossBatchRetrieval(2, memory_size=4)
+    w = tf.Variable([[1.0, 0.5], [0.2, 1.0]])
+    items = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    q = tf.constant([[1.0, 1.0], [0.5, -1.0]])
+    task(q, items @ w, tf.constant(["a", "b"]), None)        # fills the bank from w
+    with tf.GradientTape() as tape:
+        loss = task(q, items @ w, tf.constant(["c", "d"]), None)
+    grads = tape.gradient(loss, [w, task.memory.embeddings])
+    assert grads[0] is not None and grads[1] is None
+    assert not task.memory.trainable_weights
+    ckpt = tf.train.Checkpoint(task=task)
+    path = ckpt.write(str(tmp_path / "ckpt"))
+    saved = task.memory.read()[0].numpy().copy()
+    task(q, items * 9.0, tf.constant(["e", "f"]), None)       # changes the bank
+    ckpt.read(path)
+    np.testing.assert_allclose(task.memory.read()[0].numpy(), saved)
+
+
+def test_warmup_switch_and_logq_applies_to_bank_entries():
+    rng = np.random.default_rng(1)
+    q = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    c = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    log_q = tf.math.log(tf.constant([0.2, 0.3, 0.5]))
+    task = CrossBatchRetrieval(4, memory_size=6, warmup_steps=10)
+    task(q, c * 2.0, tf.constant(["x", "y", "z"]), log_q, step=0)       # bank now holds x, y, z
+    in_batch = CrossBatchRetrieval(4, memory_size=0)(q, c, tf.constant(["a", "b", "c"]), log_q)
+    before = task(q, c, tf.constant(["a", "b", "c"]), log_q, step=5, training=False)
+    assert float(before) == pytest.approx(float(in_batch), rel=1e-6)     # warm-up: bank ignored
+    after = task(q, c, tf.constant(["a", "b", "c"]), log_q, step=10, training=False)
+    # After warm-up: batch + the three bank rows, each corrected by its stored log q.
+    cands = np.concatenate([c.numpy(), 2 * c.numpy()])
+    logits = q.numpy() @ cands.T - np.log(np.concatenate([[0.2, 0.3, 0.5]] * 2))[None, :]
+    assert float(after) == pytest.approx(_np_loss(logits).sum(), rel=1e-5)
+
+
+def test_mixed_log_q_and_hard_negatives_by_hand():
+    # 2 unigram draws with q = 0.5, 2 uniform draws over 4 items: Q = (2*0.5 + 2/4) / 4 = 0.375.
+    got = mixed_log_q(tf.math.log(tf.constant([0.5])), 2, 2, 4).numpy()
+    assert got[0] == pytest.approx(np.log(0.375), rel=1e-6)
+    logits = tf.constant([[5.0, 1.0, 3.0, 2.0], [0.0, 4.0, 1.0, 9.0]])
+    hard = hard_negative_logits(logits, 2).numpy()
+    # Positive first, then the two largest negatives of each row.
+    np.testing.assert_allclose(hard, [[5.0, 3.0, 2.0], [4.0, 9.0, 1.0]])
+
+
+def test_one_step_fit_with_bank_hard_and_mixed_negatives():
+    from models.features import ITEM_ID, USER_ID, Feature, Kind, Schema, padded_batch
+    from models.logq import ItemLogQ
+    from models.two_tower import TwoTowerModel
+
+    keras.utils.set_random_seed(0)
+    schema = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
+                    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),))
+    items = [f"i{k}" for k in range(20)]
+    vocabs = {USER_ID: [f"u{k}" for k in range(10)], ITEM_ID: items}
+    corpus = padded_batch(schema, "item", [{ITEM_ID: i} for i in items])
+    model = TwoTowerModel(schema, vocabs, item_log_q=ItemLogQ(items, [0.05] * 20), embedding_dim=8, feature_dim=8,
+                          task=CrossBatchRetrieval(8, memory_size=16, warmup_steps=1, num_hard_negatives=5),
+                          corpus=corpus, num_mixed_negatives=6)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    rng = np.random.default_rng(0)
+    feats = {USER_ID: tf.constant([f"u{k}" for k in rng.integers(0, 10, 64)]),
+             ITEM_ID: tf.constant([f"i{k}" for k in rng.integers(0, 20, 64)])}
+    hist = model.fit(tf.data.Dataset.from_tensor_slices(feats).batch(8), epochs=2, verbose=0)
+    assert np.isfinite(hist.history["loss"]).all()
+    assert int(model.task.memory.count.numpy()) == 16
+    with pytest.raises(ValueError, match="CrossBatchRetrieval"):
+        TwoTowerModel(schema, vocabs, corpus=corpus, num_mixed_negatives=3)
+
+
+def test_config_round_trip():
+    task = CrossBatchRetrieval(8, memory_size=16, warmup_steps=3, temperature=0.1, num_hard_negatives=4)
+    clone = CrossBatchRetrieval.from_config(task.get_config())
+    assert clone.get_config() == task.get_config()
+    mem = CrossBatchMemory(7, 3)
+    assert CrossBatchMemory.from_config(mem.get_config()).memory_size == 7
+    with pytest.raises(ValueError, match="temperature"):
+        CrossBatchRetrieval(8, temperature=0)
+
+
+TWO_REPLICAS = r"""
+import json, numpy as np
+from models.tf_compat import tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from models.cross_batch_retrieval import CrossBatchRetrieval
+
+rng = np.random.default_rng(0)
+steps = [(rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=(8, 4)).astype("float32"),
+          np.array([f"i{k}" for k in rng.integers(0, 30, 8)]), np.log(rng.uniform(.01, .1, 8)).astype("float32"))
+         for _ in range(3)]
+
+def run(strategy):
+    with strategy.scope():
+        task = CrossBatchRetrieval(4, memory_size=12)
+    losses = []
+    for q, c, ids, lq in steps:
+        def fn(q, c, ids, lq):
+            return task(q, c, ids, lq, step=100)
+        if strategy.num_replicas_in_sync > 1:
+            ds = tf.data.Dataset.from_tensors((q, c, ids, lq)).unbatch().batch(8)
+            batch = next(iter(strategy.experimental_distribute_dataset(ds)))
+            per = strategy.run(fn, args=batch)
+            losses.append(float(strategy.reduce("SUM", per, axis=None)))
+        else:
+            losses.append(float(strategy.run(fn, args=(q, c, ids, lq))))
+    emb, log_q, ids, valid = task.memory.read()
+    return {"loss": losses, "emb": emb.numpy().tolist(), "ids": ids.numpy().tolist(),
+            "count": int(task.memory.count.numpy())}
+
+one = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
+two = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+print(json.dumps({"one": one, "two": two}))
+"""
+
+
+def test_two_replica_bank_equals_the_single_replica_bank():
+    proc = python_subprocess(TWO_REPLICAS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, two = out["one"], out["two"]
+    assert two["count"] == one["count"] == 12
+    assert two["ids"] == one["ids"]
+    np.testing.assert_allclose(two["emb"], one["emb"], rtol=1e-6)
+    # Step 1 has an empty bank: each replica's softmax over its local half-batch differs
+    # from the global one; from step 2 on both read the same bank.
+    assert len(two["loss"]) == 3
