@@ -121,6 +121,9 @@ class RetrievalConfig:
       warmup_steps: steps trained with in-batch negatives only before the bank is used.
       num_hard_negatives: keep only the k hardest negatives per row (0 = all).
       num_mixed_negatives: uniformly sampled corpus items per step (``mixed``).
+      drift_every_n_steps: measure the item encoder's feature drift (CBNS Eq. 5) on
+        512 items every this many steps, for choosing `warmup_steps` (0 = off); the
+        curve is in the run report and TensorBoard.
       optimizer: ``adam`` or ``adagrad``.
       learning_rate: optimizer step size.
       batch_size: positives per batch (the in-batch negatives).
@@ -141,6 +144,7 @@ class RetrievalConfig:
     warmup_steps: int = 0
     num_hard_negatives: int = 0
     num_mixed_negatives: int = 0
+    drift_every_n_steps: int = 50
     optimizer: str = "adam"
     learning_rate: float = 0.01
     batch_size: int = 512
@@ -159,7 +163,8 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.learning_rate` should be positive. Received: {self.learning_rate}")
         if self.negatives not in ("inbatch", "cbns", "mixed"):
             raise ConfigError(f"`retrieval.negatives` should be inbatch, cbns or mixed. Received: {self.negatives!r}")
-        for name in ("memory_size", "warmup_steps", "num_hard_negatives", "num_mixed_negatives"):
+        for name in ("memory_size", "warmup_steps", "num_hard_negatives", "num_mixed_negatives",
+                     "drift_every_n_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`retrieval.{name}` should be >= 0. Received: {getattr(self, name)}")
         if self.negatives == "cbns" and self.memory_size < 1:

@@ -240,6 +240,17 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
             log.info("retrieval epoch %d/%d: loss %.4f", epoch + 1, r.epochs, (logs or {}).get("loss", float("nan")))
 
     cbs = [_Progress(), *callbacks]
+    drift = None
+    if r.drift_every_n_steps:
+        from models.feature_drift import FeatureDriftCallback
+
+        corpus = item_corpus(os.path.join(workdir, DATA_DIR), model.schema)
+        n = len(corpus[ITEM_ID])
+        pick = np.sort(np.random.default_rng(r.seed).choice(n, size=min(n, 512), replace=False))
+        drift = FeatureDriftCallback(model.item_tower, {k: v[pick] for k, v in corpus.items()},
+                                     every_n_steps=r.drift_every_n_steps,
+                                     log_dir=os.path.join(workdir, "logs", "feature_drift") if checkpoint_dir else None)
+        cbs.append(drift)
     if checkpoint_dir:
         cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs", "retrieval"), write_graph=False,
                                                update_freq="epoch"))
@@ -251,7 +262,10 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
         raise FloatingPointError(f"retrieval training diverged: losses {losses}")
     if checkpoint_dir:
         tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, "final", "weights"))
-    return model, {"loss": losses, "seconds": round(time.time() - start, 3)}
+    summary = {"loss": losses, "seconds": round(time.time() - start, 3)}
+    if drift is not None:
+        summary["feature_drift"] = {"every_n_steps": r.drift_every_n_steps, "rows": drift.history}
+    return model, summary
 
 
 def restore_retrieval_model(config: RunConfig, workdir: str, checkpoint_dir: str):

@@ -38,6 +38,24 @@ def _plots(metrics: Dict[str, Any], stats_dir: Optional[str], out_dir: str) -> L
         plt.close(fig)
         made.append(("retrieval_loss.png", "Retrieval training loss per epoch"))
 
+    drift = (metrics.get("retrieval_training") or {}).get("feature_drift")
+    if drift and drift.get("rows"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for d in sorted({r["delta"] for r in drift["rows"]}):
+            rows = [r for r in drift["rows"] if r["delta"] == d]
+            ax.plot([r["step"] for r in rows], [r["drift"] for r in rows],
+                    label=f"Δt = {d * drift['every_n_steps']} steps")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("Σ‖g_t − g_{t−Δt}‖")
+        ax.set_title("Item encoder feature drift (CBNS)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "feature_drift.png"), dpi=110)
+        plt.close(fig)
+        made.append(("feature_drift.png", "Feature drift of the item encoder: choose retrieval.warmup_steps "
+                                          "where the curve has flattened"))
+
     ks = sorted({int(k.split("@")[1]) for k in metrics if k.startswith("retrieval.recall@")})
     if ks:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))

@@ -220,3 +220,26 @@ def test_two_replica_bank_equals_the_single_replica_bank():
     # Step 1 has an empty bank: each replica's softmax over its local half-batch differs
     # from the global one; from step 2 on both read the same bank.
     assert len(two["loss"]) == 3
+
+
+def test_feature_drift_by_hand_and_callback(tmp_path):
+    from models.feature_drift import FeatureDriftCallback, feature_drift
+
+    # ‖(3,4)‖ + ‖(0,0)‖ = 5.
+    assert feature_drift(np.array([[3.0, 4.0], [1.0, 1.0]]), np.array([[0.0, 0.0], [1.0, 1.0]])) == 5.0
+    with pytest.raises(ValueError, match="same shape"):
+        feature_drift(np.zeros((2, 2)), np.zeros((3, 2)))
+    scale = tf.Variable(1.0)
+    cb = FeatureDriftCallback(lambda f, training=False: f["x"] * scale, {"x": np.ones((4, 2), np.float32)},
+                              every_n_steps=2, deltas=(1, 2), log_dir=str(tmp_path / "tb"))
+    cb.on_train_begin()
+    for step in range(6):
+        scale.assign_add(1.0)
+        cb.on_train_batch_end(step)
+    # Measurements at steps 0, 2, 4, 6 with scales 1, 3, 5, 7: Δt=1 drift = 4 items × ‖(2,2)‖.
+    d1 = [r["drift"] for r in cb.history if r["delta"] == 1]
+    np.testing.assert_allclose(d1, [4 * np.sqrt(8)] * 3, rtol=1e-6)
+    d2 = [r["drift"] for r in cb.history if r["delta"] == 2]
+    np.testing.assert_allclose(d2, [4 * np.sqrt(32)] * 2, rtol=1e-6)
+    cb.save_plot(str(tmp_path / "drift.png"))
+    assert (tmp_path / "drift.png").stat().st_size > 0
