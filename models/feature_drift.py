@@ -86,22 +86,25 @@ class FeatureDriftCallback(keras.callbacks.Callback):
 
     def save_plot(self, path: str) -> None:
         """Writes the drift curves (one per Δt) as a PNG."""
-        import matplotlib
+        plot_feature_drift(self.history, self.every_n_steps, path)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for d in self.deltas:
-            rows = [r for r in self.history if r["delta"] == d]
-            if rows:
-                ax.plot([r["step"] for r in rows], [r["drift"] for r in rows],
-                        label=f"Δt = {d * self.every_n_steps} steps")
-        ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("feature drift Σ‖g_t − g_{t−Δt}‖")
-        ax.set_title("Item encoder feature drift (CBNS Eq. 5)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+def plot_feature_drift(rows: Sequence[Mapping[str, float]], every_n_steps: int, path: str) -> None:
+    """PNG of drift rows ``{"step", "delta", "drift"}``, one curve per Δt (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for d in sorted({r["delta"] for r in rows}):
+        mine = [r for r in rows if r["delta"] == d]
+        ax.plot([r["step"] for r in mine], [r["drift"] for r in mine], label=f"Δt = {d * every_n_steps} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("feature drift Σ‖g_t − g_{t−Δt}‖")
+    ax.set_title("Item encoder feature drift (CBNS Eq. 5)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -40,19 +40,9 @@ def _plots(metrics: Dict[str, Any], stats_dir: Optional[str], out_dir: str) -> L
 
     drift = (metrics.get("retrieval_training") or {}).get("feature_drift")
     if drift and drift.get("rows"):
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for d in sorted({r["delta"] for r in drift["rows"]}):
-            rows = [r for r in drift["rows"] if r["delta"] == d]
-            ax.plot([r["step"] for r in rows], [r["drift"] for r in rows],
-                    label=f"Δt = {d * drift['every_n_steps']} steps")
-        ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("Σ‖g_t − g_{t−Δt}‖")
-        ax.set_title("Item encoder feature drift (CBNS)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "feature_drift.png"), dpi=110)
-        plt.close(fig)
+        from models.feature_drift import plot_feature_drift
+
+        plot_feature_drift(drift["rows"], drift["every_n_steps"], os.path.join(out_dir, "feature_drift.png"))
         made.append(("feature_drift.png", "Feature drift of the item encoder: choose retrieval.warmup_steps "
                                           "where the curve has flattened"))
 
