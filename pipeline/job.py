@@ -172,6 +172,10 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
 
     r = config.retrieval
     keras.utils.set_random_seed(r.seed)
+    if r.memory_size and r.normalize:
+        log.warning("cross-batch memory with normalized (cosine) towers: on our data the stale bank made the "
+                    "embeddings collapse; prefer retrieval.normalize=false with retrieval.temperature=1.0 "
+                    "(see README, Retrieval negatives)")
     mixed = r.negatives == "mixed"
     if mixed and data_dir is None:
         raise ValueError("negatives=mixed needs the dataset directory to sample corpus items from")
