@@ -1,0 +1,226 @@
+import numpy as np
+import pytest
+
+from models.ranking.co_action import (CoActionUnit, co_action, co_action_feeds, coaction_output_dim, feed_orders,
+                                      induction_dim, micro_mlp, micro_mlp_param_count, split_induction)
+from models.tf_compat import tf
+
+
+def _np_co_action(p_ind, p_feed, d, sizes, use_bias, act, orders, order_independent, combine):
+    """Brute-force reference for one example: p_feed [D] (a single position)."""
+    per = micro_mlp_param_count(d, sizes, use_bias)
+    outs = []
+    for c in range(1, orders + 1):
+        vec = p_ind[(c - 1) * per:c * per] if order_independent else p_ind[:per]
+        h, off, fan_in, layers = p_feed ** c, 0, d, []
+        for i, s in enumerate(sizes):
+            w = vec[off:off + fan_in * s].reshape(fan_in, s)
+            off += fan_in * s
+            h = h @ w
+            if use_bias:
+                h = h + vec[off:off + s]
+                off += s
+            if act and i < len(sizes) - 1:
+                h = np.tanh(h)
+            layers.append(h)
+            fan_in = s
+        outs.append(np.concatenate(layers))
+    return np.concatenate(outs) if combine == "concat" else np.sum(outs, axis=0)
+
+
+@pytest.mark.parametrize("d,sizes,use_bias,expected", [
+    (4, (3,), True, 4 * 3 + 3),
+    (16, (8, 4), True, 16 * 8 + 8 + 8 * 4 + 4),   # 172
+    (16, (8, 4), False, 16 * 8 + 8 * 4),          # 160, the authors' configuration
+    (3, (2, 2, 1), True, 6 + 2 + 4 + 2 + 2 + 1),  # 17
+])
+def test_induction_length_is_the_micro_mlp_parameter_count(d, sizes, use_bias, expected):
+    assert micro_mlp_param_count(d, sizes, use_bias) == expected
+    assert induction_dim(d, sizes, use_bias) == expected
+    # split_induction consumes exactly Σ(|w_i|+|b_i|) values, in shapes [d_{i-1}, d_i] and [d_i].
+    params = split_induction(tf.zeros([2, expected]), d, sizes, use_bias)
+    total = 0
+    fan_in = d
+    for (w, b), s in zip(params, sizes):
+        assert w.shape == (2, fan_in, s)
+        assert (b is None) == (not use_bias)
+        total += w.shape[1] * w.shape[2] + (b.shape[1] if b is not None else 0)
+        fan_in = s
+    assert total == expected
+    with pytest.raises(ValueError, match="Σ"):
+        split_induction(tf.zeros([2, expected + 1]), d, sizes, use_bias)
+
+
+def test_independence_multiplies_the_induction_length():
+    k = micro_mlp_param_count(8, (4, 2))
+    assert induction_dim(8, (4, 2), orders=3, order_independent=True) == 3 * k
+    assert induction_dim(8, (4, 2), orders=3, order_independent=False) == k
+    assert induction_dim(8, (4, 2), orders=3, order_independent=True, num_feeds=5,
+                         combination_independent=True) == 15 * k
+    assert coaction_output_dim((4, 2), orders=3) == 18
+    assert coaction_output_dim((4, 2), orders=3, combine_orders="sum") == 6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_linear_layer_without_bias_is_the_dot_product(seed):
+    # The FM special case: a 1×D micro-MLP without bias or activation gives <P_induction, P_feed>.
+    rng = np.random.default_rng(seed)
+    p_ind, p_feed = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    got = co_action(tf.constant(p_ind), tf.constant(p_feed), input_dim=5, layer_sizes=(1,), use_bias=False,
+                    activation=None).numpy()
+    np.testing.assert_allclose(got[:, 0], (p_ind * p_feed).sum(axis=1), rtol=1e-10)
+
+
+def test_two_orders_by_hand():
+    # D = 2, layers (2, 1) with biases, tanh between the layers, C = 2 orders sharing one MLP.
+    # P_induction = [w1 (row-major) | b1 | w2 | b2]:
+    #   w1 = [[0.5, 0], [0, -0.25]], b1 = [0, 0.5], w2 = [[2], [3]], b2 = [-1].
+    # order 1, h0 = (1, 2):  h0 w1 + b1 = (0.5, -0.5 + 0.5) = (0.5, 0) -> tanh -> (0.46211716, 0)
+    #                        h2 = 2 * 0.46211716 + 3 * 0 - 1 = -0.07576568
+    # order 2, h0 = (1, 4):  (0.5, -1 + 0.5) = (0.5, -0.5) -> tanh -> (0.46211716, -0.46211716)
+    #                        h2 = 0.92423431 - 1.38635147 - 1 = -1.46211716
+    p_ind = tf.constant([[0.5, 0.0, 0.0, -0.25, 0.0, 0.5, 2.0, 3.0, -1.0]], tf.float64)
+    p_feed = tf.constant([[1.0, 2.0]], tf.float64)
+    kwargs = dict(input_dim=2, layer_sizes=(2, 1), use_bias=True, activation="tanh", orders=2)
+    concat = co_action(p_ind, p_feed, combine_orders="concat", **kwargs).numpy()[0]
+    np.testing.assert_allclose(concat, [0.46211716, 0.0, -0.07576568, 0.46211716, -0.46211716, -1.46211716],
+                               atol=1e-8)
+    summed = co_action(p_ind, p_feed, combine_orders="sum", **kwargs).numpy()[0]
+    np.testing.assert_allclose(summed, [0.92423431, -0.46211716, -1.53788284], atol=1e-8)
+    powers = feed_orders(p_feed, 3)
+    np.testing.assert_allclose(powers[2].numpy(), [[1.0, 8.0]])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_orders_and_order_independence_against_numpy(seed):
+    rng = np.random.default_rng(seed)
+    d, sizes, orders = 4, (3, 2), 3
+    k = micro_mlp_param_count(d, sizes)
+    for order_independent in (False, True):
+        width = k * (orders if order_independent else 1)
+        p_ind, p_feed = rng.normal(size=(5, width)), rng.normal(size=(5, d))
+        for combine in ("concat", "sum"):
+            got = co_action(tf.constant(p_ind), tf.constant(p_feed), input_dim=d, layer_sizes=sizes, orders=orders,
+                            order_independent=order_independent, combine_orders=combine).numpy()
+            want = np.stack([_np_co_action(p_ind[b], p_feed[b], d, sizes, True, True, orders, order_independent,
+                                           combine) for b in range(5)])
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    # Order independence with identical per-order slices equals a shared MLP.
+    p_ind = rng.normal(size=(5, k))
+    p_feed = rng.normal(size=(5, d))
+    shared = co_action(tf.constant(p_ind), tf.constant(p_feed), input_dim=d, layer_sizes=sizes, orders=orders)
+    separate = co_action(tf.constant(np.tile(p_ind, (1, orders))), tf.constant(p_feed), input_dim=d,
+                         layer_sizes=sizes, orders=orders, order_independent=True)
+    np.testing.assert_allclose(shared.numpy(), separate.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sequence_pooling_switch_against_numpy(seed):
+    rng = np.random.default_rng(seed)
+    d, sizes = 3, (2,)
+    k = micro_mlp_param_count(d, sizes)
+    p_ind = rng.normal(size=(4, k))
+    seq = rng.normal(size=(4, 5, d))
+    mask = rng.random((4, 5)) < 0.6
+    per_item = co_action(tf.constant(p_ind), tf.constant(seq), input_dim=d, layer_sizes=sizes, orders=2,
+                         mask=tf.constant(mask), sequence_pooling="coaction_then_sum").numpy()
+    pooled_first = co_action(tf.constant(p_ind), tf.constant(seq), input_dim=d, layer_sizes=sizes, orders=2,
+                             mask=tf.constant(mask), sequence_pooling="sum_then_coaction").numpy()
+    for b in range(4):
+        items = [_np_co_action(p_ind[b], seq[b, t], d, sizes, True, True, 2, False, "concat")
+                 for t in range(5) if mask[b, t]]
+        want = np.sum(items, axis=0) if items else np.zeros(2 * sum(sizes))
+        np.testing.assert_allclose(per_item[b], want, rtol=1e-9, atol=1e-12)
+        summed = (seq[b] * mask[b][:, None]).sum(axis=0)
+        np.testing.assert_allclose(pooled_first[b],
+                                   _np_co_action(p_ind[b], summed, d, sizes, True, True, 2, False, "concat"),
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_unit_combination_independence_and_config_round_trip():
+    rng = np.random.default_rng(3)
+    d, sizes = 3, (2, 2)
+    k = micro_mlp_param_count(d, sizes)
+    # Keras layers compute in float32.
+    f1, f2 = tf.constant(rng.normal(size=(4, d)), tf.float32), tf.constant(rng.normal(size=(4, 6, d)), tf.float32)
+    mask = tf.constant(rng.random((4, 6)) < 0.5)
+    unit = CoActionUnit(feed_dim=d, layer_sizes=sizes, orders=2, num_feeds=2, combination_independent=True)
+    assert unit.induction_dim == 2 * k
+    p = tf.constant(rng.normal(size=(4, 2 * k)), tf.float32)
+    got = unit(p, [f1, f2], [None, mask]).numpy()
+    one = co_action(p[:, :k], f1, input_dim=d, layer_sizes=sizes, orders=2)
+    two = co_action(p[:, k:], f2, input_dim=d, layer_sizes=sizes, orders=2, mask=mask)
+    np.testing.assert_allclose(got, np.concatenate([one.numpy(), two.numpy()], axis=1), rtol=1e-6)
+    shared = CoActionUnit(feed_dim=d, layer_sizes=sizes, orders=2, num_feeds=2)
+    got_shared = shared(p[:, :k], [f1, f2], [None, mask]).numpy()
+    two_shared = co_action(p[:, :k], f2, input_dim=d, layer_sizes=sizes, orders=2, mask=mask)
+    np.testing.assert_allclose(got_shared[:, got.shape[1] // 2:], two_shared.numpy(), rtol=1e-6)
+
+    config = unit.get_config()
+    clone = CoActionUnit.from_config(config)
+    assert clone.get_config() == config
+    np.testing.assert_allclose(clone(p, [f1, f2], [None, mask]).numpy(), got)
+
+
+def test_micro_mlp_returns_every_layer():
+    params = split_induction(tf.ones([1, micro_mlp_param_count(2, (3, 1), use_bias=False)]), 2, (3, 1), False)
+    # h1 = (1 + 1) per unit = 2 -> tanh(2); h2 = 3 * tanh(2) (last layer linear).
+    outs = micro_mlp(tf.constant([[[1.0, 1.0]]]), params)  # [B=1, N=1, D=2]
+    np.testing.assert_allclose(outs[0].numpy(), [[[np.tanh(2.0)] * 3]], rtol=1e-6)
+    np.testing.assert_allclose(outs[1].numpy(), [[[3 * np.tanh(2.0)]]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_several_induction_features_at_once_equal_separate_calls(seed):
+    rng = np.random.default_rng(seed)
+    d, sizes, orders = 3, (2, 2), 2
+    k = micro_mlp_param_count(d, sizes)
+    seq, mask = tf.constant(rng.normal(size=(4, 5, d))), tf.constant(rng.random((4, 5)) < 0.7)
+    flat = tf.constant(rng.normal(size=(4, d)))
+    for order_independent in (False, True):
+        p = tf.constant(rng.normal(size=(4, 3, k * (orders if order_independent else 1))))
+        for feed, m in ((seq, mask), (flat, None)):
+            kwargs = dict(input_dim=d, layer_sizes=sizes, orders=orders, order_independent=order_independent,
+                          mask=m)
+            together = co_action(p, feed, **kwargs).numpy()
+            assert together.shape == (4, 3, coaction_output_dim(sizes, orders))
+            for i in range(3):
+                np.testing.assert_allclose(together[:, i], co_action(p[:, i], feed, **kwargs).numpy(), rtol=1e-12)
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="layer_sizes"):
+        micro_mlp_param_count(4, ())
+    with pytest.raises(ValueError, match="input_dim"):
+        micro_mlp_param_count(0, (2,))
+    with pytest.raises(ValueError, match="sequence_pooling"):
+        CoActionUnit(sequence_pooling="mean")
+    with pytest.raises(ValueError, match="orders"):
+        CoActionUnit(orders=0)
+    with pytest.raises(ValueError, match="activation"):
+        CoActionUnit(activation="wiggle")
+    unit = CoActionUnit(feed_dim=2, layer_sizes=(1,), num_feeds=1)
+    with pytest.raises(ValueError, match="induction_dim"):
+        unit(tf.zeros([1, 5]), [tf.zeros([1, 2])])
+    with pytest.raises(ValueError, match="num_feeds"):
+        unit(tf.zeros([1, 3]), [tf.zeros([1, 2]), tf.zeros([1, 2])])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stacked_feeds_equal_one_call_per_feed(seed):
+    rng = np.random.default_rng(seed)
+    d, sizes = 3, (2, 2)
+    k = micro_mlp_param_count(d, sizes)
+    feeds = [tf.constant(rng.normal(size=(4, d))), tf.constant(rng.normal(size=(4, 5, d))),
+             tf.constant(rng.normal(size=(4, d))), tf.constant(rng.normal(size=(4, 2, d)))]
+    masks = [None, tf.constant(rng.random((4, 5)) < 0.6), None, None]
+    for order_independent, combine, pooling, several in [(False, "concat", "coaction_then_sum", True),
+                                                         (True, "concat", "coaction_then_sum", False),
+                                                         (False, "sum", "sum_then_coaction", True)]:
+        shape = (4, 3, 2 * k) if several else (4, 2 * k)
+        p = tf.constant(rng.normal(size=shape)[..., :k * (2 if order_independent else 1)])
+        kwargs = dict(input_dim=d, layer_sizes=sizes, orders=2, order_independent=order_independent,
+                      combine_orders=combine, sequence_pooling=pooling)
+        got = co_action_feeds(p, feeds, masks, **kwargs).numpy()
+        want = np.concatenate([co_action(p, f, mask=m, **kwargs).numpy() for f, m in zip(feeds, masks)], axis=-1)
+        np.testing.assert_allclose(got, want, rtol=1e-12)

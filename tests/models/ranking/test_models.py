@@ -1,0 +1,196 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import python_subprocess
+from models.features import HISTORY, ITEM_ID, USER_ID, Feature, Kind, Schema
+from models.ranking.co_action import CoActionUnit, micro_mlp_param_count
+from models.ranking.losses import GHMCLoss, make_loss
+from models.ranking.models import (CAN, DIN, DNN, MODEL_TYPES, CartesianDNN, RankingConfig, TargetAttentionPooling,
+                                   build_ranker, build_vocabularies, cartesian_ids, export_ranker, inputs_from_frame)
+from models.tf_compat import keras, tf
+
+SCHEMA = Schema(
+    user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"), Feature("age", Kind.CATEGORICAL, "user"),
+                   Feature(HISTORY, Kind.SEQUENCE, "user", max_length=3)),
+    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("category", Kind.CATEGORICAL, "item"),
+                   Feature("tags", Kind.MULTI_CATEGORICAL, "item", max_length=2),
+                   Feature("price", Kind.NUMERIC, "item")),
+    has_label=True, name="tiny")
+VOCABS = {USER_ID: ["u1", "u2"], "age": ["a", "b"], ITEM_ID: ["i1", "i2", "i3"], "category": ["c1", "c2"],
+          "tags": ["t1", "t2"]}
+CONFIG = RankingConfig(embedding_dim=4, hidden_units=(8,), coaction_feed_dim=3, coaction_layer_sizes=(2, 2),
+                       coaction_orders=2, attention_units=(4,))
+
+
+def _batch():
+    return {USER_ID: np.array(["u1", "u9", "u2"], object), "age": np.array(["a", "b", ""], object),
+            HISTORY: np.array([["i1", "i2", ""], ["", "", ""], ["i3", "", ""]], object),
+            ITEM_ID: np.array(["i1", "i3", "zz"], object), "category": np.array(["c1", "c2", "c1"], object),
+            "tags": np.array([["t1", ""], ["t1", "t2"], ["", ""]], object),
+            "price": np.array([1.0, 2.0, 0.5], np.float32)}
+
+
+def _tensors(batch):
+    return {k: tf.constant(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_shapes_score_candidates_and_config_round_trip(model_type):
+    model = build_ranker(model_type, SCHEMA, VOCABS, CONFIG)
+    batch = _batch()
+    logits = model(_tensors(batch))
+    assert logits.shape == (3,) and np.isfinite(logits.numpy()).all()
+    # One user's features against 3 candidates == the row-aligned batch with the user repeated.
+    user = {USER_ID: "u1", "age": "a", HISTORY: ["i1", "i2", ""]}
+    items = {k: batch[k] for k in (ITEM_ID, "category", "tags", "price")}
+    scores = model.score_candidates(user, items).numpy()
+    tiled = {**{k: np.array([v] * 3, object) for k, v in user.items()}, **items}
+    tiled[HISTORY] = np.array([user[HISTORY]] * 3, object)
+    np.testing.assert_allclose(scores, tf.sigmoid(model(_tensors(tiled))).numpy(), rtol=1e-5)
+    batch1 = {k: np.asarray(v, object)[None] for k, v in user.items()}
+    np.testing.assert_allclose(model.score_candidates(batch1, items).numpy(), scores, rtol=1e-6)
+
+    config = model.get_config()
+    json.dumps(config)
+    clone = type(model).from_config(config)
+    assert clone.get_config() == config
+    assert clone(_tensors(batch)).shape == (3,)
+
+
+def test_can_tables_follow_the_co_action_layout():
+    model = CAN(SCHEMA, VOCABS, CONFIG)
+    model(_tensors(_batch()))
+    # Induction: every categorical/multi item feature; feeds: age and the history (not user_id).
+    assert model.induction_features == [ITEM_ID, "category", "tags"]
+    assert model.feed_features == ["age", HISTORY]
+    k = micro_mlp_param_count(3, (2, 2), use_bias=True)  # 3*2 + 2 + 2*2 + 2 = 14
+    assert k == 14
+    for name in model.induction_features:
+        assert model.induction_embeddings[name].output_dim == k
+    # item_id 3 tokens + mask + OOV = 5 rows; category 4; tags 4; feeds: age 4, history (item_id vocab) 5.
+    assert model.coaction_parameter_count() == (5 + 4 + 4) * 14 + (4 + 5) * 3
+    indep = CAN(SCHEMA, VOCABS, RankingConfig(**{**CONFIG.to_dict(), "order_independent": True,
+                                                 "combination_independent": True}))
+    assert indep.induction_embeddings[ITEM_ID].output_dim == 14 * 2 * 2  # × orders × feeds
+    assert indep(_tensors(_batch())).shape == (3,)
+    seq_first = CAN(SCHEMA, VOCABS, RankingConfig(**{**CONFIG.to_dict(), "sequence_pooling": "sum_then_coaction"}))
+    assert seq_first(_tensors(_batch())).shape == (3,)
+    # The unit of the model round-trips on its own.
+    assert CoActionUnit.from_config(model.unit.get_config()).get_config() == model.unit.get_config()
+
+
+def test_cartesian_ids_by_hand_and_table_sizes():
+    # Lookup sizes 4 and 4 (mask, OOV, 2 tokens): cross = (u - 1) * 3 + (i - 1) + 1, 0 if a side is padding.
+    # row 0: u=2 with i=2 -> 3 + 1 + 1 = 5, with i=3 -> 3 + 2 + 1 = 6; row 1: u=0 -> 0, 0.
+    got = cartesian_ids(tf.constant([2, 0], tf.int64), tf.constant([[2, 3], [1, 0]], tf.int64), 4, 4, 100)
+    np.testing.assert_array_equal(got.numpy(), [[5, 6], [0, 0]])
+    # Sequence × categorical: one cross per position; padding positions give 0.
+    got = cartesian_ids(tf.constant([[1, 3, 0]], tf.int64), tf.constant([2], tf.int64), 4, 4, 100)
+    np.testing.assert_array_equal(got.numpy(), [[2, 8, 0]])
+    # Product 9 > 5 buckets: cross index modulo 5, plus 1: (0*3 + 1) % 5 + 1 = 2, (2*3 + 1) % 5 + 1 = 3.
+    folded = cartesian_ids(tf.constant([[1, 3, 0]], tf.int64), tf.constant([2], tf.int64), 4, 4, 5).numpy()
+    np.testing.assert_array_equal(folded, [[2, 3, 0]])
+
+    model = CartesianDNN(SCHEMA, VOCABS, RankingConfig(**{**CONFIG.to_dict(), "cartesian_max_buckets": 10}))
+    assert len(model.pairs) == 2 * 3
+    # age × item_id: (4-1)(5-1) = 12 > 10 buckets -> 11 rows; age × category: 3 * 3 = 9 -> 10 rows.
+    assert model.cross_embeddings["age_x_item_id"].input_dim == 11
+    assert model.cross_embeddings["age_x_category"].input_dim == 10
+    assert model.coaction_parameter_count() == sum(e.input_dim * 4 for e in model.cross_embeddings.values())
+    assert DNN(SCHEMA, VOCABS, CONFIG).coaction_parameter_count() == 0
+
+
+def test_din_attention_ignores_padding():
+    layer = TargetAttentionPooling((4,))
+    keys = tf.constant(np.random.default_rng(0).normal(size=(2, 3, 5)), tf.float32)
+    query = tf.ones([2, 5])
+    a = layer(query, keys, tf.constant([[1, 2, 0], [1, 2, 3]]))
+    changed = tf.concat([keys[:, :2], 100.0 * tf.ones([2, 1, 5])], axis=1)
+    b = layer(query, changed, tf.constant([[1, 2, 0], [1, 2, 3]]))
+    np.testing.assert_allclose(a.numpy()[0], b.numpy()[0], rtol=1e-6)  # padded position has no effect
+    assert not np.allclose(a.numpy()[1], b.numpy()[1])
+    assert TargetAttentionPooling.from_config(layer.get_config()).units == [4]
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal", "ghm"])
+def test_one_step_fit_changes_weights(loss):
+    model = CAN(SCHEMA, VOCABS, CONFIG)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=make_loss(loss))
+    batch = _batch()
+    model(_tensors(batch))
+    before = [w.numpy().copy() for w in model.induction_embeddings[ITEM_ID].weights]
+    history = model.fit(batch, np.array([1.0, 0.0, 1.0], np.float32), epochs=1, batch_size=3, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    after = model.induction_embeddings[ITEM_ID].weights[0].numpy()
+    assert not np.allclose(before[0], after)
+    if loss == "ghm":
+        assert isinstance(model.loss, GHMCLoss) and model.loss.accumulated.numpy().sum() > 0
+
+
+def test_vocabularies_and_inputs_from_frame():
+    frame = {USER_ID: ["u1", "u2", "u1"], "age": ["a", "a", "b"], HISTORY: [["i1"], ["i1", "i2"], []],
+             ITEM_ID: ["i2", "i2", "i3"], "category": ["c", "c", "d"], "tags": [["x"], [], ["x", "y", "z"]],
+             "price": [1, 2, 3]}
+    vocabs = build_vocabularies(SCHEMA, frame)
+    # item_id counts history and item_id together: i2 x3, i1 x2, i3 x1.
+    assert vocabs[ITEM_ID] == ["i2", "i1", "i3"]
+    assert vocabs["age"] == ["a", "b"] and vocabs["tags"] == ["x", "y", "z"]
+    assert HISTORY not in vocabs
+    inputs = inputs_from_frame(SCHEMA, frame)
+    assert inputs[HISTORY].tolist() == [["i1", "", ""], ["i1", "i2", ""], ["", "", ""]]
+    assert inputs["tags"].tolist() == [["x", ""], ["", ""], ["x", "y"]]
+    assert inputs["price"].dtype == np.float32
+    assert DNN(SCHEMA, vocabs, CONFIG)({k: tf.constant(v) for k, v in inputs.items()}).shape == (3,)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="lacks"):
+        DNN(SCHEMA, {USER_ID: ["u1"]}, CONFIG)
+    with pytest.raises(ValueError, match="coaction_item_features"):
+        CAN(SCHEMA, VOCABS, RankingConfig(coaction_item_features=("age",)))
+    with pytest.raises(ValueError, match="model_type"):
+        build_ranker("xgboost", SCHEMA, VOCABS)
+    with pytest.raises(ValueError, match="combine_orders"):
+        RankingConfig(combine_orders="max")
+    with pytest.raises(ValueError, match="coaction_initializer"):
+        RankingConfig(coaction_initializer="golden")
+    with pytest.raises(ValueError, match="Unknown ranking config"):
+        RankingConfig.from_dict({"embedding_size": 3})
+    with pytest.raises(ValueError, match="price"):
+        DNN(SCHEMA, VOCABS, CONFIG)({k: v for k, v in _tensors(_batch()).items() if k != "price"})
+    no_seq = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
+                    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),))
+    with pytest.raises(ValueError, match="sequence"):
+        DIN(no_seq, {USER_ID: ["u"], ITEM_ID: ["i"]}, CONFIG)
+    with pytest.raises(ValueError, match="no user feature"):
+        CAN(no_seq, {USER_ID: ["u"], ITEM_ID: ["i"]}, CONFIG)
+
+
+def test_export_then_load_in_a_fresh_process_gives_the_same_scores(tmp_path):
+    model = CAN(SCHEMA, VOCABS, CONFIG)
+    batch = _batch()
+    model(_tensors(batch))
+    user = {USER_ID: np.array(["u2"], object), "age": np.array(["b"], object),
+            HISTORY: np.array([["i3", "i1", ""]], object)}
+    items = {k: batch[k] for k in (ITEM_ID, "category", "tags", "price")}
+    want = model.score_candidates(user, items).numpy()
+    path = str(tmp_path / "ranker")
+    export_ranker(model, path)
+    inputs = {k: v.tolist() for k, v in {**user, **items}.items()}
+    code = f"""
+import json
+from models.tf_compat import tf
+fn = tf.saved_model.load({path!r}).signatures["serving_default"]
+inputs = json.loads({json.dumps(json.dumps(inputs))})
+out = fn(**{{k: tf.constant(v, tf.float32 if k == "price" else tf.string) for k, v in inputs.items()}})
+print(json.dumps({{k: v.numpy().tolist() for k, v in out.items()}}))
+"""
+    proc = python_subprocess(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["scores"], want, rtol=1e-6)
+    np.testing.assert_allclose(got["logits"], np.log(want / (1 - want)), rtol=1e-4, atol=1e-5)
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
