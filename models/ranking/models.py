@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from models.features import HISTORY, ITEM_ID, PAD_TOKEN, USER_ID, Feature, Kind, Schema, pad_values
+from models.features import ITEM_ID, PAD_TOKEN, USER_ID, Feature, Kind, Schema, pad_values
 from models.ranking.co_action import (ORDER_COMBINATIONS, SEQUENCE_POOLINGS, CoActionUnit)
 from models.tf_compat import keras, tf
 from models.towers import make_lookup
