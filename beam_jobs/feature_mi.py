@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, Sequence
 import apache_beam as beam
 
 from beam_jobs import stats_math
+from beam_jobs.singletons import CombineToSingleton
 from beam_jobs.item_frequencies import batch_columns
 
 
@@ -84,6 +85,6 @@ class FeatureMutualInformation(beam.PTransform):
             # item batch -> MutualInformationCounts of the batch
             | "CountCooccurrences" >> beam.ParDo(CountFeatureCooccurrences(self._features))
             # MutualInformationCounts per batch -> one merged MutualInformationCounts
-            | "MergeCounts" >> beam.CombineGlobally(MergeMutualInformationCountsFn(self._features))
+            | "MergeCounts" >> CombineToSingleton(MergeMutualInformationCountsFn(self._features))
             # merged counts -> {"features", "mi", "normalized_mi", "num_items"}
             | "ComputeMutualInformation" >> beam.Map(mutual_information_report))

@@ -4,7 +4,8 @@ The table feeds the logQ correction of sampled-softmax retrieval (q(i) = count/t
 orders the ``item_id`` vocabulary. Counting happens per batch with numpy inside a DoFn
 (one element per batch, never one per interaction); the per-batch ``{item_id: count}``
 dicts are merged by a `CombineFn`, so a runner combines them on the workers and only
-one dict per worker crosses the shuffle.
+one dict per worker crosses the shuffle (`CombineToSingleton`: one result, even for no
+input, without a side input).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from beam_jobs import stats_math
+from beam_jobs.singletons import CombineToSingleton
 from models.features import ITEM_ID
 
 # (item_id, count, probability), sorted by count descending then item_id ascending.
@@ -121,6 +123,6 @@ class ItemFrequencies(beam.PTransform):
             # batch -> {item_id: count}
             | "CountPerBatch" >> beam.ParDo(CountBatchValues(self._column))
             # {item_id: count} per batch -> one {item_id: count}
-            | "SumCounts" >> beam.CombineGlobally(SumCountsFn())
+            | "SumCounts" >> CombineToSingleton(SumCountsFn())
             # {item_id: count} -> [(item_id, count, probability)]
             | "ToFrequencyTable" >> beam.Map(frequency_rows))

@@ -24,7 +24,37 @@ Parquet files are read one row group per element by `ReadParquetRowGroups` (inst
 of ``beam.io.ReadFromParquetBatched``, which yields bare tables and so cannot say which
 file and row a malformed record came from). Everything else flows through Beam: counts
 are computed per batch with numpy and merged by CombineFns; only the small final
-tables are written by single-element steps; dead letters go through ``WriteToText``.
+tables are written by single-element steps; the dead letters of each row group are
+written by a worker to a part file, and the parts are concatenated at the end (a
+stream copy: they are never collected in memory).
+
+The same pipeline runs on every runner, including Beam's DaskRunner, whose
+translation (Beam 2.77) supports only a subset of the model; so the job keeps to it:
+
+- no multi-output ParDo: the DaskRunner puts every tagged output of a ParDo into one
+  bag, so each consumer would receive all of them (valid rows, dead letters and count
+  dicts mixed). The validation steps emit ``(kind, payload)`` pairs on their single
+  output instead, and `SplitByKind` selects each kind in its own step.
+- one sink at the end: the DaskRunner computes only the last transform of the graph
+  (and what it depends on through main inputs), so a step with no consumer never runs.
+  Every write step outputs the paths it wrote, and ``CheckWrittenFiles``, applied last,
+  consumes them all (and fails the job unless each file was written exactly once).
+- side inputs only where a value must be broadcast: the DaskRunner recomputes a side
+  input, and everything upstream of it, inside every task that reads it. Global
+  combines use `beam_jobs.singletons.CombineToSingleton` and values meet through
+  `JoinSingletons` (main inputs only); the one side input left is the sorted item ids
+  that validate each interaction row group (the item table is read once more per Dask
+  partition of interactions). ``WriteToText`` is not used either: it takes its
+  temporary directory (a fresh name per call) from a side input, which left an empty
+  ``beam-temp-*`` directory in the output on Dask. Dead letters are written as
+  content-named part files (a retried task rewrites the same file) and concatenated
+  by one step.
+
+On Dask a Beam bundle is a Dask partition: ``beam.Create`` puts up to 128 elements in
+one (``--dask_partition_size`` / ``--dask_npartitions`` change that), and the steps
+after it keep its partitioning (``Reshuffle`` is a no-op there). The job creates one
+element per Parquet *file*, so ``--dask_partition_size=1`` lets the workers read the
+interaction shards in parallel.
 
 The pipeline writes into a temporary sibling of ``output_dir``; only after the
 pipeline succeeded and the rejected fraction is within bounds is it moved into place
@@ -34,6 +64,7 @@ pipeline succeeded and the rejected fraction is within bounds is it moved into p
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -53,6 +84,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from beam_jobs.feature_mi import FeatureMutualInformation
 from beam_jobs.item_frequencies import ItemFrequencies, SumCountsFn
+from beam_jobs.options import validate_pipeline_args
+from beam_jobs.singletons import CombineToSingleton, JoinSingletons
 from beam_jobs.vocabularies import Vocabularies, table_vocabulary_features
 from models import data_layout
 from models.features import ITEM_ID, LABEL, USER_ID, Schema
@@ -61,9 +94,13 @@ FREQUENCIES_FILE = "item_frequencies.csv"
 FEATURE_MI_FILE = "feature_mi.json"
 VOCAB_DIR = "vocab"
 DEAD_LETTER_FILE = "dead_letter.jsonl"
+DEAD_LETTER_PARTS_DIR = "dead_letter.parts"
 SUMMARY_FILE = "summary.json"
 
 METRICS_NAMESPACE = "recfunnel.stats"
+# Kinds of the validation steps' (kind, payload) outputs, split by `SplitByKind`.
+VALID, DEAD_LETTER, COUNTS = "valid", "dead_letter", "counts"
+OUTPUT_KINDS = (VALID, DEAD_LETTER, COUNTS)
 INTERACTION_REASONS = ("null_user_id", "empty_user_id", "null_item_id", "empty_item_id",
                        "unknown_item_id", "null_label")
 POSITIVES = ("auto", "all", "label")
@@ -124,7 +161,9 @@ class ReadParquetRowGroups(beam.PTransform):
     """Parquet files -> one ``(file, first_row, pyarrow.Table)`` per row group.
 
     Row groups are spread over workers by a reshuffle of their (small) descriptors;
-    each worker then reads only its row group's `columns`.
+    each worker then reads only its row group's `columns`. (On Dask, where
+    ``Reshuffle`` is a no-op, files are spread by the partitioning of the ``Create``:
+    see the module docstring.)
     """
 
     def __init__(self, files: Sequence[str], columns: Sequence[str], label: str = None):
@@ -169,6 +208,31 @@ def _dead_letters(path: str, first_row: int, rows: np.ndarray, reasons: np.ndarr
         yield json.dumps(record, sort_keys=True, default=str)
 
 
+def _select_kind(element: Tuple[str, Any], kind: str) -> Iterable[Any]:
+    if element[0] == kind:
+        yield element[1]
+
+
+class SplitByKind(beam.PTransform):
+    """``(kind, payload)`` pairs -> ``{kind: PCollection of its payloads}``.
+
+    Stands in for a multi-output ParDo (``with_outputs``), which the DaskRunner does
+    not keep apart (see the module docstring): one ``Select<Kind>`` step per kind reads
+    the single output. Payloads of a kind not in `kinds` are dropped.
+    """
+
+    def __init__(self, kinds: Sequence[str] = OUTPUT_KINDS, label: str = None):
+        super().__init__(label)
+        if not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(f"`kinds` should be distinct and not empty. Received: kinds={list(kinds)}")
+        self._kinds = tuple(kinds)
+
+    def expand(self, pairs):
+        step = lambda kind: "Select" + "".join(w.capitalize() for w in kind.split("_"))  # noqa: E731
+        # (kind, payload) -> payload, one PCollection per kind
+        return {kind: pairs | step(kind) >> beam.FlatMap(_select_kind, kind) for kind in self._kinds}
+
+
 class ValidateInteractions(beam.DoFn):
     """Splits a row group into valid training rows, dead letters and counts.
 
@@ -176,15 +240,18 @@ class ValidateInteractions(beam.DoFn):
     is malformed, and only rows with ``label > 0`` are training positives (retrieval
     trains on positives, so q(i) counts them).
 
-    Main output: ``pyarrow.Table`` (``user_id``, ``item_id`` as strings) of the valid
-    rows, restricted to positives under `positives_only`.
-    Tagged ``dead_letter``: one JSON line per rejected row.
-    Tagged ``counts``: ``{"interactions/rows_read": n, "interactions/positive_rows": m,
-    "interactions/<reason>": k}``.
+    Output: ``(kind, payload)`` pairs (split them with `SplitByKind`):
+      ``("valid", pyarrow.Table)``: ``user_id``, ``item_id`` (strings) of the valid rows,
+        restricted to positives under `positives_only` (none when no row is kept);
+      ``("dead_letter", [str, ...])``: one per row group with rejected rows, a JSON line
+        per rejected row;
+      ``("counts", dict)``: exactly one per row group, ``{"interactions/rows_read": n,
+        "interactions/positive_rows": m, "interactions/<reason>": k}``.
     """
 
-    DEAD_LETTER = "dead_letter"
-    COUNTS = "counts"
+    VALID = VALID
+    DEAD_LETTER = DEAD_LETTER
+    COUNTS = COUNTS
 
     def __init__(self, positives_only: bool = False):
         super().__init__()
@@ -227,17 +294,21 @@ class ValidateInteractions(beam.DoFn):
                 if k:
                     counts[f"interactions/{reason}"] = k
                     self._rejected[reason].inc(k)
-            for line in _dead_letters(path, first_row, rows, reasons[rows], table,
-                                      (USER_ID, ITEM_ID)):
-                yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, line)
-        yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
+            yield DEAD_LETTER, list(_dead_letters(path, first_row, rows, reasons[rows], table,
+                                                  (USER_ID, ITEM_ID)))
+        yield COUNTS, counts
         if keep.any():
             valid = pa.table({USER_ID: user, ITEM_ID: item})
-            yield valid if keep.all() else valid.filter(pa.array(keep))
+            yield VALID, (valid if keep.all() else valid.filter(pa.array(keep)))
 
 
 class ValidateTable(beam.DoFn):
-    """Drops user/item table rows whose id is null or empty (same outputs as above)."""
+    """Drops user/item table rows whose id is null or empty.
+
+    Output: ``(kind, payload)`` pairs as `ValidateInteractions`: ``("valid", table)``
+    with the id column as strings, ``("dead_letter", [line, ...])``, ``("counts",
+    {"<table_name>/rows_read": n, "<table_name>/<reason>": k})``.
+    """
 
     def __init__(self, table_name: str, id_column: str):
         super().__init__()
@@ -263,12 +334,11 @@ class ValidateTable(beam.DoFn):
                 if k:
                     counts[f"{self._name}/{reason}"] = k
             self._rejected.inc(int(bad.sum()))
-            for line in _dead_letters(path, first_row, rows, reasons[rows], table, (self._id,)):
-                yield beam.pvalue.TaggedOutput(ValidateInteractions.DEAD_LETTER, line)
+            yield DEAD_LETTER, list(_dead_letters(path, first_row, rows, reasons[rows], table, (self._id,)))
             table = table.filter(pa.array(~bad))
-        yield beam.pvalue.TaggedOutput(ValidateInteractions.COUNTS, counts)
+        yield COUNTS, counts
         if table.num_rows:
-            yield table
+            yield VALID, table
 
 
 class SortedIdsFn(beam.CombineFn):
@@ -305,26 +375,78 @@ def _write_text(path: str, text: str) -> None:
         f.write(text.encode("utf-8"))
 
 
-def write_frequencies(rows: Sequence[Tuple[str, int, float]], path: str) -> None:
+def write_frequencies(rows: Sequence[Tuple[str, int, float]], path: str) -> str:
+    """Writes the frequency table as CSV; returns `path`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["item_id", "count", "probability"])
     for item_id, count, probability in rows:
         writer.writerow([item_id, int(count), repr(float(probability))])
     _write_text(path, buffer.getvalue())
+    return path
 
 
-def write_vocabulary(element: Tuple[str, List[str]], vocab_dir: str) -> None:
+def write_vocabulary(element: Tuple[str, List[str]], vocab_dir: str) -> str:
+    """Writes ``vocab_dir/<name>.txt``, one token per line; returns its path."""
     name, tokens = element
     bad = [t for t in tokens if "\n" in t or "\r" in t]
     if bad:
         raise ValueError(f"Vocabulary {name!r} has tokens with line breaks, which a vocabulary "
                          f"file cannot hold, e.g. {bad[0]!r}")
-    _write_text(FileSystems.join(vocab_dir, f"{name}.txt"), "".join(t + "\n" for t in tokens))
+    path = FileSystems.join(vocab_dir, f"{name}.txt")
+    _write_text(path, "".join(t + "\n" for t in tokens))
+    return path
 
 
-def write_json(obj: Any, path: str) -> None:
+def write_json(obj: Any, path: str) -> str:
+    """Writes `obj` as indented, key-sorted JSON; returns `path`."""
     _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_lines_part(lines: Sequence[str], parts_dir: str) -> str:
+    """Writes `lines` to ``parts_dir/<sha1 of the content>.txt``; returns its path.
+
+    Named by content, so a retried task rewrites the same file instead of adding one.
+    """
+    text = "".join(line + "\n" for line in lines).encode("utf-8")
+    path = FileSystems.join(parts_dir, hashlib.sha1(text).hexdigest() + ".txt")
+    with FileSystems.create(path, compression_type="uncompressed") as f:
+        f.write(text)
+    return path
+
+
+def concatenate_parts(parts: Sequence[str], path: str) -> str:
+    """Concatenates the part files (in name order, duplicates once) into `path`, then
+    deletes them and their directory; returns `path`."""
+    parts = sorted(set(parts))
+    if parts and not FileSystems.exists(parts[0]) and FileSystems.exists(path):
+        return path  # a retry after a finished concatenation
+    with FileSystems.create(path, compression_type="uncompressed") as out:
+        for part in parts:
+            with FileSystems.open(part, compression_type="uncompressed") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    if parts:
+        FileSystems.delete(parts)
+        parts_dir = FileSystems.split(parts[0])[0]
+        if _is_local(parts_dir):
+            shutil.rmtree(parts_dir, ignore_errors=True)
+    return path
+
+
+def check_written_files(paths: Sequence[str], expected: Sequence[str]) -> List[str]:
+    """Fails unless `paths` (what the write steps report) is `expected`, each once.
+
+    Returns the sorted paths.
+    """
+    written = sorted(paths)
+    if written != sorted(expected):
+        missing = sorted(set(expected) - set(written))
+        extra = sorted(set(written) - set(expected))
+        repeated = sorted({p for p in written if written.count(p) > 1})
+        raise RuntimeError(f"The statistics pipeline did not write each output exactly once: missing "
+                           f"{missing}, unexpected {extra}, written more than once {repeated}.")
+    return written
 
 
 def summarize_counts(counts: Dict[str, int], num_frequent_items: int,
@@ -384,67 +506,90 @@ def build_statistics_pipeline(pipeline: beam.Pipeline, data_dir: str, write_dir:
     item_columns += [f for f in mi_features if f not in item_columns]
     user_columns = table_vocabulary_features(schema, "user")
 
-    # items.parquet -> (file, first_row, row group) -> valid item tables
-    #   (+ tagged dead-letter JSON lines and {"items/<key>": n} counts)
+    # items.parquet -> (file, first_row, row group) -> ("valid", item table), ("dead_letter",
+    #   JSON line), ("counts", {"items/<key>": n}) -> {kind: PCollection}
     item_batches = (pipeline
                     | "ReadItems" >> ReadParquetRowGroups([items_file], item_columns)
-                    | "ValidateItems" >> beam.ParDo(ValidateTable("items", ITEM_ID)).with_outputs(
-                        ValidateInteractions.DEAD_LETTER, ValidateInteractions.COUNTS, main="valid"))
-    # users.parquet -> (file, first_row, row group) -> valid user tables (+ dead letters, counts)
+                    | "ValidateItems" >> beam.ParDo(ValidateTable("items", ITEM_ID))
+                    | "SplitItems" >> SplitByKind())
+    # users.parquet -> (file, first_row, row group) -> (kind, payload) -> {kind: PCollection}
     user_batches = (pipeline
                     | "ReadUsers" >> ReadParquetRowGroups([users_file], user_columns)
-                    | "ValidateUsers" >> beam.ParDo(ValidateTable("users", USER_ID)).with_outputs(
-                        ValidateInteractions.DEAD_LETTER, ValidateInteractions.COUNTS, main="valid"))
+                    | "ValidateUsers" >> beam.ParDo(ValidateTable("users", USER_ID))
+                    | "SplitUsers" >> SplitByKind())
     # item table -> sorted array of every item id (side input of the validation)
-    item_ids = item_batches.valid | "CollectItemIds" >> beam.CombineGlobally(SortedIdsFn(ITEM_ID))
+    item_ids = item_batches[VALID] | "CollectItemIds" >> CombineToSingleton(SortedIdsFn(ITEM_ID))
 
-    # train-*.parquet -> (file, first_row, row group) -> valid (positive) interaction tables
-    #   with user_id, item_id (+ dead letters, {"interactions/<key>": n} counts)
+    # train-*.parquet -> (file, first_row, row group) -> ("valid", (positive) interaction table
+    #   with user_id, item_id), dead letters, {"interactions/<key>": n} -> {kind: PCollection}
     interactions = (pipeline
                     | "ReadInteractions" >> ReadParquetRowGroups(
                         interaction_files, [USER_ID, ITEM_ID] + ([LABEL] if only_positives else []))
                     | "ValidateInteractions" >> beam.ParDo(
-                        ValidateInteractions(only_positives), beam.pvalue.AsSingleton(item_ids)).with_outputs(
-                        ValidateInteractions.DEAD_LETTER, ValidateInteractions.COUNTS, main="valid"))
+                        ValidateInteractions(only_positives), beam.pvalue.AsSingleton(item_ids))
+                    | "SplitInteractions" >> SplitByKind())
 
     # valid (positive) interaction table -> [(item_id, count, probability)]
-    frequencies = interactions.valid | "ItemFrequencies" >> ItemFrequencies()
+    frequencies = interactions[VALID] | "ItemFrequencies" >> ItemFrequencies()
     # tables + frequencies -> (vocabulary name, [token, ...])
-    vocabularies = ({"users": user_batches.valid, "items": item_batches.valid,
+    vocabularies = ({"users": user_batches[VALID], "items": item_batches[VALID],
                      "item_frequencies": frequencies}
                     | "Vocabularies" >> Vocabularies(schema, min_count=min_count))
     # valid item table -> {"features", "mi", "normalized_mi", "num_items"}
-    mutual_information = item_batches.valid | "FeatureMutualInformation" >> FeatureMutualInformation(
+    mutual_information = item_batches[VALID] | "FeatureMutualInformation" >> FeatureMutualInformation(
         mi_features)
     # {"<table>/<key>": n} per row group -> one dict
-    counts = ((interactions.counts, item_batches.counts, user_batches.counts)
+    counts = ((interactions[COUNTS], item_batches[COUNTS], user_batches[COUNTS])
               | "FlattenCounts" >> beam.Flatten()
-              | "SumCounts" >> beam.CombineGlobally(SumCountsFn()))
-    # JSON line per malformed record
-    dead_letters = ((interactions.dead_letter, item_batches.dead_letter, user_batches.dead_letter)
+              | "SumCounts" >> CombineToSingleton(SumCountsFn()))
+    # [JSON line per malformed record] per row group with malformed records
+    dead_letters = ((interactions[DEAD_LETTER], item_batches[DEAD_LETTER], user_batches[DEAD_LETTER])
                     | "FlattenDeadLetters" >> beam.Flatten())
 
-    _ = frequencies | "WriteFrequencies" >> beam.Map(
-        write_frequencies, FileSystems.join(write_dir, FREQUENCIES_FILE))
-    _ = vocabularies | "WriteVocabularies" >> beam.Map(
-        write_vocabulary, FileSystems.join(write_dir, VOCAB_DIR))
-    _ = mutual_information | "WriteMutualInformation" >> beam.Map(
-        write_json, FileSystems.join(write_dir, FEATURE_MI_FILE))
-    _ = dead_letters | "WriteDeadLetters" >> beam.io.WriteToText(
-        FileSystems.join(write_dir, os.path.splitext(DEAD_LETTER_FILE)[0]),
-        file_name_suffix=os.path.splitext(DEAD_LETTER_FILE)[1],
-        shard_name_template="", num_shards=1)
-    # (name, size) per vocabulary
-    vocabulary_sizes = vocabularies | "VocabularySizes" >> beam.MapTuple(
-        lambda name, tokens: (name, len(tokens)))
+    # Every write step outputs the path(s) it wrote.
+    frequencies_file = FileSystems.join(write_dir, FREQUENCIES_FILE)
+    written_frequencies = frequencies | "WriteFrequencies" >> beam.Map(write_frequencies, frequencies_file)
+    vocab_dir = FileSystems.join(write_dir, VOCAB_DIR)
+    written_vocabularies = vocabularies | "WriteVocabularies" >> beam.Map(write_vocabulary, vocab_dir)
+    mi_file = FileSystems.join(write_dir, FEATURE_MI_FILE)
+    written_mi = mutual_information | "WriteMutualInformation" >> beam.Map(write_json, mi_file)
+    dead_letter_file = FileSystems.join(write_dir, DEAD_LETTER_FILE)
+    written_dead_letters = (dead_letters
+                            # [line, ...] -> path of a part file holding them
+                            | "WriteDeadLetterParts" >> beam.Map(
+                                write_lines_part, FileSystems.join(write_dir, DEAD_LETTER_PARTS_DIR))
+                            # -> [part path, ...]
+                            | "ListDeadLetterParts" >> CombineToSingleton(beam.combiners.ToListCombineFn())
+                            # -> the concatenation's path (parts deleted)
+                            | "ConcatenateDeadLetters" >> beam.Map(concatenate_parts, dead_letter_file))
+    # {name: size} of the vocabularies
+    vocabulary_sizes = (vocabularies
+                        | "VocabularySizes" >> beam.MapTuple(lambda name, tokens: (name, len(tokens)))
+                        | "CollectVocabularySizes" >> CombineToSingleton(beam.combiners.ToDictCombineFn()))
     # number of distinct items in the valid interactions
     num_frequent_items = frequencies | "CountDistinctItems" >> beam.Map(len)
-    _ = (counts
-         # {"<table>/<key>": n} -> summary dict (runtime and runner are added by the driver)
-         | "SummarizeCounts" >> beam.Map(summarize_counts,
-                                         beam.pvalue.AsSingleton(num_frequent_items),
-                                         beam.pvalue.AsDict(vocabulary_sizes))
-         | "WriteSummary" >> beam.Map(write_json, FileSystems.join(write_dir, SUMMARY_FILE)))
+    summary_file = FileSystems.join(write_dir, SUMMARY_FILE)
+    written_summary = (
+        {"counts": counts, "num_frequent_items": num_frequent_items, "vocabulary_sizes": vocabulary_sizes}
+        # -> {"counts": {"<table>/<key>": n}, "num_frequent_items": n, "vocabulary_sizes": {name: n}}
+        | "JoinSummaryParts" >> JoinSingletons()
+        # -> summary dict (runtime and runner are added by the driver)
+        | "SummarizeCounts" >> beam.Map(lambda parts: summarize_counts(
+            parts["counts"], parts["num_frequent_items"], parts["vocabulary_sizes"]))
+        | "WriteSummary" >> beam.Map(write_json, summary_file))
+
+    # Applied last, and fed by every write: a runner that executes only what the final
+    # step depends on (the DaskRunner) still runs every write.
+    expected = [frequencies_file, mi_file, dead_letter_file, summary_file] + [
+        FileSystems.join(vocab_dir, f"{name}.txt") for name in user_columns + table_vocabulary_features(
+            schema, "item")]
+    _ = ((written_frequencies, written_vocabularies, written_mi, written_dead_letters, written_summary)
+         # path of each written file
+         | "FlattenWrittenFiles" >> beam.Flatten()
+         # -> [path, ...]
+         | "ListWrittenFiles" >> CombineToSingleton(beam.combiners.ToListCombineFn())
+         # -> sorted paths, or a failure unless every output was written exactly once
+         | "CheckWrittenFiles" >> beam.Map(check_written_files, expected))
 
 
 # -- publishing -----------------------------------------------------------------
@@ -528,7 +673,9 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
       output_dir: where the statistics go; replaced only if the run succeeds.
       pipeline_args: Beam pipeline options, passed through unchanged (e.g.
         ``["--runner=DirectRunner", "--direct_running_mode=multi_processing",
-        "--direct_num_workers=2"]`` or Dataflow/Flink/Spark flags).
+        "--direct_num_workers=2"]`` or Dataflow/Flink/Spark/Dask flags); validated
+        first by `beam_jobs.options.validate_pipeline_args` (unknown flags and missing
+        runner settings are errors).
       min_count: vocabulary pruning threshold for side features (ids are never pruned).
       max_rejected_fraction: fail when rejected interactions / rows read exceeds this.
       split: which interaction shards to count (``"train"``).
@@ -545,7 +692,7 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
 
     Raises:
       TooManyRejectedRows: too many malformed interactions (nothing is written).
-      ValueError: no interaction was read, or an argument is invalid.
+      ValueError: no interaction was read, or an argument (or pipeline option) is invalid.
       FileNotFoundError: the dataset is incomplete.
     """
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
@@ -553,10 +700,8 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
     if not 0.0 <= float(max_rejected_fraction) <= 1.0:
         raise ValueError("`max_rejected_fraction` should be in [0, 1]. "
                          f"Received: max_rejected_fraction={max_rejected_fraction!r}")
-    if isinstance(pipeline_args, str):
-        raise TypeError("`pipeline_args` should be a sequence of flags, not one string. "
-                        f"Received: pipeline_args={pipeline_args!r}")
     output_dir = output_dir.rstrip("/") or output_dir
+    options = validate_pipeline_args(pipeline_args, {"data_dir": data_dir, "output_dir": output_dir})
     schema_path = FileSystems.join(data_dir, data_layout.SCHEMA_FILE)
     if not FileSystems.exists(schema_path):
         raise FileNotFoundError(f"Schema file not found: {schema_path}")
@@ -566,9 +711,16 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
     write_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
     start = time.time()
     try:
-        pipeline = beam.Pipeline(options=PipelineOptions(list(pipeline_args)))
+        pipeline = beam.Pipeline(options=options)
         build_statistics_pipeline(pipeline, data_dir, write_dir, schema, min_count, split, positives)
-        pipeline.run().wait_until_finish()
+        result = pipeline.run()
+        try:
+            result.wait_until_finish()
+        finally:
+            # The DaskRunner opens a client to the cluster per run and leaves it open.
+            client = getattr(result, "client", None)
+            if client is not None and hasattr(client, "close"):
+                client.close()
         summary = _read_json(FileSystems.join(write_dir, SUMMARY_FILE))
         if upstream_rejections:
             _merge_upstream(summary, upstream_rejections, write_dir)

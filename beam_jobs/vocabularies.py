@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from beam_jobs import stats_math
 from beam_jobs.item_frequencies import FrequencyRow, batch_columns
+from beam_jobs.singletons import CombineToSingleton, JoinSingletons
 from models.features import ITEM_ID, USER_ID, Kind, Schema
 
 ID_FEATURES = (USER_ID, ITEM_ID)
@@ -125,27 +126,32 @@ class Vocabularies(beam.PTransform):
             raise ValueError(f"Vocabularies needs PCollections {sorted(missing)}. Received: {sorted(pcolls)}")
         user_features = table_vocabulary_features(self._schema, "user")
         item_features = table_vocabulary_features(self._schema, "item")
-        frequencies = beam.pvalue.AsSingleton(pcolls["item_frequencies"])
 
         user_vocabularies = (
             pcolls["users"]
             # user-table batch -> {feature: {token: count}}
             | "CountUserTokens" >> beam.ParDo(CountTableTokens(user_features))
             # per batch -> one {feature: {token: count}}
-            | "SumUserCounts" >> beam.CombineGlobally(SumNestedCountsFn())
+            | "SumUserCounts" >> CombineToSingleton(SumNestedCountsFn())
             # {feature: {token: count}} -> (feature, [token, ...]) per user feature
             | "BuildUserVocabularies" >> beam.FlatMap(
                 build_table_vocabularies, user_features, self._min_count))
 
-        item_vocabularies = (
+        item_counts = (
             pcolls["items"]
             # item-table batch -> {feature: {token: count}}
             | "CountItemTokens" >> beam.ParDo(CountTableTokens(item_features))
             # per batch -> one {feature: {token: count}}
-            | "SumItemCounts" >> beam.CombineGlobally(SumNestedCountsFn())
-            # {feature: {token: count}} -> (feature, [token, ...]) per item feature
+            | "SumItemCounts" >> CombineToSingleton(SumNestedCountsFn()))
+        item_vocabularies = (
+            {"counts": item_counts, "frequencies": pcolls["item_frequencies"]}
+            # -> {"counts": {feature: {token: count}}, "frequencies": [(item_id, count, p)]}
+            | "JoinItemCountsAndFrequencies" >> JoinSingletons()
+            # -> (feature, [token, ...]) per item feature
             | "BuildItemVocabularies" >> beam.FlatMap(
-                build_table_vocabularies, item_features, self._min_count, frequencies))
+                lambda joined, features, min_count: build_table_vocabularies(
+                    joined["counts"], features, min_count, joined["frequencies"]),
+                item_features, self._min_count))
 
         # (feature, [token, ...]) from both tables
         return (user_vocabularies, item_vocabularies) | "FlattenVocabularies" >> beam.Flatten()

@@ -13,7 +13,7 @@ from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 from beam_jobs import stats_math
 from beam_jobs.feature_mi import FeatureMutualInformation
 from beam_jobs.item_frequencies import ItemFrequencies
-from beam_jobs.stats_job import METRICS_NAMESPACE, ValidateInteractions
+from beam_jobs.stats_job import METRICS_NAMESPACE, SplitByKind, ValidateInteractions
 from beam_jobs.vocabularies import Vocabularies
 from models.features import Feature, Schema
 
@@ -133,11 +133,11 @@ def test_validate_interactions_splits_rows_and_counts_metrics():
     with TestPipeline() as p:
         outputs = (p
                    | beam.Create([("f.parquet", 10, table)], reshuffle=False)
-                   | beam.ParDo(ValidateInteractions(), item_ids).with_outputs(
-                       "dead_letter", "counts", main="valid"))
-        valid = outputs.valid | "Rows" >> beam.FlatMap(lambda t: list(zip(*t.to_pydict().values())))
+                   | beam.ParDo(ValidateInteractions(), item_ids)
+                   | SplitByKind())
+        valid = outputs["valid"] | "Rows" >> beam.FlatMap(lambda t: list(zip(*t.to_pydict().values())))
         assert_that(valid, equal_to([("u1", "a"), ("u4", "b")]), label="Valid")
-        dead = outputs.dead_letter | "Parse" >> beam.Map(lambda line: __import__("json").loads(line))
+        dead = outputs["dead_letter"] | "Parse" >> beam.FlatMap(lambda lines: map(__import__("json").loads, lines))
         # Records are file rows: first_row 10 + index in the batch.
         assert_that(dead, equal_to([
             {"file": "f.parquet", "record": 11, "reason": "null_user_id", "user_id": None, "item_id": "a"},
@@ -145,7 +145,7 @@ def test_validate_interactions_splits_rows_and_counts_metrics():
             {"file": "f.parquet", "record": 13, "reason": "null_item_id", "user_id": "u2", "item_id": None},
             {"file": "f.parquet", "record": 14, "reason": "unknown_item_id", "user_id": "u3", "item_id": "zz"},
         ]), label="DeadLetters")
-        assert_that(outputs.counts, equal_to([{
+        assert_that(outputs["counts"], equal_to([{
             "interactions/rows_read": 6, "interactions/positive_rows": 2, "interactions/null_user_id": 1,
             "interactions/empty_user_id": 1, "interactions/null_item_id": 1,
             "interactions/unknown_item_id": 1}]), label="Counts")
@@ -164,10 +164,10 @@ def test_validate_interactions_keeps_positives_and_rejects_null_labels():
         outputs = (p
                    | beam.Create([("f.parquet", 0, table)], reshuffle=False)
                    | beam.ParDo(ValidateInteractions(positives_only=True), np.asarray(["a", "b"]))
-                   .with_outputs("dead_letter", "counts", main="valid"))
-        valid = outputs.valid | "Rows" >> beam.FlatMap(lambda t: list(zip(*t.to_pydict().values())))
+                   | SplitByKind())
+        valid = outputs["valid"] | "Rows" >> beam.FlatMap(lambda t: list(zip(*t.to_pydict().values())))
         # u2 is valid but a negative (label 0): not a training positive, not a dead letter.
         assert_that(valid, equal_to([("u1", "a"), ("u5", "b")]), label="Valid")
-        assert_that(outputs.counts, equal_to([{
+        assert_that(outputs["counts"], equal_to([{
             "interactions/rows_read": 5, "interactions/positive_rows": 2,
             "interactions/null_label": 2}]), label="Counts")
