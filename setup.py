@@ -21,10 +21,19 @@ INSTALL_REQUIRES = [
     "pyarrow>=14",
     "pyyaml>=6.0",
     "matplotlib>=3.7",
+    # the HTTP service (`recfunnel serve`)
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    # apache-beam[dask]: CI runs the statistics job on a Dask cluster (tests/beam_jobs/test_dask_runner.py)
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "httpx>=0.27", "hypothesis>=6.100", "schemathesis>=4.0,<5",
+            "apache-beam[dask]"],
+    # Beam's DaskRunner (dask + distributed): the statistics job on a Dask cluster
+    "dask": ["apache-beam[dask]"],
+    # benchmarks/index.py compares ScaNN with these
+    "bench": ["faiss-cpu>=1.8", "hnswlib>=0.8", "matplotlib>=3.7"],
 }
 
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:

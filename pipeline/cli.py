@@ -2,6 +2,7 @@
 
     recfunnel run   [--config FILE] [--workdir DIR] [--set section.key=value ...]
     recfunnel query --workdir DIR --user-id ID [-k K] [--include-seen] [--cold-start]
+    recfunnel serve --workdir DIR [--host 127.0.0.1] [--port 8500] [--follow promoted|latest] ...
     recfunnel stats --dataset NAME --data-dir DIR --output OUT [Beam pipeline options ...]
     recfunnel config [--config FILE] [--set ...]      print the resolved configuration
 
@@ -65,6 +66,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="answer unknown users with the cold-start embedding (unknown id, empty history)")
     q.add_argument("--version", type=int, help="export version (default: newest)")
 
+    sv = sub.add_parser("serve", help="HTTP service over a workdir's exports (retrieval → pre-ranker → ranker)",
+                        description="Serves POST /v1/recommend, POST /v1/retrieve, GET /v1/models, /healthz, "
+                                    "/readyz (OpenAPI at /docs). New export versions are picked up while serving.")
+    sv.add_argument("--workdir", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, loopback only)")
+    sv.add_argument("--port", type=int, default=8500, help="(default: %(default)s)")
+    sv.add_argument("--version", type=int, help="serve only this export version (default: follow --follow)")
+    sv.add_argument("--follow", choices=("promoted", "latest"), default="promoted",
+                    help="which version to serve and reload: the promoted one, else the newest complete one "
+                         "(default), or the newest complete one even when not promoted")
+    sv.add_argument("--poll-interval", type=float, default=5.0,
+                    help="seconds between checks for a new version; 0 = never reload (default: %(default)s)")
+    sv.add_argument("--retrieval-candidates", type=int, default=1000, help="(default: %(default)s)")
+    sv.add_argument("--preranker-candidates", type=int, default=200, help="(default: %(default)s)")
+    sv.add_argument("--no-preranker", action="store_true", help="skip the pre-ranker even when exported")
+    sv.add_argument("--no-ranker", action="store_true", help="skip the ranker even when exported")
+    sv.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default: %(default)s)")
+    sv.add_argument("--max-body-bytes", type=int, default=65536, help="(default: %(default)s)")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
+
     s = sub.add_parser("stats", help="Beam statistics of a dataset (item frequencies, vocabularies, MI)",
                        description="Runs the statistics job. Unrecognised options are Beam pipeline "
                                    "options, e.g. --runner=DirectRunner --direct_num_workers=2.")
@@ -117,6 +138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_OK if metrics["promotion"]["promote"] else EXIT_NOT_PROMOTED
         if args.command == "query":
             return _query(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "stats":
             return _stats(args, extra)
     except ConfigError as e:
@@ -153,6 +176,31 @@ def _query(args) -> int:
         print(f"recfunnel: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(out, indent=2))
+    return EXIT_OK
+
+
+def _serve(args) -> int:
+    if not os.path.isdir(args.workdir):
+        print(f"recfunnel: workdir not found: {args.workdir}", file=sys.stderr)
+        return EXIT_USAGE
+    if not 0 <= args.port <= 65535:
+        print(f"recfunnel: --port should be in [0, 65535]. Received: {args.port}", file=sys.stderr)
+        return EXIT_USAGE
+    from serving.cascade import CascadeConfig
+    from serving.service import ServiceConfig, serve
+
+    try:
+        config = ServiceConfig(
+            workdir=args.workdir, version=args.version, follow=args.follow, poll_interval=args.poll_interval,
+            max_k=args.max_k, max_body_bytes=args.max_body_bytes,
+            cascade=CascadeConfig(retrieval_candidates=args.retrieval_candidates,
+                                  preranker_candidates=args.preranker_candidates,
+                                  use_preranker=not args.no_preranker, use_ranker=not args.no_ranker))
+    except ValueError as e:
+        print(f"recfunnel: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    serve(config, host=args.host, port=args.port, access_log=args.access_log,
+          log_level="debug" if args.verbose else "info")
     return EXIT_OK
 
 

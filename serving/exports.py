@@ -3,10 +3,19 @@
     <workdir>/export/query_tower/<version>/   SavedModel, signature serving_default
     <workdir>/export/item_tower/<version>/    SavedModel, signatures serving_default, log_q
     <workdir>/export/index/<version>/         manifest.json + saved_model/ (see serving.index)
+    <workdir>/export/preranker/<version>/     optional SavedModel, signature serving_default
+    <workdir>/export/ranker/<version>/        optional SavedModel, signature serving_default
 
 Versions are positive integers; a version directory appears only complete (it is
 written under a temporary name and renamed). ``<workdir>/export/promoted.json`` names the
 version that passed the quality gates; serving and queries load it by default.
+
+The query tower, item tower and index of one version belong together (the required
+models). The pre-ranker and ranker score (user, item) feature pairs and depend on no
+retrieval model: serving uses the one with the same version number when it exists,
+else the newest one (`stage_version`). Version numbers are shared by all models
+(`next_version`), so a ranker exported on its own schedule never collides with a
+retrieval version.
 """
 
 from __future__ import annotations
@@ -20,8 +29,11 @@ EXPORT_DIR = "export"
 QUERY_TOWER = "query_tower"
 ITEM_TOWER = "item_tower"
 INDEX = "index"
-MODELS = (QUERY_TOWER, ITEM_TOWER, INDEX)
+PRERANKER = "preranker"
+RANKER = "ranker"
 REQUIRED_MODELS = (QUERY_TOWER, ITEM_TOWER, INDEX)
+OPTIONAL_MODELS = (PRERANKER, RANKER)
+MODELS = REQUIRED_MODELS + OPTIONAL_MODELS
 PROMOTED_FILE = "promoted.json"
 
 
@@ -45,7 +57,11 @@ def latest_version(workdir: str, model: str) -> Optional[int]:
 
 
 def next_version(workdir: str) -> int:
-    """One more than the highest version of any export (all exports of a run share it)."""
+    """One more than the highest version of any export, optional ones included.
+
+    All exports of a run share it; an optional model exported on its own gets a
+    number above every existing version, so it never shadows an older run's model.
+    """
     highest = [latest_version(workdir, m) or 0 for m in MODELS]
     return max(highest) + 1
 
@@ -69,16 +85,36 @@ def promoted_version(workdir: str) -> Optional[int]:
     return int(record["version"]) if record else None
 
 
+def complete_versions(workdir: str) -> List[int]:
+    """Versions present for every required model, ascending."""
+    complete = None
+    for model in REQUIRED_MODELS:
+        vs = set(versions(workdir, model))
+        complete = vs if complete is None else complete & vs
+    return sorted(complete or ())
+
+
 def serving_version(workdir: str) -> Optional[int]:
     """The version serving loads by default: the promoted one, else the newest complete one."""
     v = promoted_version(workdir)
     if v is not None:
         return v
-    complete = None
-    for model in REQUIRED_MODELS:
-        vs = set(versions(workdir, model))
-        complete = vs if complete is None else complete & vs
-    return max(complete) if complete else None
+    complete = complete_versions(workdir)
+    return complete[-1] if complete else None
+
+
+def stage_version(workdir: str, model: str, version: int) -> Optional[int]:
+    """The version of an optional model served with retrieval `version`.
+
+    The same version number when that export exists, else the newest complete one,
+    None when there is none.
+    """
+    if model not in OPTIONAL_MODELS:
+        raise ValueError(f"`model` should be one of {OPTIONAL_MODELS}. Received: model={model!r}")
+    vs = versions(workdir, model)
+    if not vs:
+        return None
+    return int(version) if int(version) in vs else vs[-1]
 
 
 def write_promoted(workdir: str, version: int, metrics: Dict[str, Any]) -> None:

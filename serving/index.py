@@ -19,7 +19,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -45,9 +45,14 @@ class IndexConfig:
       target_recall: recall@10 against exact search that tuning aims for.
       dimensions_per_block: asymmetric-hashing block size.
       anisotropic_quantization_threshold: ScaNN's η for score-aware quantization.
-      reorder: candidates re-scored exactly; 0 = max(100, 10·k_max), capped by N.
+      reorder: candidates re-scored exactly per query (at least k); 0 = tuned together
+        with `leaves_to_search` when sample queries are given and `tune_reorder`, else
+        max(100, 10·k_max); capped by N.
       k_max: the largest k a query may ask for (ScaNN's default neighbours).
       training_sample_size: points used to train the partitioner; 0 = all.
+      tune_reorder: with ``reorder=0`` and sample queries, tune the re-scoring depth
+        too: for each depth in `REORDER_CANDIDATES` the fewest partitions reaching
+        `target_recall`, then the pair searching fastest on the sample queries.
     """
 
     kind: str = "auto"
@@ -60,6 +65,7 @@ class IndexConfig:
     k_max: int = 100
     training_sample_size: int = 0
     target_recall: float = 0.97
+    tune_reorder: bool = True
 
     def __post_init__(self):
         if self.kind not in INDEX_KINDS:
@@ -96,6 +102,13 @@ class IndexConfig:
         return out
 
 
+# Re-scoring depths tried by the tuner (each capped by the corpus size, at least k).
+REORDER_CANDIDATES = (10, 25, 50, 100, 200, 500, 1000)
+# Partitions searched as fractions of all partitions: the coarse grid of the tuner,
+# refined by bisection between the last miss and the first hit.
+_LEAF_FRACTIONS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
+
+
 class _BruteForceModule(tf.Module):
     def __init__(self, embeddings: np.ndarray, item_ids: Sequence[str]):
         super().__init__()
@@ -114,10 +127,20 @@ class _BruteForceModule(tf.Module):
 
 
 class _ScannModule(tf.Module):
-    def __init__(self, searcher, item_ids: Sequence[str], dim: int, num_items: int, leaves_to_search: int):
+    """ScaNN search with the tuned depth; deeper queries search more.
+
+    A query for k neighbours re-scores ``max(reorder, k)`` candidates exactly and
+    searches at least enough partitions to hold about 2k points, so that a large k
+    (the cascade's 1,000 candidates) is not cut short by the partitions searched.
+    """
+
+    def __init__(self, searcher, item_ids: Sequence[str], dim: int, num_items: int, leaves_to_search: int,
+                 reorder: Optional[int] = None, num_leaves: Optional[int] = None):
         super().__init__()
         self.state = searcher.serialize_to_module()
         self.leaves_to_search = int(leaves_to_search)
+        self.num_leaves = int(num_leaves or leaves_to_search)
+        self.reorder = int(reorder or 0)
         self.item_ids = tf.Variable(np.asarray(item_ids, dtype=object).astype(bytes), trainable=False,
                                     name="item_ids")
         self.num_items = num_items
@@ -129,35 +152,186 @@ class _ScannModule(tf.Module):
 
         searcher = scann_ops.searcher_from_module(self.state)
         k = tf.minimum(k, self.num_items)
-        indices, scores = searcher.search_batched_parallel(queries, final_num_neighbors=k,
-                                                           leaves_to_search=self.leaves_to_search)
+        leaves = tf.minimum(self.num_leaves,
+                            tf.maximum(self.leaves_to_search, (2 * k * self.num_leaves) // self.num_items + 1))
+        indices, scores = searcher.search_batched_parallel(
+            queries, final_num_neighbors=k, pre_reorder_num_neighbors=tf.maximum(k, self.reorder),
+            leaves_to_search=leaves)
         return {"scores": scores, "indices": indices, "item_ids": tf.gather(self.item_ids, indices)}
 
 
+def exact_top_k(queries: np.ndarray, embeddings: np.ndarray, k: int, block_size: Optional[int] = None):
+    """Exact maximum-inner-product top-k, in blocks of queries (bounded memory).
+
+    Args:
+      queries: ``[Q, D]``.
+      embeddings: ``[N, D]``.
+      k: neighbours per query (capped by N).
+      block_size: queries per ``[block_size, N]`` score block; None = about 16M
+        scores per block (64 MB, cache- and memory-friendly at any N).
+
+    Returns:
+      ``(scores [Q, k] descending, indices [Q, k])``.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if block_size is None:
+        block_size = max(1, min(1024, 2**24 // max(1, embeddings.shape[0])))
+    if block_size < 1:
+        raise ValueError(f"`block_size` should be positive. Received: block_size={block_size}")
+    k = min(int(k), embeddings.shape[0])
+    scores_out = np.empty((len(queries), k), np.float32)
+    index_out = np.empty((len(queries), k), np.int64)
+    for start in range(0, len(queries), block_size):
+        block = queries[start:start + block_size] @ embeddings.T
+        top = np.argpartition(-block, k - 1, axis=1)[:, :k] if k < block.shape[1] else \
+            np.tile(np.arange(block.shape[1]), (len(block), 1))
+        top_scores = np.take_along_axis(block, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        scores_out[start:start + len(block)] = np.take_along_axis(top_scores, order, axis=1)
+        index_out[start:start + len(block)] = np.take_along_axis(top, order, axis=1)
+    return scores_out, index_out
+
+
+def _recall_at(searcher, embeddings, queries, exact, k, leaves, reorder) -> float:
+    """Recall@k of one (leaves, reorder) setting; ``reorder <= 0``: the build-time depth."""
+    from models.metrics import recall_vs_exact
+
+    idx, dist = searcher.search_batched(queries, final_num_neighbors=k,
+                                        pre_reorder_num_neighbors=max(reorder, k) if reorder > 0 else None,
+                                        leaves_to_search=leaves)
+    idx = idx.numpy()
+    true = np.einsum("qd,qkd->qk", queries, embeddings[idx])
+    true[~np.isfinite(dist.numpy())] = -np.inf  # padding when the partitions hold fewer than k points
+    return recall_vs_exact(-np.sort(-true, axis=1), exact, k)
+
+
+def _fewest_leaves(recall_of, num_leaves: int, target_recall: float, upper: Optional[int] = None):
+    """Smallest partition count reaching the target (coarse grid, then bisection).
+
+    `recall_of(leaves)` is measured (and memoised by the caller's dict). Recall grows
+    with the partitions searched, up to noise, so the bisection assumes monotonicity.
+    Returns ``(leaves or None when even `upper` misses, {leaves: recall})``.
+    """
+    upper = num_leaves if upper is None else min(upper, num_leaves)
+    measured: Dict[int, float] = {}
+
+    def measure(leaves):
+        if leaves not in measured:
+            measured[leaves] = recall_of(leaves)
+        return measured[leaves]
+
+    grid = sorted({max(1, int(round(num_leaves * f))) for f in _LEAF_FRACTIONS if num_leaves * f <= upper} | {upper})
+    miss, hit = 0, None
+    for leaves in grid:
+        if measure(leaves) >= target_recall:
+            hit = leaves
+            break
+        miss = leaves
+    if hit is None:
+        return None, measured
+    while hit - miss > 1:
+        mid = (hit + miss) // 2
+        if measure(mid) >= target_recall:
+            hit = mid
+        else:
+            miss = mid
+    return hit, measured
+
+
+def _seconds_per_query(searcher, queries, k, settings, repeats: int = 3) -> List[float]:
+    """Best-of-`repeats` search time per query of each (leaves, reorder) setting.
+
+    The settings are timed in interleaved rounds, so a burst of load from other
+    processes slows one round of every setting rather than all rounds of one.
+    """
+    import time
+
+    best = [float("inf")] * len(settings)
+    for _ in range(repeats):
+        for i, (leaves, reorder) in enumerate(settings):
+            start = time.perf_counter()
+            searcher.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=max(reorder, k),
+                                    leaves_to_search=leaves)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [b / len(queries) for b in best]
+
+
 def tune_leaves_to_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leaves: int,
-                          target_recall: float, k: int = 10):
+                          target_recall: float, k: int = 10, reorder: int = 0):
     """Smallest number of searched partitions reaching `target_recall` at `k`.
 
     Recall is measured against exact search by score (see
     `models.metrics.recall_vs_exact`), so ties cannot flip it. Returns the chosen
-    count and the (leaves, recall) curve that was measured.
-    """
-    from models.metrics import recall_vs_exact
+    count and the (leaves, recall) curve measured up to it, ascending.
 
+    Args:
+      searcher: a built ScaNN searcher (TensorFlow ops).
+      embeddings: ``[N, D]`` the indexed vectors.
+      queries: ``[Q, D]`` sample queries.
+      num_leaves: partitions of the searcher.
+      target_recall: recall@k against exact search to reach.
+      k: the recall cut-off.
+      reorder: candidates re-scored exactly (0 = the searcher's build-time depth).
+    """
+    embeddings = np.asarray(embeddings, np.float32)
+    queries = np.asarray(queries, np.float32)
     k = min(k, embeddings.shape[0])
-    exact = -np.sort(-(queries @ embeddings.T), axis=1)[:, :k]
-    candidates = sorted({max(1, int(round(num_leaves * f))) for f in
-                         (0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)})
-    curve = []
-    for leaves in candidates:
-        idx, _ = searcher.search_batched(queries, final_num_neighbors=k, leaves_to_search=leaves)
-        idx = idx.numpy()
-        true = np.einsum("qd,qkd->qk", queries, embeddings[idx])
-        recall = recall_vs_exact(-np.sort(-true, axis=1), exact, k)
-        curve.append((leaves, recall))
-        if recall >= target_recall:
-            return leaves, curve
-    return num_leaves, curve
+    exact, _ = exact_top_k(queries, embeddings, k)
+    leaves, measured = _fewest_leaves(
+        lambda n: _recall_at(searcher, embeddings, queries, exact, k, n, reorder), num_leaves, target_recall)
+    leaves = num_leaves if leaves is None else leaves
+    return leaves, [(n, r) for n, r in sorted(measured.items()) if n <= leaves]
+
+
+def tune_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leaves: int, target_recall: float,
+                k: int = 10, reorder_candidates: Sequence[int] = REORDER_CANDIDATES, repeats: int = 3):
+    """Partitions searched and re-scoring depth: the fastest pair reaching the target.
+
+    For each re-scoring depth r (ascending) the fewest partitions l(r) reaching
+    `target_recall` at `k` are found (`tune_leaves_to_search`'s search; l(r) cannot
+    grow with r, so each search is bounded by the previous l). Each pair needing
+    fewer partitions than every shallower depth (the others are dominated) is then
+    timed on the sample queries (single thread, best of `repeats` interleaved rounds)
+    and the fastest is kept. When no pair reaches the target, all partitions and the
+    deepest re-scoring are used.
+
+    Returns:
+      ``(leaves, reorder, report)``; the report holds ``curve`` (leaves, recall) at
+      the chosen depth up to the chosen leaves, and ``grid``: one
+      ``[leaves, reorder, recall, microseconds per query]`` row per timed pair.
+    """
+    embeddings = np.asarray(embeddings, np.float32)
+    queries = np.asarray(queries, np.float32)
+    n = embeddings.shape[0]
+    k = min(k, n)
+    exact, _ = exact_top_k(queries, embeddings, k)
+    depths = sorted({min(n, max(k, int(r))) for r in reorder_candidates})
+    if not depths:
+        raise ValueError(f"`reorder_candidates` should not be empty. Received: {reorder_candidates!r}")
+    upper, found, curves = num_leaves, [], {}
+    for depth in depths:
+        leaves, measured = _fewest_leaves(
+            lambda l, d=depth: _recall_at(searcher, embeddings, queries, exact, k, l, d), num_leaves, target_recall,
+            upper)
+        curves[depth] = measured
+        # A deeper re-scoring that needs as many partitions as a shallower one is slower: skip it.
+        if leaves is not None and (not found or leaves < found[-1][0]):
+            found.append((leaves, depth, measured[leaves]))
+            upper = leaves
+    if not found:
+        depth = depths[-1]
+        recall = curves[depth].get(num_leaves)
+        if recall is None:
+            recall = _recall_at(searcher, embeddings, queries, exact, k, num_leaves, depth)
+            curves[depth][num_leaves] = recall
+        found = [(num_leaves, depth, recall)]
+    seconds = _seconds_per_query(searcher, queries, k, [(leaves, depth) for leaves, depth, _ in found], repeats)
+    grid = [[leaves, depth, round(float(recall), 4), round(1e6 * s, 2)]
+            for (leaves, depth, recall), s in zip(found, seconds)]
+    leaves, depth = min(grid, key=lambda row: (row[3], row[0], row[1]))[:2]
+    curve = [[int(a), round(float(b), 4)] for a, b in sorted(curves[depth].items()) if a <= leaves]
+    return leaves, depth, {"curve": curve, "grid": grid}
 
 
 def build_index(embeddings: np.ndarray, item_ids: Sequence[str], config: IndexConfig = IndexConfig(),
@@ -169,7 +343,8 @@ def build_index(embeddings: np.ndarray, item_ids: Sequence[str], config: IndexCo
       item_ids: ``N`` ids, returned by searches.
       config: the index settings.
       tuning_queries: ``[Q, D]`` sample queries; with ``leaves_to_search=0`` the
-        number of searched partitions is tuned on them to reach the target recall.
+        number of searched partitions (and with ``reorder=0`` and `tune_reorder` the
+        re-scoring depth) is tuned on them to reach the target recall.
     """
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
@@ -194,13 +369,21 @@ def build_index(embeddings: np.ndarray, item_ids: Sequence[str], config: IndexCo
         queries = np.ascontiguousarray(tuning_queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != embeddings.shape[1]:
             raise ValueError(f"`tuning_queries` should be [Q, {embeddings.shape[1]}]. Received {queries.shape}")
-        leaves, curve = tune_leaves_to_search(searcher, embeddings, queries, params["num_leaves"],
-                                              config.target_recall)
-        params["leaves_to_search"] = leaves
-        params["tuning"] = {"queries": int(len(queries)), "target_recall@10": config.target_recall,
-                            "curve": [[int(a), round(float(b), 4)] for a, b in curve]}
+        tuning = {"queries": int(len(queries)), "target_recall@10": config.target_recall}
+        if config.reorder == 0 and config.tune_reorder:
+            leaves, reorder, report = tune_search(searcher, embeddings, queries, params["num_leaves"],
+                                                  config.target_recall)
+            params["reorder"] = int(reorder)
+            tuning.update(report)
+        else:
+            leaves, curve = tune_leaves_to_search(searcher, embeddings, queries, params["num_leaves"],
+                                                  config.target_recall, reorder=params["reorder"])
+            tuning["curve"] = [[int(a), round(float(b), 4)] for a, b in curve]
+        params["leaves_to_search"] = int(leaves)
+        params["tuning"] = tuning
     return _ScannModule(searcher, item_ids, embeddings.shape[1], embeddings.shape[0],
-                        params["leaves_to_search"]), params
+                        params["leaves_to_search"], reorder=params["reorder"],
+                        num_leaves=params["num_leaves"]), params
 
 
 def save_index(module, params: Dict[str, Any], path: str, *, item_tower_version: Optional[str],
@@ -239,16 +422,33 @@ class LoadedIndex:
     def num_items(self) -> int:
         return int(self.manifest["num_items"])
 
-    def search(self, queries: np.ndarray, k: int):
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.manifest["embedding_dim"])
+
+    def item_ids(self) -> np.ndarray:
+        """``[N]`` the indexed item ids (str), in the order of the returned ``indices``."""
+        return self._module.item_ids.numpy().astype(str)
+
+    def _run(self, queries: np.ndarray, k: int):
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.manifest["embedding_dim"]:
             raise ValueError(f"queries should be [batch, {self.manifest['embedding_dim']}]. "
                              f"Received shape {queries.shape}")
         if k < 1:
             raise ValueError(f"`k` should be positive. Received: k={k}")
-        out = self._search(queries=tf.constant(queries), k=tf.constant(int(k), tf.int32))
+        return self._search(queries=tf.constant(queries), k=tf.constant(int(k), tf.int32))
+
+    def search(self, queries: np.ndarray, k: int):
+        """``(scores [B, k'], item_ids [B, k'])`` with k' = min(k, N) (ScaNN may return fewer)."""
+        out = self._run(queries, k)
         ids = out["item_ids"].numpy().astype(str)
         return out["scores"].numpy(), ids
+
+    def search_indices(self, queries: np.ndarray, k: int):
+        """``(scores [B, k'], indices [B, k'])``: positions in `item_ids()`."""
+        out = self._run(queries, k)
+        return out["scores"].numpy(), out["indices"].numpy()
 
 
 def load_index(path: str, expected_item_tower_version: Optional[str] = None,

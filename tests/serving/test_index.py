@@ -102,3 +102,71 @@ def test_tuning_reaches_the_target_recall_with_fewer_leaves_than_all():
     true = np.array([[q[r] @ db[int(i.decode()[1:])] for i in row] for r, row in enumerate(got)])
     exact = _exact_scores(q, db, 10)
     assert np.mean(true >= exact[:, -1:] - 1e-4) >= 0.98
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_top_k_matches_a_full_sort(seed):
+    from serving.index import exact_top_k
+
+    rng = np.random.default_rng(seed)
+    db = rng.normal(size=(300, 8)).astype(np.float32)
+    q = rng.normal(size=(37, 8)).astype(np.float32)
+    full = q @ db.T
+    for k, block in ((5, 10), (300, 64), (400, 1)):  # blocks smaller than Q; k beyond N is capped
+        scores, idx = exact_top_k(q, db, k, block_size=block)
+        want = -np.sort(-full, axis=1)[:, :min(k, 300)]
+        np.testing.assert_allclose(scores, want, atol=1e-5)  # blocked BLAS sums in another order
+        np.testing.assert_allclose(np.take_along_axis(full, idx, axis=1), want, atol=1e-5)
+    # Tiny hand case: scores [1, 3, 2] -> top-2 = [3, 2] at [1, 2].
+    s, i = exact_top_k(np.array([[1.0]], np.float32), np.array([[1.0], [3.0], [2.0]], np.float32), 2)
+    assert s.tolist() == [[3.0, 2.0]] and i.tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="`block_size` should be positive"):
+        exact_top_k(q, db, 3, block_size=0)
+
+
+def test_tuning_picks_the_fastest_pair_reaching_the_target():
+    from serving.index import tune_search
+
+    db = _clustered(5000, 16, 7)
+    q = _clustered(300, 16, 8)
+    module, params = build_index(db, [f"i{j}" for j in range(len(db))], IndexConfig(kind="scann", target_recall=0.95),
+                                 tuning_queries=q)
+    grid = params["tuning"]["grid"]
+    chosen = [row for row in grid if row[0] == params["leaves_to_search"] and row[1] == params["reorder"]]
+    assert len(chosen) == 1 and chosen[0][2] >= 0.95
+    assert chosen[0][3] == min(row[3] for row in grid)  # the fastest of the measured pairs
+    assert all(row[2] >= 0.95 for row in grid)
+    # Deeper re-scoring never needs more partitions.
+    by_depth = sorted(grid, key=lambda row: row[1])
+    assert [row[0] for row in by_depth] == sorted([row[0] for row in by_depth], reverse=True)
+    got = module.search(q, 10)["item_ids"].numpy()
+    true = np.array([[q[r] @ db[int(i.decode()[1:])] for i in row] for r, row in enumerate(got)])
+    assert np.mean(true >= _exact_scores(q, db, 10)[:, -1:] - 1e-4) >= 0.95
+    # Unreachable target: all partitions and the deepest re-scoring.
+    from scann import scann_ops
+
+    searcher = scann_ops.builder(db, 10, "dot_product").tree(num_leaves=20, num_leaves_to_search=5,
+                                                             training_sample_size=5000).score_ah(
+        2, anisotropic_quantization_threshold=0.2).reorder(50).build()
+    leaves, reorder, report = tune_search(searcher, db, q, 20, 1.0, reorder_candidates=(10, 20))
+    assert (leaves, reorder) == (20, 20) and len(report["grid"]) == 1
+
+
+def test_deep_queries_are_not_cut_short_by_the_tuned_depth():
+    db = _clustered(3000, 16, 9)
+    q = _clustered(4, 16, 10)
+    module, params = build_index(db, [f"i{j}" for j in range(len(db))],
+                                 IndexConfig(kind="scann", num_leaves=60, leaves_to_search=1, reorder=20))
+    for k in (1000, 5000):
+        out = module.search(q, k)
+        ids, scores = out["indices"].numpy(), out["scores"].numpy()
+        assert ids.shape == (4, min(k, 3000)) and np.all(np.isfinite(scores))
+        assert all(len(set(row)) == len(row) for row in ids.tolist())
+        # re-scored exactly: the returned scores are the true inner products, descending
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, db[ids]), atol=1e-5)
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    # When the partitions searched hold fewer than k points, ScaNN pads with NaN scores
+    # (index 0); callers drop non-finite scores (see serving.cascade).
+    out = module.search(q, 10)
+    finite = np.isfinite(out["scores"].numpy())
+    assert finite.sum(axis=1).min() >= 1

@@ -1,0 +1,255 @@
+"""Load test of `recfunnel serve`: fixed concurrency levels, throughput, latency percentiles, errors.
+
+    # 1. (optional) a workdir with a 1M-item corpus, from a finished run's workdir
+    python benchmarks/serving_load.py prepare --from runs/demo --to runs/demo-1m --num-items 1000000
+
+    # 2. the service, in another shell
+    recfunnel serve --workdir runs/demo-1m --port 8500
+
+    # 3. the load, on loopback
+    python benchmarks/serving_load.py run --url http://127.0.0.1:8500 --workdir runs/demo-1m \\
+        --concurrency 1 8 16 --duration 60 --out load.json
+
+``run`` keeps `concurrency` requests in flight (closed loop: each client thread sends
+its next request when the previous one is answered, over one keep-alive connection)
+for `duration` seconds per level, after a short warm-up, with user ids drawn (seeded)
+from the workdir's users. It reports per level: completed requests/s, latency p50 /
+p90 / p99 / max, and errors (non-200 answers or transport failures, with the first
+few messages), plus the machine's load average before and after.
+
+``prepare`` copies a workdir's data and the served version's towers, grows the item
+table to `num_items` (the original items plus synthetic ones whose features are drawn
+from the original columns, ids ``x<n>``), embeds every item with the exported item
+tower, builds the index as the job does (`serving.index.build_index` with the default
+`IndexConfig`: ScaNN, tuned on 1,000 users' query embeddings) and — unless
+``--no-rankers`` — exports a pre-ranker (DNN) and a ranker (DIN) from
+`models.ranking`, untrained: their latency, not their quality, is what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Any, Dict, List
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+# -- load ----------------------------------------------------------------------------------
+def _user_ids(workdir: str, count: int, seed: int) -> List[str]:
+    import pyarrow.parquet as pq
+
+    users = pq.read_table(os.path.join(workdir, "data", "users.parquet"), columns=["user_id"]).column(0).to_pylist()
+    rng = np.random.default_rng(seed)
+    return [str(users[i]) for i in rng.choice(len(users), size=min(count, len(users)), replace=False)]
+
+
+def run_level(url: str, path: str, bodies: List[bytes], concurrency: int, duration: float,
+              warmup: float) -> Dict[str, Any]:
+    """Closed-loop load at one concurrency level; latencies of requests started after warm-up."""
+    parsed = urllib.parse.urlparse(url)
+    start_at = time.perf_counter() + warmup
+    stop_at = start_at + duration
+    latencies: List[List[float]] = [[] for _ in range(concurrency)]
+    errors: List[List[str]] = [[] for _ in range(concurrency)]
+
+    def client(slot: int) -> None:
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=30)
+        i = slot
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                break
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            try:
+                conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+                response = conn.getresponse()
+                payload = response.read()
+                ok = response.status == 200
+                message = "" if ok else f"{response.status}: {payload[:200]!r}"
+            except (OSError, http.client.HTTPException) as e:
+                ok, message = False, repr(e)
+                conn.close()
+                conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=30)
+            t1 = time.perf_counter()
+            if t0 >= start_at:
+                if ok:
+                    latencies[slot].append(t1 - t0)
+                else:
+                    errors[slot].append(message)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lat = np.sort(np.concatenate([np.asarray(x) for x in latencies])) * 1e3
+    errs = [e for x in errors for e in x]
+    out = {"concurrency": concurrency, "duration_s": duration, "requests": int(len(lat)),
+           "throughput_rps": round(len(lat) / duration, 1), "errors": len(errs), "error_examples": errs[:5]}
+    if len(lat):
+        out.update({f"p{q}_ms": round(float(np.percentile(lat, q)), 2) for q in (50, 90, 99)})
+        out["max_ms"] = round(float(lat[-1]), 2)
+        out["mean_ms"] = round(float(lat.mean()), 2)
+    return out
+
+
+def cmd_run(args) -> None:
+    users = _user_ids(args.workdir, args.users, args.seed)
+    bodies = [json.dumps({"user_id": u, "k": args.k}).encode() for u in users]
+    parsed = urllib.parse.urlparse(args.url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=30)
+    conn.request("GET", "/v1/models")
+    models = json.loads(conn.getresponse().read())
+    conn.close()
+    result: Dict[str, Any] = {
+        "url": args.url, "endpoint": args.endpoint, "k": args.k, "users": len(users),
+        "server": {k: models.get(k) for k in ("version", "models", "stages", "num_items", "index", "config")},
+        "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}, "levels": []}
+    for c in args.concurrency:
+        level = run_level(args.url, args.endpoint, bodies, c, args.duration, args.warmup)
+        level["load_avg_after"] = os.getloadavg()
+        result["levels"].append(level)
+        print(json.dumps(level), flush=True)
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+# -- prepare -------------------------------------------------------------------------------
+def _grow_items(items, num_items: int, seed: int):
+    """The item table plus synthetic rows drawn column-wise from it (ids ``x<n>``)."""
+    import pandas as pd
+
+    extra = num_items - len(items)
+    if extra <= 0:
+        return items.iloc[:num_items].reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    grown = {}
+    for column in items.columns:
+        if column == "item_id":
+            grown[column] = [f"x{i}" for i in range(extra)]
+        else:
+            grown[column] = items[column].to_numpy()[rng.integers(0, len(items), extra)]
+    return pd.concat([items, pd.DataFrame(grown)], ignore_index=True)
+
+
+def _export_rankers(workdir: str, version: int, data_dir: str) -> List[str]:
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from models.features import Schema, padded_batch
+    from models.ranking import build_ranker, build_vocabularies, export_ranker
+    from models.ranking.models import RankingConfig
+    from serving import exports
+    from serving.user_store import UserStore
+
+    schema = Schema.load(os.path.join(data_dir, "schema.json"))
+    users = pd.read_parquet(os.path.join(data_dir, "users.parquet"))
+    items = pd.read_parquet(os.path.join(data_dir, "items.parquet"))
+    history = pd.read_parquet(os.path.join(data_dir, "user_history.parquet"))
+    columns = {c: users[c].tolist() for c in users.columns}
+    columns.update({c: items[c].tolist() for c in items.columns})
+    columns["history"] = history["history"].tolist()
+    vocabs = build_vocabularies(schema, columns)
+    store = UserStore(data_dir)
+    user = store.features([store.user_ids()[0]])
+    sample = padded_batch(schema, "item", pq.read_table(os.path.join(data_dir, "items.parquet")).slice(0, 8).to_pylist())
+    made = []
+    for model_name, model_type, config in ((exports.PRERANKER, "dnn", RankingConfig(hidden_units=(32,))),
+                                           (exports.RANKER, "din", RankingConfig(hidden_units=(64, 32)))):
+        model = build_ranker(model_type, schema, vocabs, config)
+        model.score_candidates(user, sample)  # creates the weights (untrained)
+        os.makedirs(exports.model_dir(workdir, model_name), exist_ok=True)
+        path = exports.version_path(workdir, model_name, version)
+        export_ranker(model, path + ".tmp")
+        os.rename(path + ".tmp", path)
+        made.append(f"{model_name}={model_type}")
+    return made
+
+
+def cmd_prepare(args) -> None:
+    import pandas as pd
+
+    from models.tf_compat import tf  # noqa: F401
+    from pipeline import job
+    from serving import exports
+    from serving.index import IndexConfig, build_index, save_index
+
+    src, dst = args.source, args.to
+    version = exports.serving_version(src)
+    if version is None:
+        raise SystemExit(f"no exported version in {src}")
+    if os.path.exists(dst):
+        raise SystemExit(f"{dst} exists; remove it first")
+    started = time.time()
+    data_dir = os.path.join(dst, "data")
+    shutil.copytree(os.path.join(src, "data"), data_dir, ignore=shutil.ignore_patterns("examples", "interactions"))
+    items = _grow_items(pd.read_parquet(os.path.join(data_dir, "items.parquet")), args.num_items, args.seed)
+    items.to_parquet(os.path.join(data_dir, "items.parquet"), index=False)
+    for model in (exports.QUERY_TOWER, exports.ITEM_TOWER):
+        shutil.copytree(exports.version_path(src, model, version), exports.version_path(dst, model, 1))
+    t = time.time()
+    ids, emb = job.item_embeddings(exports.version_path(dst, exports.ITEM_TOWER, 1), data_dir, batch_size=8192)
+    embed_s = time.time() - t
+    queries = job.tuning_queries(dst, 1)
+    t = time.time()
+    module, params = build_index(emb, ids, IndexConfig(), tuning_queries=queries)
+    build_s = time.time() - t
+    os.makedirs(exports.model_dir(dst, exports.INDEX), exist_ok=True)
+    save_index(module, params, exports.version_path(dst, exports.INDEX, 1), item_tower_version="1",
+               embedding_dim=emb.shape[1], num_items=len(ids))
+    rankers = [] if args.no_rankers else _export_rankers(dst, 1, data_dir)
+    summary = {"workdir": os.path.abspath(dst), "from": os.path.abspath(src), "from_version": version,
+               "num_items": len(ids), "embedding_dim": int(emb.shape[1]), "embed_s": round(embed_s, 1),
+               "index_build_s": round(build_s, 1),
+               "index": {k: v for k, v in params.items() if k != "tuning"},
+               "index_tuning_grid": params.get("tuning", {}).get("grid"), "rankers": rankers,
+               "seconds": round(time.time() - started, 1)}
+    with open(os.path.join(dst, "prepared.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="load a running service")
+    r.add_argument("--url", default="http://127.0.0.1:8500")
+    r.add_argument("--workdir", required=True, help="the served workdir (user ids are drawn from it)")
+    r.add_argument("--endpoint", default="/v1/recommend", choices=("/v1/recommend", "/v1/retrieve"))
+    r.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    r.add_argument("--duration", type=float, default=60.0, help="seconds per level (default: %(default)s)")
+    r.add_argument("--warmup", type=float, default=3.0, help="seconds not measured at each level's start")
+    r.add_argument("-k", type=int, default=10)
+    r.add_argument("--users", type=int, default=2000, help="distinct users cycled through")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out")
+    pr = sub.add_parser("prepare", help="a workdir with a larger item corpus")
+    pr.add_argument("--from", dest="source", required=True)
+    pr.add_argument("--to", required=True)
+    pr.add_argument("--num-items", type=int, default=1_000_000)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--no-rankers", action="store_true", help="do not export a pre-ranker and ranker")
+    args = p.parse_args()
+    if args.command == "run":
+        cmd_run(args)
+    else:
+        cmd_prepare(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The serving cascade: query tower → index → pre-ranker → ranker.
+
+    user id / features ─ query tower ─► embedding [1, D]
+        ─ index (retrieval_candidates + seen) ─► drop seen items ─► ≤ retrieval_candidates
+        ─ pre-ranker (optional) ─► best preranker_candidates
+        ─ ranker (optional) ─► best k
+
+Each stage keeps the order of the one before for ties. A stage whose model is not
+exported is skipped, and the answer names the stages that ran; an item's ``score`` is
+the score of the last stage that ran (an inner product after retrieval, a click
+probability after a ranker).
+
+The pre-ranker and ranker are SavedModels whose ``serving_default`` signature takes
+schema features by name — user features with batch 1 (``[1]`` string, ``[1, L]``
+string, ``[1]`` float32; the one user is broadcast to every candidate), item features
+``[N]`` / ``[N, L]`` / ``[N]`` — and returns ``{"scores": [N], ...}``.
+
+A `Cascade` is immutable once loaded and safe to call from many threads at once;
+`Cascade.load` reuses the parts of a previous cascade that did not change, which
+makes swapping in a new version cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from models import data_layout as layout
+from models.features import OOV_TOKEN, Kind, Schema, normalize_value, padded_batch
+from models.tf_compat import tf
+from serving import exports
+from serving.index import LoadedIndex, load_index
+from serving.item_store import ItemStore
+from serving.user_store import UnknownUserError, UserStore
+
+log = logging.getLogger("recfunnel.serving")
+
+DATA_DIR = "data"
+RETRIEVAL = "retrieval"
+STAGES = (RETRIEVAL, exports.PRERANKER, exports.RANKER)
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeConfig:
+    """Stage sizes of the cascade.
+
+    Attributes:
+      retrieval_candidates: items taken from the index after removing seen items.
+      preranker_candidates: items the pre-ranker passes on to the ranker.
+      use_preranker: run the pre-ranker when one is exported.
+      use_ranker: run the ranker when one is exported.
+    """
+
+    retrieval_candidates: int = 1000
+    preranker_candidates: int = 200
+    use_preranker: bool = True
+    use_ranker: bool = True
+
+    def __post_init__(self):
+        for name in ("retrieval_candidates", "preranker_candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"`{name}` should be a positive integer. Received: {name}={value!r}")
+        if self.preranker_candidates > self.retrieval_candidates:
+            raise ValueError(
+                "`preranker_candidates` should not exceed `retrieval_candidates`. Received: "
+                f"preranker_candidates={self.preranker_candidates}, retrieval_candidates={self.retrieval_candidates}")
+
+
+class CandidateScorer:
+    """A pre-ranker or ranker export: scores N candidates of one user.
+
+    Args:
+      path: the SavedModel directory.
+      schema: the dataset's feature schema; every signature input must be one of its
+        features.
+      name: ``preranker`` or ``ranker`` (for messages).
+    """
+
+    def __init__(self, path: str, schema: Schema, name: str = exports.RANKER):
+        self.path, self.name = path, name
+        self._module = tf.saved_model.load(path)
+        if "serving_default" not in self._module.signatures:
+            raise ValueError(f"{name} export {path} has no `serving_default` signature")
+        self._fn = self._module.signatures["serving_default"]
+        inputs = self._fn.structured_input_signature[1]
+        known = {f.name: f.side for f in schema.features}
+        foreign = sorted(set(inputs) - set(known))
+        if foreign:
+            raise ValueError(f"{name} export {path} takes inputs {foreign} that are not features of the schema "
+                             f"({sorted(known)})")
+        if "scores" not in self._fn.structured_outputs:
+            raise ValueError(f"{name} export {path} should return `scores`. "
+                             f"Received outputs {sorted(self._fn.structured_outputs)}")
+        self.user_inputs = sorted(n for n in inputs if known[n] == "user")
+        self.item_inputs = sorted(n for n in inputs if known[n] == "item")
+
+    def score(self, user_tensors: Mapping[str, Any], item_features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[N]`` scores; `user_tensors` have batch 1, `item_features` N rows."""
+        args = {n: user_tensors[n] for n in self.user_inputs}
+        args.update({n: tf.constant(item_features[n]) for n in self.item_inputs})
+        scores = self._fn(**args)["scores"].numpy().reshape(-1)
+        n = len(next(iter(item_features.values())))
+        if scores.shape[0] != n:
+            raise ValueError(f"{self.name} {self.path} returned {scores.shape[0]} scores for {n} candidates")
+        return scores
+
+
+class QueryTower:
+    """The exported query tower: user features ``[B]`` / ``[B, L]`` → ``embedding [B, D]``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._module = tf.saved_model.load(path)
+        self._fn = self._module.signatures["serving_default"]
+        self.inputs = sorted(self._fn.structured_input_signature[1])
+        self.dim = int(self._fn.structured_outputs["embedding"].shape[-1])
+
+    def __call__(self, user_tensors: Mapping[str, Any]) -> np.ndarray:
+        missing = sorted(set(self.inputs) - set(user_tensors))
+        if missing:
+            raise ValueError(f"the query tower {self.path} needs user features {missing}")
+        return self._fn(**{n: user_tensors[n] for n in self.inputs})["embedding"].numpy()
+
+
+def data_files_signature(data_dir: str) -> Tuple:
+    """Changes whenever a table the stores read is rewritten."""
+    out = []
+    for name in (layout.SCHEMA_FILE, layout.USERS_FILE, layout.USER_HISTORY_FILE, layout.ITEMS_FILE):
+        try:
+            st = os.stat(os.path.join(data_dir, name))
+            out.append((name, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            out.append((name, None, None))
+    return tuple(out)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` should be a positive integer. Received: {name}={value!r}")
+    return int(value)
+
+
+class Cascade:
+    """Loaded exports of one version and the stores they read, answering queries.
+
+    Build with `Cascade.load`. Attributes: ``version`` (of the retrieval models),
+    ``models`` (``{model: version or None}``), ``stages`` (the stages that run).
+    """
+
+    def __init__(self, *, workdir: str, version: int, schema: Schema, query_tower: QueryTower, index: LoadedIndex,
+                 users: UserStore, items: Optional[ItemStore], preranker: Optional[CandidateScorer],
+                 ranker: Optional[CandidateScorer], models: Dict[str, Optional[int]], config: CascadeConfig,
+                 data_signature: Tuple = ()):
+        if (preranker is not None or ranker is not None) and items is None:
+            raise ValueError("an ItemStore is needed to run a pre-ranker or ranker")
+        self.workdir, self.version, self.schema, self.config = workdir, int(version), schema, config
+        self.query_tower, self.index, self.users, self.items = query_tower, index, users, items
+        self.preranker, self.ranker = preranker, ranker
+        self.models = dict(models)
+        self.data_signature = data_signature
+        self.loaded_at = time.time()
+        self._index_ids = index.item_ids()
+        self._item_positions = items.positions(self._index_ids) if items is not None else None
+        if self._item_positions is not None and np.any(self._item_positions < 0):
+            log.warning("%d indexed items are missing from the item table; they are ranked with OOV features",
+                        int(np.sum(self._item_positions < 0)))
+        self.stages = [RETRIEVAL] + [n for n, m in ((exports.PRERANKER, preranker), (exports.RANKER, ranker))
+                                     if m is not None]
+
+    # -- loading ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, workdir: str, version: Optional[int] = None, *, config: CascadeConfig = CascadeConfig(),
+             preranker_version: Optional[int] = None, ranker_version: Optional[int] = None,
+             previous: Optional["Cascade"] = None) -> "Cascade":
+        """Loads version `version` (None: the promoted one, else the newest complete one).
+
+        Args:
+          workdir: the directory `recfunnel run` wrote.
+          version: the retrieval models' version.
+          config: stage sizes and which optional stages run.
+          preranker_version, ranker_version: pin an optional model's version (None:
+            `exports.stage_version`).
+          previous: a loaded cascade whose unchanged parts (same model versions, same
+            data files) are reused.
+
+        Raises:
+          FileNotFoundError: no complete version, or a required model is missing.
+          ValueError: the exports do not fit together (index vs tower, scorer vs schema).
+        """
+        if version is None:
+            version = exports.serving_version(workdir)
+            if version is None:
+                raise FileNotFoundError(
+                    f"no exported index under {exports.model_dir(workdir, exports.INDEX)}; "
+                    f"run `recfunnel run --workdir {workdir}` first")
+        version = int(version)
+        for model in exports.REQUIRED_MODELS:
+            path = exports.version_path(workdir, model, version)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"export {model} version {version} is missing: {path}")
+        wanted = {exports.PRERANKER: (config.use_preranker, preranker_version),
+                  exports.RANKER: (config.use_ranker, ranker_version)}
+        models: Dict[str, Optional[int]] = {exports.QUERY_TOWER: version, exports.INDEX: version}
+        for model, (use, pinned) in wanted.items():
+            v = None
+            if use:
+                v = int(pinned) if pinned is not None else exports.stage_version(workdir, model, version)
+                if v is not None and not os.path.isdir(exports.version_path(workdir, model, v)):
+                    raise FileNotFoundError(f"export {model} version {v} is missing: "
+                                            f"{exports.version_path(workdir, model, v)}")
+            models[model] = v
+
+        def reusable(model):
+            return (previous is not None and previous.workdir == workdir
+                    and previous.models.get(model) == models[model] and models[model] is not None)
+
+        data_dir = os.path.join(workdir, DATA_DIR)
+        signature = data_files_signature(data_dir)
+        same_data = previous is not None and previous.workdir == workdir and previous.data_signature == signature
+        users = previous.users if same_data else UserStore(data_dir)
+        schema = users.schema
+        query_tower = previous.query_tower if reusable(exports.QUERY_TOWER) else QueryTower(
+            exports.version_path(workdir, exports.QUERY_TOWER, version))
+        index = previous.index if reusable(exports.INDEX) else load_index(
+            exports.version_path(workdir, exports.INDEX, version), expected_item_tower_version=str(version),
+            expected_embedding_dim=query_tower.dim)
+        scorers = {}
+        for model in exports.OPTIONAL_MODELS:
+            if models[model] is None:
+                scorers[model] = None
+            elif reusable(model) and getattr(previous, model) is not None:
+                scorers[model] = getattr(previous, model)
+            else:
+                scorers[model] = CandidateScorer(exports.version_path(workdir, model, models[model]), schema, model)
+        items = None
+        if any(s is not None for s in scorers.values()):
+            items = previous.items if same_data and previous.items is not None else ItemStore(data_dir)
+        return cls(workdir=workdir, version=version, schema=schema, query_tower=query_tower, index=index,
+                   users=users, items=items, preranker=scorers[exports.PRERANKER], ranker=scorers[exports.RANKER],
+                   models=models, config=config, data_signature=signature)
+
+    def describe(self) -> Dict[str, Any]:
+        """What is loaded: versions, stages, corpus size and index parameters."""
+        params = {k: v for k, v in self.index.manifest["params"].items() if k != "tuning"}
+        return {"workdir": os.path.abspath(self.workdir), "version": self.version, "models": dict(self.models),
+                "stages": list(self.stages),
+                "skipped_stages": [s for s in STAGES if s not in self.stages],
+                "num_items": self.index.num_items, "num_users": len(self.users),
+                "index": params, "config": dataclasses.asdict(self.config),
+                "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
+
+    def warm_up(self) -> None:
+        """Runs one cold-start query through every stage (traces the functions, fills caches)."""
+        self.recommend(OOV_TOKEN, k=min(10, self.index.num_items), allow_unknown=True, include_seen=True)
+        self.retrieve(OOV_TOKEN, k=min(10, self.index.num_items), allow_unknown=True, include_seen=True)
+
+    # -- queries ---------------------------------------------------------------------
+    def _user_row(self, user_id: Optional[str], features: Optional[Mapping[str, Any]],
+                  allow_unknown: bool) -> Tuple[dict, bool, List[str]]:
+        """(tower input row, known user?, the request's own history items)."""
+        if user_id is None and features is None:
+            raise ValueError("a query needs `user_id` or `features`. Received neither")
+        if user_id is not None and (not isinstance(user_id, str) or not user_id):
+            raise TypeError(f"`user_id` should be a non-empty string. Received: user_id={user_id!r}")
+        known = user_id is not None and user_id in self.users
+        if user_id is not None and not known and features is None and not allow_unknown:
+            raise UnknownUserError(
+                f"unknown user id {user_id!r}: not among the {len(self.users)} users of "
+                f"{os.path.join(self.workdir, DATA_DIR)}")
+        row = self.users.row(user_id if user_id is not None else OOV_TOKEN, allow_unknown=True)
+        own_history: List[str] = []
+        if features is not None:
+            if not isinstance(features, Mapping):
+                raise TypeError(f"`features` should be a mapping of user feature names to values. "
+                                f"Received: {type(features).__name__}")
+            by_name = {f.name: f for f in self.schema.user_features}
+            unknown = sorted(set(features) - set(by_name))
+            if unknown:
+                raise ValueError(f"unknown user feature(s) {unknown}; the schema's user features are "
+                                 f"{sorted(by_name)}")
+            for name, value in features.items():
+                feature = by_name[name]
+                if feature.kind == Kind.NUMERIC:
+                    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                        raise TypeError(f"feature {name!r} should be a number. Received: {value!r}")
+                elif feature.kind == Kind.CATEGORICAL:
+                    if not isinstance(value, (str, int, np.integer)) or isinstance(value, bool):
+                        raise TypeError(f"feature {name!r} should be a string. Received: {value!r}")
+                elif not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    raise TypeError(f"feature {name!r} should be a list of strings. Received: {value!r}")
+                row[name] = normalize_value(feature, value)
+                if feature.kind == Kind.SEQUENCE:
+                    own_history = list(row[name])
+        return row, known, own_history
+
+    def _run(self, user_id, features, k, include_seen, allow_unknown, timings, explain, stages,
+             retrieval_candidates, preranker_candidates) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        clock: Dict[str, float] = {}
+
+        def lap(name, start):
+            now = time.perf_counter()
+            clock[name] = round(1e3 * (now - start), 3)
+            return now
+
+        k = _positive_int("k", k)
+        n_retrieval = max(k, _positive_int("retrieval_candidates", retrieval_candidates or
+                                           self.config.retrieval_candidates))
+        n_pre = max(k, _positive_int("preranker_candidates", preranker_candidates or
+                                     self.config.preranker_candidates))
+        row, known, own_history = self._user_row(user_id, features, allow_unknown)
+        user_batch = padded_batch(self.schema, "user", [row])
+        user_tensors = {n: tf.constant(v) for n, v in user_batch.items()}
+        t = lap("user_features", t0)
+        query = self.query_tower(user_tensors)
+        t = lap("query_tower", t)
+
+        seen = set()
+        if not include_seen:
+            if known:
+                seen.update(self.users.seen(user_id))
+            seen.update(own_history)
+        fetch = min(self.index.num_items, n_retrieval + len(seen))
+        scores, indices = self.index.search_indices(query, fetch)
+        # ScaNN pads with NaN scores when the partitions searched hold fewer than `fetch` points.
+        valid = np.isfinite(scores[0])
+        scores, indices = scores[0][valid], indices[0][valid]
+        t = lap("index", t)
+        keep, taken = [], set(seen)
+        ids = self._index_ids[indices]
+        for j, item_id in enumerate(ids):
+            if item_id in taken:
+                continue
+            taken.add(item_id)
+            keep.append(j)
+            if len(keep) == n_retrieval:
+                break
+        keep = np.asarray(keep, dtype=np.int64)
+        cand_ids, cand_index = ids[keep], indices[keep]
+        stage_scores: Dict[str, np.ndarray] = {RETRIEVAL: scores[keep].astype(np.float64)}
+        counts = {RETRIEVAL: int(len(keep))}
+        ran = [RETRIEVAL]
+        t = lap("filter", t)
+
+        scorers = [(name, scorer, limit) for name, scorer, limit in
+                   ((exports.PRERANKER, self.preranker, n_pre), (exports.RANKER, self.ranker, k))
+                   if scorer is not None and name in stages]
+        if scorers and len(keep):
+            item_feats = self.items.features_at(self._item_positions[cand_index], cand_ids)
+            t = lap("item_features", t)
+            for name, scorer, limit in scorers:
+                s = scorer.score(user_tensors, item_feats).astype(np.float64)
+                order = np.argsort(-s, kind="stable")[:limit]
+                cand_ids = cand_ids[order]
+                item_feats = {f: v[order] for f, v in item_feats.items()}
+                stage_scores = {st: v[order] for st, v in stage_scores.items()}
+                stage_scores[name] = s[order]
+                counts[name] = int(len(order))
+                ran.append(name)
+                t = lap(name, t)
+        final = stage_scores[ran[-1]]
+        items = []
+        for j in range(min(k, len(cand_ids))):
+            item = {"item_id": str(cand_ids[j]), "score": float(final[j])}
+            if explain:
+                item["stage_scores"] = {st: float(v[j]) for st, v in stage_scores.items()}
+            items.append(item)
+        out: Dict[str, Any] = {
+            "user_id": user_id, "items": items, "version": self.version, "cold_start": not known,
+            "stages": ran, "skipped_stages": [s for s in STAGES if s not in ran],
+            "models": {m: v for m, v in self.models.items() if m in (exports.QUERY_TOWER, exports.INDEX) or
+                       m in ran},
+        }
+        if explain:
+            out["candidates"] = counts
+            out["seen_excluded"] = len(seen)
+        if timings or explain:
+            clock["total"] = round(1e3 * (time.perf_counter() - t0), 3)
+            out["timings_ms"] = clock
+        return out
+
+    def recommend(self, user_id: Optional[str] = None, features: Optional[Mapping[str, Any]] = None, k: int = 10,
+                  include_seen: bool = False, allow_unknown: bool = False, timings: bool = False,
+                  explain: bool = False, retrieval_candidates: Optional[int] = None,
+                  preranker_candidates: Optional[int] = None) -> Dict[str, Any]:
+        """The k best items for one user through every loaded stage.
+
+        Args:
+          user_id: a known user, or (with `features` or `allow_unknown`) any id.
+          features: user features by name, overriding the stored ones (categorical:
+            str, numeric: number, multi-valued/sequence: list of str, oldest first).
+          k: items returned (distinct; fewer only when the corpus runs out).
+          include_seen: keep the user's training items (and the items of a history
+            sent in `features`); by default they are removed before ranking.
+          allow_unknown: answer an unknown id without features as a cold-start user
+            (OOV features, empty history).
+          timings: add ``timings_ms`` per stage.
+          explain: add per-item ``stage_scores``, per-stage candidate counts and timings.
+          retrieval_candidates, preranker_candidates: override the stage sizes (each at
+            least k).
+
+        Returns:
+          ``{"user_id", "items": [{"item_id", "score"}], "version", "cold_start", "stages",
+          "skipped_stages", "models"[, "timings_ms", "candidates"]}``.
+
+        Raises:
+          UnknownUserError: unknown `user_id`, no `features`, `allow_unknown` False.
+          ValueError, TypeError: a bad argument or feature value (the message names it).
+        """
+        return self._run(user_id, features, k, include_seen, allow_unknown, timings, explain, STAGES,
+                         retrieval_candidates, preranker_candidates)
+
+    def retrieve(self, user_id: Optional[str] = None, features: Optional[Mapping[str, Any]] = None, k: int = 10,
+                 include_seen: bool = False, allow_unknown: bool = False, timings: bool = False,
+                 explain: bool = False) -> Dict[str, Any]:
+        """The k best items of the retrieval stage alone (arguments as in `recommend`)."""
+        return self._run(user_id, features, k, include_seen, allow_unknown, timings, explain, (RETRIEVAL,),
+                         k, None)
+
+
+__all__ = ["Cascade", "CascadeConfig", "CandidateScorer", "QueryTower", "STAGES", "RETRIEVAL", "UnknownUserError"]

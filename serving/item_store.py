@@ -1,0 +1,111 @@
+"""Item features for scoring candidates at serving time.
+
+The item table is read once into the tower/ranker input layout of
+`models.features.padded_batch` and kept dictionary-encoded (one int32 code per cell
+and one small vocabulary per feature), so a batch of N candidates is a few numpy
+gathers rather than N Python rows.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from models import data_layout as layout
+from models.features import ITEM_ID, OOV_TOKEN, Kind, Schema, padded_batch
+
+
+class ItemStore:
+    """The item table of a materialized dataset, gathered as padded batches.
+
+    Row ``len(store)`` (index ``-1``) is a placeholder for items missing from the
+    table: OOV for categorical features, ``""`` padding for multi-valued ones, 0 for
+    numeric ones; its ``item_id`` is replaced by the requested id.
+
+    Args:
+      data_dir: a materialized dataset directory (``schema.json``, ``items.parquet``).
+      chunk_size: rows converted per `padded_batch` call while loading.
+    """
+
+    def __init__(self, data_dir: str, chunk_size: int = 65536):
+        if chunk_size < 1:
+            raise ValueError(f"`chunk_size` should be positive. Received: chunk_size={chunk_size}")
+        self.data_dir = data_dir
+        self.schema = Schema.load(os.path.join(data_dir, layout.SCHEMA_FILE))
+        table = pq.read_table(os.path.join(data_dir, layout.ITEMS_FILE),
+                              columns=[f.name for f in self.schema.item_features])
+        ids = [str(v) for v in table.column(ITEM_ID).to_pylist()]
+        self._index = pd.Index(ids)
+        if not self._index.is_unique:
+            dupes = self._index[self._index.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"{os.path.join(data_dir, layout.ITEMS_FILE)} repeats item ids, e.g. {dupes}")
+        parts = [padded_batch(self.schema, "item", table.slice(start, chunk_size).to_pylist())
+                 for start in range(0, table.num_rows, chunk_size)]
+        placeholder = padded_batch(self.schema, "item", [self._placeholder_row()])
+        self._codes: Dict[str, np.ndarray] = {}
+        self._vocab: Dict[str, np.ndarray] = {}
+        self._numeric: Dict[str, np.ndarray] = {}
+        for f in self.schema.item_features:
+            column = np.concatenate([p[f.name] for p in parts] + [placeholder[f.name]], axis=0)
+            if f.kind == Kind.NUMERIC:
+                self._numeric[f.name] = column.astype(np.float32)
+            else:
+                codes, uniques = pd.factorize(column.ravel())
+                self._codes[f.name] = codes.astype(np.int32).reshape(column.shape)
+                self._vocab[f.name] = np.asarray(uniques, dtype=object)
+
+    def _placeholder_row(self) -> dict:
+        row = {}
+        for f in self.schema.item_features:
+            row[f.name] = OOV_TOKEN if f.kind == Kind.CATEGORICAL else 0.0 if f.kind == Kind.NUMERIC else []
+        return row
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, item_id: str) -> bool:
+        return str(item_id) in self._index
+
+    def item_ids(self) -> np.ndarray:
+        return self._index.to_numpy(dtype=object)
+
+    def positions(self, item_ids: Sequence[str]) -> np.ndarray:
+        """``[N]`` int64 rows of `item_ids` in the table, ``-1`` for unknown ids."""
+        return self._index.get_indexer(pd.Index([str(i) for i in item_ids]))
+
+    def features_at(self, positions: np.ndarray, item_ids: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+        """Ranker/tower inputs of the rows at `positions` (``-1`` = the placeholder).
+
+        Returns the layout of ``padded_batch(schema, "item", rows)``: categorical
+        ``[N]`` and multi-valued ``[N, L]`` object arrays of str, numeric ``[N]``
+        float32. `item_ids`, when given, replace the ``item_id`` column (so missing
+        items keep their own id).
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.ndim != 1:
+            raise ValueError(f"`positions` should be 1-D. Received shape {positions.shape}")
+        if len(positions) and (positions.max() >= len(self) or positions.min() < -1):
+            raise ValueError(f"`positions` should be in [-1, {len(self)}). "
+                             f"Received values in [{positions.min()}, {positions.max()}]")
+        out: Dict[str, np.ndarray] = {}
+        for f in self.schema.item_features:
+            if f.kind == Kind.NUMERIC:
+                out[f.name] = self._numeric[f.name][positions]
+            else:
+                out[f.name] = self._vocab[f.name][self._codes[f.name][positions]]
+        if item_ids is not None:
+            if len(item_ids) != len(positions):
+                raise ValueError(f"`item_ids` has {len(item_ids)} entries for {len(positions)} positions")
+            out[ITEM_ID] = np.asarray([str(i) for i in item_ids], dtype=object)
+        return out
+
+    def features(self, item_ids: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Inputs for a list of item ids (unknown ids get the placeholder features)."""
+        return self.features_at(self.positions(item_ids), item_ids)
+
+
+__all__ = ["ItemStore"]

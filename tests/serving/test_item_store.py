@@ -1,0 +1,70 @@
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.features import ITEM_ID, OOV_TOKEN, Kind, Schema, padded_batch
+from serving.item_store import ItemStore
+
+
+@pytest.fixture(scope="module")
+def store(tiny_data_dir):
+    return ItemStore(tiny_data_dir, chunk_size=64)  # several chunks for 200 items
+
+
+def _rows(data_dir):
+    return pd.read_parquet(os.path.join(data_dir, "items.parquet")).to_dict("records")
+
+
+def _assert_same(got, want):
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert got[name].tolist() == want[name].tolist(), name
+
+
+def test_features_equal_padded_batch_of_the_rows(store, tiny_data_dir):
+    schema = Schema.load(os.path.join(tiny_data_dir, "schema.json"))
+    rows = [dict(r, tags=list(r["tags"])) for r in _rows(tiny_data_dir)]
+    assert len(store) == len(rows)
+    for seed in (0, 1, 2):
+        pick = np.random.default_rng(seed).choice(len(rows), 37, replace=True)  # repeats allowed
+        ids = [rows[i]["item_id"] for i in pick]
+        _assert_same(store.features(ids), padded_batch(schema, "item", [rows[i] for i in pick]))
+    assert any(f.kind == Kind.MULTI_CATEGORICAL for f in schema.item_features)
+
+
+def test_unknown_items_get_the_placeholder_but_keep_their_id(store, tiny_data_dir):
+    schema = Schema.load(os.path.join(tiny_data_dir, "schema.json"))
+    first = _rows(tiny_data_dir)[0]["item_id"]
+    assert store.positions([first, "nope"]).tolist() == [0, -1]
+    feats = store.features(["nope", first])
+    assert feats[ITEM_ID].tolist() == ["nope", first]
+    for f in schema.item_features[1:]:
+        if f.kind == Kind.CATEGORICAL:
+            assert feats[f.name][0] == OOV_TOKEN
+        elif f.kind == Kind.MULTI_CATEGORICAL:
+            assert feats[f.name][0].tolist() == [""] * f.max_length
+    assert "nope" not in store and first in store
+
+
+def test_features_at_validates_positions(store):
+    with pytest.raises(ValueError, match="positions"):
+        store.features_at(np.array([len(store)]))
+    with pytest.raises(ValueError, match="1-D"):
+        store.features_at(np.zeros((2, 2), np.int64))
+    with pytest.raises(ValueError, match="`item_ids` has 1 entries for 2 positions"):
+        store.features_at(np.array([0, 1]), ["a"])
+    assert store.features_at(np.array([], np.int64))[ITEM_ID].shape == (0,)
+
+
+def test_duplicate_item_ids_are_refused(tmp_path, tiny_data_dir):
+    import shutil
+
+    d = str(tmp_path / "data")
+    shutil.copytree(tiny_data_dir, d)
+    df = pd.read_parquet(os.path.join(d, "items.parquet"))
+    pd.concat([df, df.iloc[:2]]).to_parquet(os.path.join(d, "items.parquet"), index=False)
+    with pytest.raises(ValueError, match="repeats item ids"):
+        ItemStore(d)
