@@ -128,17 +128,9 @@ def load_impressions(args) -> Tuple[Any, Any, str]:
 
 def split_last_events(user_ids, timestamps, test_fraction: float):
     """Boolean test mask: each user's last ``ceil(test_fraction × n_u)`` events by time (>= 1)."""
-    import numpy as np
-    import pandas as pd
+    from models.ranking.training import last_events_mask
 
-    df = pd.DataFrame({"u": user_ids, "t": timestamps, "i": np.arange(len(user_ids))})
-    df = df.sort_values(["u", "t", "i"], kind="stable")
-    position = df.groupby("u").cumcount().to_numpy()
-    size = df.groupby("u")["u"].transform("size").to_numpy()
-    n_test = np.maximum(1, np.ceil(test_fraction * size)).astype(int)
-    test = np.zeros(len(df), dtype=bool)
-    test[df["i"].to_numpy()] = position >= size - n_test
-    return test
+    return last_events_mask(user_ids, timestamps, test_fraction)
 
 
 # ---------------------------------------------------------------------------------
@@ -154,50 +146,23 @@ def _loss(args):
     return make_loss("bce")
 
 
-def _predict(model, features):
-    import numpy as np
-
-    from models.tf_compat import tf
-
-    logits = model.predict(tf.data.Dataset.from_tensor_slices(features).batch(4096), verbose=0)
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64).reshape(-1)))
-
-
 def train_and_evaluate(model_type: str, seed: int, schema, vocabs, config, train, validation, test,
                        args) -> Tuple[Any, Dict]:
     """Trains up to ``args.epochs`` epochs, keeps the epoch with the best validation AUC
     (stops after the first epoch that does not improve it), evaluates on the test set."""
-    from models.ranking.metrics import auc, ctr_metrics
+    from models.ranking.metrics import ctr_metrics
     from models.ranking.models import build_ranker
-    from models.tf_compat import keras, tf
+    from models.ranking.training import fit_ranker, predict_probabilities
+    from models.tf_compat import keras
 
     keras.utils.set_random_seed(seed)
     model = build_ranker(model_type, schema, vocabs, config)
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), loss=_loss(args))
-    features, labels = train
-    ds = (tf.data.Dataset.from_tensor_slices((features, labels))
-          .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-          .batch(args.batch_size).prefetch(2))
-    start = time.perf_counter()
-    best, best_weights, curve, losses = -1.0, None, [], []
-    for epoch in range(args.epochs):
-        history = model.fit(ds, epochs=1, verbose=0)
-        losses.append(round(float(history.history["loss"][-1]), 5))
-        if validation is None:
-            continue
-        value = auc(validation[1], _predict(model, validation[0]))
-        curve.append(round(value, 5))
-        if value > best:
-            best, best_weights = value, model.get_weights()
-        else:
-            break
-    if best_weights is not None:
-        model.set_weights(best_weights)
-    train_seconds = time.perf_counter() - start
+    training = fit_ranker(model, train, validation, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
     test_features, test_labels, test_users = test
-    metrics = ctr_metrics(test_users, test_labels, _predict(model, test_features))
-    metrics.update(train_seconds=round(train_seconds, 2), train_loss=losses, validation_auc=curve,
-                   epochs=(curve.index(max(curve)) + 1) if curve else len(losses))
+    metrics = ctr_metrics(test_users, test_labels, predict_probabilities(model, test_features))
+    metrics.update(train_seconds=round(training["seconds"], 2), train_loss=training["train_loss"],
+                   validation_auc=training["validation_auc"], epochs=training["epochs"])
     return model, metrics
 
 

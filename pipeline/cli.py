@@ -130,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           file=sys.stderr)
                     return EXIT_USAGE
             metrics = run(config, args.workdir, from_stage=args.from_stage, only_stage=args.only_stage)
-            keys = sorted(k for k in metrics if k.startswith(("retrieval.", "index.", "baseline.")))
+            keys = sorted(k for k in metrics if k.startswith(("retrieval.", "index.", "baseline.", "ranker.", "preranker.")))
             print(json.dumps({k: round(metrics[k], 4) for k in keys} | {
                 "workdir": os.path.abspath(args.workdir), "seconds": metrics["total_seconds"],
                 "version": metrics["export_version"], "promoted": metrics["promotion"]["promote"],

@@ -20,6 +20,8 @@ from pipeline.data.synthetic import SyntheticConfig
 from serving.index import IndexConfig
 
 SOURCES = ("synthetic", "movielens", "movielens_tfds", "bars", "csv", "parquet")
+# models.distribution.DISTRIBUTIONS, repeated so that loading a config does not import TensorFlow.
+DISTRIBUTIONS = ("default", "mirrored", "multi_worker")
 
 
 class ConfigError(ValueError):
@@ -129,6 +131,16 @@ class RetrievalConfig:
       batch_size: positives per batch (the in-batch negatives).
       epochs: passes over the training positives.
       seed: initialisation and shuffling.
+      distribution: how many replicas train in lockstep (`models.distribution`):
+        ``default`` (one replica, no strategy), ``mirrored`` (one replica per GPU, or
+        per logical CPU device without GPU, in this process) or ``multi_worker``
+        (synchronous training over the processes listed in the ``TF_CONFIG``
+        environment variable; every worker runs the same job on its own workdir, the
+        chief's is the one to serve). `batch_size` is the *global* batch: each of R
+        replicas trains on batch_size/R examples per step, so with in-batch negatives
+        each replica's softmax sees batch_size/R candidates (a cross-batch memory bank
+        is shared by all replicas); with R > 1 the last partial batch of each epoch is
+        dropped.
     """
 
     embedding_dim: int = 64
@@ -150,6 +162,7 @@ class RetrievalConfig:
     batch_size: int = 512
     epochs: int = 8
     seed: int = 0
+    distribution: str = "default"
 
     def __post_init__(self):
         for name in ("embedding_dim", "feature_dim", "batch_size", "epochs"):
@@ -177,6 +190,77 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.optimizer` should be adam or adagrad. Received: {self.optimizer!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"`retrieval.dropout` should be in [0, 1). Received: {self.dropout}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ConfigError(f"`retrieval.distribution` should be one of {', '.join(DISTRIBUTIONS)}. "
+                              f"Received: {self.distribution!r}")
+
+
+RANKER_MODELS = ("can", "dnn", "din", "cartesian")
+RANKER_LOSSES = ("bce", "focal", "ghm")
+SEQUENCE_POOLINGS = ("coaction_then_sum", "sum_then_coaction")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankerConfig:
+    """The ranking stage (`models.ranking`): a click model over (user, item) features.
+
+    It trains on the labelled interactions of the data (``label``: clicks of the
+    synthetic data, rating >= 4 for MovieLens); data without labels (implicit
+    positives only, such as the BARS splits) skip it. Each user's behaviour sequence
+    at an event holds only the items of that user's earlier events.
+
+    Attributes:
+      enabled: train, evaluate and export the ranker (when the data have labels).
+      model: ``can`` (Co-Action Network), or the baselines ``dnn``, ``din`` (target
+        attention over the sequence), ``cartesian`` (Cartesian-product ids).
+      loss: ``bce``, ``focal`` or ``ghm`` (GHM-C).
+      embedding_dim: size of the representation embeddings.
+      hidden_units: layers of the final MLP.
+      coaction_feed_dim: D, the size of CAN's feed embeddings.
+      coaction_layer_sizes: CAN's micro-MLP layer sizes after D.
+      coaction_orders: C of the multi-order enhancement.
+      order_independent, combination_independent: CAN's independence switches.
+      sequence_pooling: ``coaction_then_sum`` or ``sum_then_coaction`` (Eq. 10).
+      epochs: the maximum number of epochs; the epoch with the best validation AUC is kept.
+      validation_fraction: each user's last training events held out to pick the epoch.
+      batch_size, learning_rate, seed: training.
+    """
+
+    enabled: bool = True
+    model: str = "can"
+    loss: str = "bce"
+    embedding_dim: int = 8
+    hidden_units: Tuple[int, ...] = (64, 32)
+    coaction_feed_dim: int = 8
+    coaction_layer_sizes: Tuple[int, ...] = (4, 4)
+    coaction_orders: int = 2
+    order_independent: bool = False
+    combination_independent: bool = False
+    sequence_pooling: str = "coaction_then_sum"
+    epochs: int = 3
+    validation_fraction: float = 0.1
+    batch_size: int = 512
+    learning_rate: float = 0.003
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, choices in (("model", RANKER_MODELS), ("loss", RANKER_LOSSES),
+                              ("sequence_pooling", SEQUENCE_POOLINGS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"`ranker.{name}` should be one of {', '.join(choices)}. "
+                                  f"Received: {getattr(self, name)!r}")
+        for name in ("embedding_dim", "coaction_feed_dim", "coaction_orders", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`ranker.{name}` should be >= 1. Received: {getattr(self, name)}")
+        for name in ("hidden_units", "coaction_layer_sizes"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ConfigError(f"`ranker.{name}` should hold positive sizes. Received: {list(getattr(self, name))}")
+        if not self.coaction_layer_sizes:
+            raise ConfigError("`ranker.coaction_layer_sizes` should not be empty")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"`ranker.validation_fraction` should be in [0, 1). Received: {self.validation_fraction}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"`ranker.learning_rate` should be > 0. Received: {self.learning_rate}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +291,7 @@ class RunConfig:
     data: DataConfig = DataConfig()
     stats: StatsConfig = StatsConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    ranker: RankerConfig = RankerConfig()
     index: IndexConfig = IndexConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()

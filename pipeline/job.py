@@ -23,6 +23,7 @@ import numpy as np
 
 from models import data_layout as layout
 from models.features import ITEM_ID, Kind, Schema
+from pipeline import ranker_stage
 from pipeline.config import RunConfig, config_to_dict, dump_config
 
 log = logging.getLogger("recfunnel")
@@ -208,14 +209,29 @@ def load_retrieval_inputs(config: RunConfig, workdir: str):
 
 
 def new_retrieval_model(config: RunConfig, workdir: str):
-    """A freshly built (untrained) retrieval model and its training dataset."""
+    """A freshly built (untrained) retrieval model and its training dataset.
+
+    The model is built and compiled under the `retrieval.distribution` strategy's
+    scope (`models.distribution`; the strategy is created first, before any other
+    TensorFlow work, as multi-worker training requires), and the dataset is batched
+    by the global batch size, with static batches when there are several replicas.
+    """
+    from models.distribution import create_strategy, dataset_for_strategy, needs_static_batches
     from models.input_pipeline import example_dataset
 
-    schema, vocabs, log_q, num_stats, mode = load_retrieval_inputs(config, workdir)
-    model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, data_dir=os.path.join(workdir, DATA_DIR))
     r = config.retrieval
+    strategy = create_strategy(r.distribution)
+    with strategy.scope():
+        schema, vocabs, log_q, num_stats, mode = load_retrieval_inputs(config, workdir)
+        model = build_retrieval_model(config, schema, vocabs, log_q, num_stats,
+                                      data_dir=os.path.join(workdir, DATA_DIR))
     train = example_dataset(layout.example_files(os.path.join(workdir, DATA_DIR), "train"), schema, r.batch_size,
-                            shuffle=True, seed=r.seed, positives_only=(mode == "label"))
+                            shuffle=True, seed=r.seed, positives_only=(mode == "label"),
+                            drop_remainder=needs_static_batches(strategy))
+    if r.distribution != "default":
+        with strategy.scope():
+            _create_variables(model, train)  # every variable a distributed one, also when restoring
+        train = dataset_for_strategy(train, strategy)
     return model, train
 
 
@@ -266,7 +282,8 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
         raise FloatingPointError(f"retrieval training diverged: losses {losses}")
     if checkpoint_dir:
         tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, "final", "weights"))
-    summary = {"loss": losses, "seconds": round(time.time() - start, 3)}
+    summary = {"loss": losses, "seconds": round(time.time() - start, 3),
+               "replicas": int(model.distribute_strategy.num_replicas_in_sync)}
     if drift is not None:
         summary["feature_drift"] = {"every_n_steps": r.drift_every_n_steps, "rows": drift.history}
     return model, summary
@@ -318,6 +335,19 @@ def stage_export(model, workdir: str, version: int) -> Dict[str, str]:
     _export_saved_model(model.item_tower, i_path, item_sigs)
     del schema
     return {"query_tower": q_path, "item_tower": i_path}
+
+
+def export_ranker_version(model, workdir: str, version: int) -> str:
+    """Writes the ranker's SavedModel to ``export/ranker/<version>`` atomically."""
+    from models.tf_compat import tf
+    from serving import exports
+
+    os.makedirs(exports.model_dir(workdir, exports.RANKER), exist_ok=True)
+    path = exports.version_path(workdir, exports.RANKER, version)
+    module = tf.Module()
+    module.model = model  # the lookups' tables and the variables travel with the signature
+    _export_saved_model(module, path, {"serving_default": model.serving_function()})
+    return path
 
 
 def item_embeddings(item_tower_path: str, data_dir: str, batch_size: int = 4096) -> Tuple[List[str], np.ndarray]:
@@ -379,7 +409,7 @@ def write_report(workdir: str, run_id: str, config: RunConfig, metrics: Dict[str
     return _write(workdir, run_id, dump_config(config), metrics, stats_dir=os.path.join(workdir, STATS_DIR))
 
 
-STAGES = ("data", "statistics", "retrieval", "export", "index", "evaluation")
+STAGES = ("data", "statistics", "retrieval", "ranker", "export", "index", "evaluation")
 
 
 def _cleanup_incomplete_exports(workdir: str) -> None:
@@ -392,15 +422,18 @@ def _cleanup_incomplete_exports(workdir: str) -> None:
 
     promoted = exports.promoted_version(workdir)
     complete = None
-    for model in exports.REQUIRED_MODELS:
+    for model in exports.MODELS:
         d = exports.model_dir(workdir, model)
         if os.path.isdir(d):
             for name in os.listdir(d):
                 if name.endswith(".tmp"):
                     shutil.rmtree(os.path.join(d, name), ignore_errors=True)
-        vs = set(exports.versions(workdir, model))
-        complete = vs if complete is None else complete & vs
-    for model in exports.REQUIRED_MODELS:
+        if model in exports.REQUIRED_MODELS:
+            vs = set(exports.versions(workdir, model))
+            complete = vs if complete is None else complete & vs
+    # A run's optional models (ranker) are exported with its towers, so they too are
+    # incomplete when the towers or the index of their version are missing.
+    for model in exports.MODELS:
         for v in exports.versions(workdir, model):
             if v not in (complete or set()) and v != promoted:
                 log.warning("removing incomplete export %s version %d", model, v)
@@ -491,12 +524,34 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
             metrics["skipped_stages"].append("retrieval")
         metrics["retrieval_training"] = prior("retrieval")["summary"]
 
+        # ranker (labelled data only); its weights and vocabularies go to a checkpoint
+        ranker_model = None
+        has_labels = Schema.load(os.path.join(data_dir, layout.SCHEMA_FILE)).has_label
+        ranker_on = config.ranker.enabled and has_labels
+        fp_rank = digest({"ranker": config_to_dict(config.ranker), "data": prior("data")["fingerprint"]})
+        rank_ckpt = os.path.join(workdir, "checkpoints", "ranker", fp_rank[:16])
+        if ranker_on:
+            if wanted("ranker") and not state.is_current(
+                    "ranker", fp_rank, [os.path.join(rank_ckpt, ranker_stage.VOCABULARIES_FILE)]):
+                with timer("ranker"):
+                    ranker_model, summary = ranker_stage.stage_ranker(config, workdir, rank_ckpt)
+                    state.record("ranker", fp_rank, summary)
+            else:
+                metrics["skipped_stages"].append("ranker")
+            metrics["ranker"] = prior("ranker")["summary"]
+            metrics.update(ranker_stage.flat_metrics(metrics["ranker"]))
+        else:
+            reason = "ranker.enabled is false" if not config.ranker.enabled else "the data have no labels"
+            log.info("stage ranker: off (%s)", reason)
+            metrics["ranker"] = {"skipped": reason}
+
         # export (a new version, written atomically)
-        fp_exp = digest({"retrieval": prior("retrieval")["fingerprint"]})
+        exported = [exports.QUERY_TOWER, exports.ITEM_TOWER] + ([exports.RANKER] if ranker_on else [])
+        fp_exp = digest({"retrieval": prior("retrieval")["fingerprint"],
+                         "ranker": prior("ranker")["fingerprint"] if ranker_on else None})
         rec = state.load("export")
         version = rec["summary"]["version"] if rec else None
-        export_outputs = [exports.version_path(workdir, m, version) for m in (exports.QUERY_TOWER, exports.ITEM_TOWER)
-                          ] if version else ["/nonexistent"]
+        export_outputs = [exports.version_path(workdir, m, version) for m in exported] if version else ["/nonexistent"]
         if wanted("export") and not state.is_current("export", fp_exp, export_outputs):
             with timer("export"):
                 _cleanup_incomplete_exports(workdir)
@@ -504,7 +559,12 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
                     model = restore_retrieval_model(config, workdir, prior("retrieval")["summary"]["checkpoint"])
                 version = exports.next_version(workdir)
                 stage_export(model, workdir, version)
-                state.record("export", fp_exp, {"version": version})
+                if ranker_on:
+                    if ranker_model is None:
+                        ranker_model = ranker_stage.restore_ranker(config, workdir,
+                                                                   prior("ranker")["summary"]["checkpoint"])
+                    export_ranker_version(ranker_model, workdir, version)
+                state.record("export", fp_exp, {"version": version, "models": exported})
         else:
             metrics["skipped_stages"].append("export")
         version = prior("export")["summary"]["version"]

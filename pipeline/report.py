@@ -76,6 +76,23 @@ def _plots(metrics: Dict[str, Any], stats_dir: Optional[str], out_dir: str) -> L
         plt.close(fig)
         made.append(("index_tuning.png", "Index auto-tuning: recall against exact search vs partitions searched"))
 
+    ranker = metrics.get("ranker") or {}
+    bins = [b for b in (ranker.get("calibration") or {}).get("bins", []) if b.get("count")]
+    if bins:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
+        ax.plot([b["mean_predicted"] for b in bins], [b["observed_rate"] for b in bins], marker="o",
+                label=f"{ranker.get('model', 'ranker')} (test)")
+        ax.set_xlabel("predicted click probability")
+        ax.set_ylabel("observed click rate")
+        ax.set_title("Ranker calibration")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "ranker_calibration.png"), dpi=110)
+        plt.close(fig)
+        made.append(("ranker_calibration.png", "Ranker calibration on the test events: observed click rate "
+                                               "per bin of predicted probability"))
+
     mi_path = os.path.join(stats_dir, "feature_mi.json") if stats_dir else None
     if mi_path and os.path.exists(mi_path):
         with open(mi_path) as f:
@@ -110,7 +127,8 @@ def _fmt(v: Any) -> str:
 
 
 def render_html(metrics: Dict[str, Any], plots: List[Tuple[str, str]]) -> str:
-    quality = [(k, metrics[k]) for k in sorted(metrics) if "@" in k and isinstance(metrics[k], (int, float))]
+    quality = [(k, metrics[k]) for k in sorted(metrics)
+               if ("@" in k or k.startswith(("ranker.", "preranker."))) and isinstance(metrics[k], (int, float))]
     promotion = metrics.get("promotion", {})
     stages = sorted((metrics.get("stage_seconds") or {}).items())
     data = metrics.get("data", {})

@@ -39,6 +39,13 @@ def test_run_writes_the_public_contract(workdir):
                 "index.recall_vs_exact@10"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["index_build"]["kind"] == "scann"
+    # the ranker stage: trained on the labelled clicks, measured on the test split, exported with the towers
+    assert os.listdir(os.path.join(workdir, "export", "ranker")) == ["1"]
+    assert metrics["ranker"]["model"] == "can"
+    for key in ("ranker.auc", "ranker.gauc", "ranker.ece"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["ranker.log_loss"] > 0 and metrics["ranker.latency_ms_median"] > 0
+    assert os.path.exists(os.path.join(workdir, "reports", "latest", "ranker_calibration.png"))
 
 
 def test_query_prints_k_distinct_unseen_items(workdir):
@@ -55,6 +62,8 @@ def test_query_prints_k_distinct_unseen_items(workdir):
     assert not set(ids) & set(seen)
     scores = [i["score"] for i in out["items"]]
     assert scores == sorted(scores, reverse=True)
+    assert out["stages"] == ["retrieval", "ranker"]  # no pre-ranker exported by this config
+    assert all(0.0 <= v <= 1.0 for v in scores)  # click probabilities of the ranker
     with_seen = json.loads(recfunnel("query", "--workdir", workdir, "--user-id", user, "-k", "50",
                                      "--include-seen").stdout)
     assert len(with_seen["items"]) == 50

@@ -1,0 +1,54 @@
+"""The ranking stage's data: labelled events with leak-free histories."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from models import data_layout as layout
+from models.features import HISTORY, ITEM_ID, LABEL, PAD_TOKEN, TIMESTAMP, USER_ID, Schema
+from models.ranking.training import last_events_mask
+from pipeline.ranker_stage import NoLabelsError, ranking_frame
+
+
+@pytest.fixture(scope="module")
+def frame(tiny_data_dir):
+    return ranking_frame(tiny_data_dir, Schema.load(os.path.join(tiny_data_dir, layout.SCHEMA_FILE)))
+
+
+def test_every_event_is_a_labelled_row_with_its_user_and_item_features(frame, tiny_data_dir):
+    import pandas as pd
+
+    n = sum(len(pd.read_parquet(p)) for s in layout.SPLITS for p in layout.interaction_files(tiny_data_dir, s))
+    assert len(frame) == n and set(frame["split"]) == {"train", "test"}
+    assert set(np.unique(frame[LABEL])) <= {0.0, 1.0}
+    for column in ("age", "category", "tags"):
+        assert not frame[column].isna().any()
+
+
+def test_histories_hold_only_earlier_events_of_the_same_user(frame):
+    # brute force: the earlier items of the user, most recent L kept, oldest first
+    length = len(frame[HISTORY].iloc[0])
+    by_user = {u: g.sort_values([TIMESTAMP, ITEM_ID]) for u, g in frame.groupby(USER_ID)}
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(frame), size=200, replace=False):
+        row = frame.iloc[i]
+        events = by_user[row[USER_ID]]
+        earlier = events[events[TIMESTAMP] < row[TIMESTAMP]][ITEM_ID].astype(str).tolist()[-length:]
+        assert [v for v in row[HISTORY] if v != PAD_TOKEN] == earlier
+
+
+def test_data_without_labels_are_refused(tiny_data_dir):
+    schema = Schema.load(os.path.join(tiny_data_dir, layout.SCHEMA_FILE))
+    with pytest.raises(NoLabelsError, match="has no `label` column"):
+        ranking_frame(tiny_data_dir, dataclasses.replace(schema, has_label=False))
+
+
+def test_last_events_mask():
+    users = np.array(["a", "a", "a", "a", "b", "b", "c"])
+    times = np.array([4, 1, 3, 2, 5, 5, 9])
+    # a: the last ceil(0.5 * 4) = 2 by time are t=3, t=4; b: ceil(1) = 1, tie broken by position; c: at least 1
+    assert last_events_mask(users, times, 0.5).tolist() == [True, False, True, False, False, True, True]
+    with pytest.raises(ValueError, match="fraction=1.0"):
+        last_events_mask(users, times, 1.0)
