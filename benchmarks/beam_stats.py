@@ -25,6 +25,12 @@ Usage:
   python benchmarks/beam_stats.py --sizes 1000000 5000000 --out /tmp/beam_stats.json
   python benchmarks/beam_stats.py --sizes 1000000 \\
       --beam-args="--direct_running_mode=multi_processing --direct_num_workers=2"
+  python benchmarks/beam_stats.py --sizes 1000000 --dask-workers 2
+
+With ``--dask-workers N`` the Beam variant runs on Beam's DaskRunner against a
+`dask.distributed` cluster (a scheduler and N single-threaded worker processes) that
+the benchmark starts on the loopback interface (needs ``apache-beam[dask]``); its peak
+RSS is then the submitting process only.
 """
 
 from __future__ import annotations
@@ -308,6 +314,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "recfunnel_beam_stats"),
                         help="datasets are cached here by size and seed")
     parser.add_argument("--beam-args", default="", help="Beam pipeline options, one string")
+    parser.add_argument("--dask-workers", type=int, default=0,
+                        help="run the Beam variant on a local Dask cluster of this many worker processes")
     parser.add_argument("--movielens-dir", default=None)
     parser.add_argument("--out", default=None, help="JSON report path")
     # internal: one variant in a subprocess
@@ -319,6 +327,24 @@ def main(argv=None) -> None:
         _child_main(args)
         return
 
+    cluster = None
+    if args.dask_workers:
+        import distributed
+
+        from beam_jobs.options import DASK_RUNNER
+
+        cluster = distributed.LocalCluster(n_workers=args.dask_workers, threads_per_worker=1, processes=True,
+                                           host="127.0.0.1", dashboard_address=None)
+        args.beam_args = (f"{args.beam_args} --runner={DASK_RUNNER} "
+                          f"--dask_client_address={cluster.scheduler_address}").strip()
+    try:
+        _run_sizes(args)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_sizes(args) -> None:
     report: Dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),
