@@ -205,6 +205,7 @@ def _serve(args) -> int:
 
 
 def _stats(args, pipeline_args: List[str]) -> int:
+    from beam_jobs.options import validate_pipeline_args
     from beam_jobs.stats_job import run_statistics
     from pipeline.config import load_config
     from pipeline.data.materialize import materialize
@@ -217,11 +218,17 @@ def _stats(args, pipeline_args: List[str]) -> int:
     config = load_config(args.config, overrides + list(args.overrides))
     fraction = (args.max_rejected_fraction if args.max_rejected_fraction is not None
                 else config.stats.max_rejected_fraction)
+    beam_args = list(config.stats.pipeline_args) + pipeline_args
+    try:  # before any work: a typo costs nothing
+        validate_pipeline_args(beam_args, {"output": args.output})
+    except ValueError as e:
+        print(f"recfunnel: {e}", file=sys.stderr)
+        return EXIT_USAGE
     raw = read_source(config)
     with tempfile.TemporaryDirectory(prefix="recfunnel-stats-") as tmp:
         data_dir = os.path.join(tmp, "data")
         read = materialize(raw, data_dir, config.data.split, config.data.positives, config.data.history_mode)
-        summary = run_statistics(data_dir, args.output, pipeline_args=list(config.stats.pipeline_args) + pipeline_args,
+        summary = run_statistics(data_dir, args.output, pipeline_args=beam_args,
                                  min_count=config.stats.min_count, max_rejected_fraction=fraction,
                                  positives=read["positives"], upstream_rejections=read["read"])
     print(json.dumps(summary, indent=2, default=str))

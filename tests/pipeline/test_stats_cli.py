@@ -44,3 +44,13 @@ def test_stats_fails_above_the_threshold_without_writing(tmp_path):
     assert proc.returncode == 1
     assert "max_rejected_fraction" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(out)
+
+
+def test_misspelled_beam_option_is_refused_before_any_work(tmp_path):
+    data = _bars(tmp_path, [])
+    out = str(tmp_path / "out")
+    proc = recfunnel("stats", "--dataset", "bars", "--data-dir", data, "--output", out,
+                     "--runner=DirectRunner", "--direct_num_workrs=2")
+    assert proc.returncode == 2
+    assert "--direct_num_workrs=2" in proc.stderr and "did you mean --direct_num_workers" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(out)
