@@ -342,7 +342,8 @@ def workdir_vectors(workdir: str, num_queries: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000],
+                   help="clustered corpus sizes (none: only --workdir)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--clusters", type=int, default=0, help="mixture components (default: √N)")
     p.add_argument("--spread", type=float, default=1.0, help="noise norm relative to the unit centers")
