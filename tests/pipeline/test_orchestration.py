@@ -52,3 +52,24 @@ def test_gate_decisions():
         gate({"x@1": 1.0}, None, cfg)
     with pytest.raises(ValueError, match="keep_versions"):
         PromotionConfig(keep_versions=0)
+
+
+def test_cleanup_removes_killed_exports_of_every_model(tmp_path):
+    from pipeline.job import _cleanup_incomplete_exports
+    from serving import exports
+
+    w = str(tmp_path)
+
+    def make(model, version):
+        os.makedirs(exports.version_path(w, model, version))
+
+    for model in exports.REQUIRED_MODELS + (exports.RANKER,):
+        make(model, 1)  # a complete version
+    make(exports.QUERY_TOWER, 2)  # an export killed after the query tower...
+    make(exports.ITEM_TOWER, 2)
+    make(exports.RANKER, 2)  # ...and the ranker, before the index
+    os.makedirs(exports.version_path(w, exports.RANKER, 3) + ".tmp")  # a half-written SavedModel
+    _cleanup_incomplete_exports(w)
+    for model in exports.REQUIRED_MODELS + (exports.RANKER,):
+        assert exports.versions(w, model) == [1], model
+    assert os.listdir(exports.model_dir(w, exports.RANKER)) == ["1"]
