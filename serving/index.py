@@ -104,6 +104,10 @@ class IndexConfig:
 
 # Re-scoring depths tried by the tuner (each capped by the corpus size, at least k).
 REORDER_CANDIDATES = (10, 25, 50, 100, 200, 500, 1000)
+# Tried only when no depth above reaches the target: embeddings crowded together (e.g.
+# many cold items sharing one id bucket) have score gaps below the quantization error,
+# and only a deeper exact re-scoring separates them. Still far below N at 1M items.
+DEEP_REORDER_CANDIDATES = (2000, 5000, 10000, 20000)
 # Partitions searched as fractions of all partitions: the coarse grid of the tuner,
 # refined by bisection between the last miss and the first hit.
 _LEAF_FRACTIONS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
@@ -285,7 +289,8 @@ def tune_leaves_to_search(searcher, embeddings: np.ndarray, queries: np.ndarray,
 
 
 def tune_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leaves: int, target_recall: float,
-                k: int = 10, reorder_candidates: Sequence[int] = REORDER_CANDIDATES, repeats: int = 3):
+                k: int = 10, reorder_candidates: Sequence[int] = REORDER_CANDIDATES, repeats: int = 3,
+                deep_reorder_candidates: Sequence[int] = DEEP_REORDER_CANDIDATES):
     """Partitions searched and re-scoring depth: the fastest pair reaching the target.
 
     For each re-scoring depth r (ascending) the fewest partitions l(r) reaching
@@ -293,8 +298,9 @@ def tune_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leave
     grow with r, so each search is bounded by the previous l). Each pair needing
     fewer partitions than every shallower depth (the others are dominated) is then
     timed on the sample queries (single thread, best of `repeats` interleaved rounds)
-    and the fastest is kept. When no pair reaches the target, all partitions and the
-    deepest re-scoring are used.
+    and the fastest is kept. When no depth reaches the target, the deeper
+    `deep_reorder_candidates` are tried the same way; when none of those does either,
+    all partitions and the deepest re-scoring are used.
 
     Returns:
       ``(leaves, reorder, report)``; the report holds ``curve`` (leaves, recall) at
@@ -309,18 +315,24 @@ def tune_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leave
     depths = sorted({min(n, max(k, int(r))) for r in reorder_candidates})
     if not depths:
         raise ValueError(f"`reorder_candidates` should not be empty. Received: {reorder_candidates!r}")
-    upper, found, curves = num_leaves, [], {}
-    for depth in depths:
-        leaves, measured = _fewest_leaves(
-            lambda l, d=depth: _recall_at(searcher, embeddings, queries, exact, k, l, d), num_leaves, target_recall,
-            upper)
-        curves[depth] = measured
-        # A deeper re-scoring that needs as many partitions as a shallower one is slower: skip it.
-        if leaves is not None and (not found or leaves < found[-1][0]):
-            found.append((leaves, depth, measured[leaves]))
-            upper = leaves
+    deep = sorted({min(n, int(r)) for r in deep_reorder_candidates} - set(depths))
+    deep = [d for d in deep if d > depths[-1]]
+    upper, found, curves, tried = num_leaves, [], {}, []
+    for group in (depths, deep):
+        if found:
+            break
+        for depth in group:
+            leaves, measured = _fewest_leaves(
+                lambda l, d=depth: _recall_at(searcher, embeddings, queries, exact, k, l, d), num_leaves,
+                target_recall, upper)
+            curves[depth] = measured
+            tried.append(depth)
+            # A deeper re-scoring that needs as many partitions as a shallower one is slower: skip it.
+            if leaves is not None and (not found or leaves < found[-1][0]):
+                found.append((leaves, depth, measured[leaves]))
+                upper = leaves
     if not found:
-        depth = depths[-1]
+        depth = tried[-1]
         recall = curves[depth].get(num_leaves)
         if recall is None:
             recall = _recall_at(searcher, embeddings, queries, exact, k, num_leaves, depth)

@@ -148,8 +148,13 @@ def test_tuning_picks_the_fastest_pair_reaching_the_target():
     searcher = scann_ops.builder(db, 10, "dot_product").tree(num_leaves=20, num_leaves_to_search=5,
                                                              training_sample_size=5000).score_ah(
         2, anisotropic_quantization_threshold=0.2).reorder(50).build()
-    leaves, reorder, report = tune_search(searcher, db, q, 20, 1.0, reorder_candidates=(10, 20))
+    leaves, reorder, report = tune_search(searcher, db, q, 20, 1.0, reorder_candidates=(10, 20),
+                                          deep_reorder_candidates=())
     assert (leaves, reorder) == (20, 20) and len(report["grid"]) == 1
+    # When the usual depths miss, deeper re-scoring is tried (here up to all 5,000 items: exact).
+    leaves, reorder, report = tune_search(searcher, db, q, 20, 1.0, reorder_candidates=(10, 20),
+                                          deep_reorder_candidates=(2000, 5000, 10000))
+    assert reorder in (2000, 5000) and all(row[2] >= 1.0 for row in report["grid"])
 
 
 def test_deep_queries_are_not_cut_short_by_the_tuned_depth():
