@@ -51,7 +51,8 @@ def main() -> None:
                 metrics = json.load(f)
         print(f"run {i + 1}/{args.runs}: {wall:.1f} s", file=sys.stderr)
 
-    keys = sorted(k for k in metrics if k.startswith(("retrieval.", "index.", "baseline.")))
+    keys = sorted(k for k in metrics if k.startswith(("retrieval.", "index.", "baseline.", "ranker.", "preranker."))
+                  and isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool))
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "config": args.config or "built-in defaults",

@@ -22,9 +22,8 @@ table to `num_items` (the original items plus synthetic ones whose features are 
 from the original columns, ids ``x<n>``), embeds every item with the exported item
 tower, builds the index as the job does (`serving.index.build_index` with the default
 `IndexConfig`: ScaNN, tuned on 1,000 users' query embeddings) and — unless
-``--no-rankers`` — copies the source run's pre-ranker and ranker exports, and for a
-stage the run did not export, exports an untrained stand-in from `models.ranking` (a DNN
-pre-ranker, a DIN ranker): latency, not quality, is what is measured.
+``--no-rankers`` — copies the source run's trained pre-ranker and ranker exports (a
+stage the run did not export is skipped by the cascade, and the answers say so).
 """
 
 from __future__ import annotations
@@ -148,45 +147,21 @@ def _grow_items(items, num_items: int, seed: int):
     return pd.concat([items, pd.DataFrame(grown)], ignore_index=True)
 
 
-def _export_rankers(workdir: str, version: int, data_dir: str, src: str, src_version: int) -> List[str]:
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    from models.features import Schema, padded_batch
-    from models.ranking import build_ranker, build_vocabularies, export_ranker
-    from models.ranking.models import RankingConfig
+def _copy_rankers(workdir: str, version: int, src: str, src_version: int) -> List[str]:
+    """Copies the source run's trained pre-ranker and ranker exports; returns what was copied."""
     from serving import exports
-    from serving.user_store import UserStore
 
-    schema = Schema.load(os.path.join(data_dir, "schema.json"))
-    users = pd.read_parquet(os.path.join(data_dir, "users.parquet"))
-    items = pd.read_parquet(os.path.join(data_dir, "items.parquet"))
-    history = pd.read_parquet(os.path.join(data_dir, "user_history.parquet"))
-    columns = {c: users[c].tolist() for c in users.columns}
-    columns.update({c: items[c].tolist() for c in items.columns})
-    columns["history"] = history["history"].tolist()
-    vocabs = build_vocabularies(schema, columns)
-    store = UserStore(data_dir)
-    user = store.features([store.user_ids()[0]])
-    sample = padded_batch(schema, "item", pq.read_table(os.path.join(data_dir, "items.parquet")).slice(0, 8).to_pylist())
     made = []
-    stand_ins = [(exports.PRERANKER, "dnn", RankingConfig(hidden_units=(32,))),
-                 (exports.RANKER, "din", RankingConfig(hidden_units=(64, 32)))]
     for model_name in (exports.PRERANKER, exports.RANKER):
         source_version = exports.stage_version(src, model_name, src_version)
-        if source_version is not None:  # the run's trained model
-            shutil.copytree(exports.version_path(src, model_name, source_version),
-                            exports.version_path(workdir, model_name, version))
-            made.append(f"{model_name}=trained (copied from {src} version {source_version})")
-            stand_ins = [s for s in stand_ins if s[0] != model_name]
-    for model_name, model_type, config in stand_ins:
-        model = build_ranker(model_type, schema, vocabs, config)
-        model.score_candidates(user, sample)  # creates the weights (untrained)
+        if source_version is None:
+            print(f"prepare: {src} has no {model_name} export for version {src_version}; "
+                  f"the cascade will skip that stage", file=sys.stderr)
+            continue
         os.makedirs(exports.model_dir(workdir, model_name), exist_ok=True)
-        path = exports.version_path(workdir, model_name, version)
-        export_ranker(model, path + ".tmp")
-        os.rename(path + ".tmp", path)
-        made.append(f"{model_name}={model_type} (untrained stand-in)")
+        shutil.copytree(exports.version_path(src, model_name, source_version),
+                        exports.version_path(workdir, model_name, version))
+        made.append(f"{model_name} (trained, copied from {src} version {source_version})")
     return made
 
 
@@ -221,7 +196,7 @@ def cmd_prepare(args) -> None:
     os.makedirs(exports.model_dir(dst, exports.INDEX), exist_ok=True)
     save_index(module, params, exports.version_path(dst, exports.INDEX, 1), item_tower_version="1",
                embedding_dim=emb.shape[1], num_items=len(ids))
-    rankers = [] if args.no_rankers else _export_rankers(dst, 1, data_dir, src, version)
+    rankers = [] if args.no_rankers else _copy_rankers(dst, 1, src, version)
     summary = {"workdir": os.path.abspath(dst), "from": os.path.abspath(src), "from_version": version,
                "num_items": len(ids), "embedding_dim": int(emb.shape[1]), "embed_s": round(embed_s, 1),
                "index_build_s": round(build_s, 1),
@@ -252,7 +227,7 @@ def main() -> None:
     pr.add_argument("--to", required=True)
     pr.add_argument("--num-items", type=int, default=1_000_000)
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--no-rankers", action="store_true", help="do not export a pre-ranker and ranker")
+    pr.add_argument("--no-rankers", action="store_true", help="do not copy the pre-ranker and ranker")
     args = p.parse_args()
     if args.command == "run":
         cmd_run(args)

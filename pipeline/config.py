@@ -160,7 +160,7 @@ class RetrievalConfig:
     optimizer: str = "adam"
     learning_rate: float = 0.01
     batch_size: int = 512
-    epochs: int = 8
+    epochs: int = 6
     seed: int = 0
     distribution: str = "default"
 
@@ -264,6 +264,71 @@ class RankerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrerankerStageConfig:
+    """The pre-ranking stage (`models.preranking`): AutoFAS distilled from the ranker.
+
+    It runs when the ranker does (it is the teacher). The search learns which features
+    to keep (a keep probability per feature) and which operator each of `num_mixops`
+    layers uses (dense layers of `operator_widths`, or identity), under a latency cost
+    measured on this machine; the derived network is retrained from scratch with
+    distillation and exported.
+
+    Attributes:
+      enabled: search, retrain, evaluate and export the pre-ranker.
+      num_mixops: L, the searched layers.
+      operator_widths: widths of the dense candidate operators of each layer.
+      latency_weight: λ of Loss1 (feature masks), per ms of expected latency.
+      distillation_weight: λ1, the share of the ranker-distillation term in [0, 1].
+      architecture_latency_weight: λ2 of Loss2 (architecture), per ms.
+      search_epochs, retrain_epochs: passes over the training events.
+      search_max_events: the search runs on a seeded sample of at most this many
+        training events (0 = all); retraining uses all of them.
+      latency_repeats: timed calls per latency micro-benchmark (medians are used).
+      batch_size, learning_rate, seed: training.
+      external_feature_costs: feature → extra milliseconds per request for features a
+        deployment fetches from an external store (added to the measured costs).
+    """
+
+    enabled: bool = True
+    num_mixops: int = 3
+    operator_widths: Tuple[int, ...] = (16, 32, 64, 128)
+    latency_weight: float = 0.02
+    distillation_weight: float = 0.5
+    architecture_latency_weight: float = 0.1
+    search_epochs: int = 3
+    retrain_epochs: int = 4
+    search_max_events: int = 30_000
+    latency_repeats: int = 15
+    batch_size: int = 512
+    learning_rate: float = 0.003
+    seed: int = 0
+    external_feature_costs: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("num_mixops", "search_epochs", "retrain_epochs", "batch_size", "latency_repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`preranker.{name}` should be >= 1. Received: {getattr(self, name)}")
+        if self.search_max_events < 0:
+            raise ConfigError(f"`preranker.search_max_events` should be >= 0 (0 = all events). "
+                              f"Received: {self.search_max_events}")
+        if not self.operator_widths or any(w < 1 for w in self.operator_widths):
+            raise ConfigError(f"`preranker.operator_widths` should hold positive widths. "
+                              f"Received: {list(self.operator_widths)}")
+        if not 0 <= self.distillation_weight <= 1:
+            raise ConfigError(f"`preranker.distillation_weight` should be in [0, 1]. "
+                              f"Received: {self.distillation_weight}")
+        for name in ("latency_weight", "architecture_latency_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`preranker.{name}` should be >= 0. Received: {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"`preranker.learning_rate` should be > 0. Received: {self.learning_rate}")
+        for feature, cost in self.external_feature_costs.items():
+            if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0:
+                raise ConfigError(f"`preranker.external_feature_costs.{feature}` should be a number of "
+                                  f"milliseconds >= 0. Received: {cost!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
     """Offline evaluation over the full corpus.
 
@@ -292,6 +357,7 @@ class RunConfig:
     stats: StatsConfig = StatsConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     ranker: RankerConfig = RankerConfig()
+    preranker: PrerankerStageConfig = PrerankerStageConfig()
     index: IndexConfig = IndexConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()

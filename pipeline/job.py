@@ -23,7 +23,7 @@ import numpy as np
 
 from models import data_layout as layout
 from models.features import ITEM_ID, Kind, Schema
-from pipeline import ranker_stage
+from pipeline import preranker_stage, ranker_stage
 from pipeline.config import RunConfig, config_to_dict, dump_config
 
 log = logging.getLogger("recfunnel")
@@ -337,13 +337,13 @@ def stage_export(model, workdir: str, version: int) -> Dict[str, str]:
     return {"query_tower": q_path, "item_tower": i_path}
 
 
-def export_ranker_version(model, workdir: str, version: int) -> str:
-    """Writes the ranker's SavedModel to ``export/ranker/<version>`` atomically."""
+def export_ranker_version(model, workdir: str, version: int, name: str = "ranker") -> str:
+    """Writes a ranker's (or pre-ranker's) SavedModel to ``export/<name>/<version>`` atomically."""
     from models.tf_compat import tf
     from serving import exports
 
-    os.makedirs(exports.model_dir(workdir, exports.RANKER), exist_ok=True)
-    path = exports.version_path(workdir, exports.RANKER, version)
+    os.makedirs(exports.model_dir(workdir, name), exist_ok=True)
+    path = exports.version_path(workdir, name, version)
     module = tf.Module()
     module.model = model  # the lookups' tables and the variables travel with the signature
     _export_saved_model(module, path, {"serving_default": model.serving_function()})
@@ -409,7 +409,7 @@ def write_report(workdir: str, run_id: str, config: RunConfig, metrics: Dict[str
     return _write(workdir, run_id, dump_config(config), metrics, stats_dir=os.path.join(workdir, STATS_DIR))
 
 
-STAGES = ("data", "statistics", "retrieval", "ranker", "export", "index", "evaluation")
+STAGES = ("data", "statistics", "retrieval", "ranker", "preranker", "export", "index", "evaluation")
 
 
 def _cleanup_incomplete_exports(workdir: str) -> None:
@@ -545,10 +545,37 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
             log.info("stage ranker: off (%s)", reason)
             metrics["ranker"] = {"skipped": reason}
 
-        # export (a new version, written atomically)
-        exported = [exports.QUERY_TOWER, exports.ITEM_TOWER] + ([exports.RANKER] if ranker_on else [])
-        fp_exp = digest({"retrieval": prior("retrieval")["fingerprint"],
+        # pre-ranker: AutoFAS distilled from this run's ranker
+        preranker_model = None
+        preranker_on = ranker_on and config.preranker.enabled
+        fp_pre = digest({"preranker": config_to_dict(config.preranker),
                          "ranker": prior("ranker")["fingerprint"] if ranker_on else None})
+        pre_ckpt = os.path.join(workdir, "checkpoints", "preranker", fp_pre[:16])
+        if preranker_on:
+            if wanted("preranker") and not state.is_current(
+                    "preranker", fp_pre, [os.path.join(pre_ckpt, preranker_stage.MODEL_CONFIG_FILE)]):
+                with timer("preranker"):
+                    if ranker_model is None:
+                        ranker_model = ranker_stage.restore_ranker(config, workdir,
+                                                                   prior("ranker")["summary"]["checkpoint"])
+                    preranker_model, summary = preranker_stage.stage_preranker(config, workdir, ranker_model,
+                                                                               pre_ckpt)
+                    state.record("preranker", fp_pre, summary)
+            else:
+                metrics["skipped_stages"].append("preranker")
+            metrics["preranker"] = prior("preranker")["summary"]
+            metrics.update(preranker_stage.flat_metrics(metrics["preranker"]))
+        else:
+            reason = ("preranker.enabled is false" if ranker_on else "there is no ranker to distil from")
+            log.info("stage preranker: off (%s)", reason)
+            metrics["preranker"] = {"skipped": reason}
+
+        # export (a new version, written atomically)
+        exported = ([exports.QUERY_TOWER, exports.ITEM_TOWER] + ([exports.RANKER] if ranker_on else [])
+                    + ([exports.PRERANKER] if preranker_on else []))
+        fp_exp = digest({"retrieval": prior("retrieval")["fingerprint"],
+                         "ranker": prior("ranker")["fingerprint"] if ranker_on else None,
+                         "preranker": prior("preranker")["fingerprint"] if preranker_on else None})
         rec = state.load("export")
         version = rec["summary"]["version"] if rec else None
         export_outputs = [exports.version_path(workdir, m, version) for m in exported] if version else ["/nonexistent"]
@@ -564,6 +591,10 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
                         ranker_model = ranker_stage.restore_ranker(config, workdir,
                                                                    prior("ranker")["summary"]["checkpoint"])
                     export_ranker_version(ranker_model, workdir, version)
+                if preranker_on:
+                    if preranker_model is None:
+                        preranker_model = preranker_stage.restore_preranker(prior("preranker")["summary"]["checkpoint"])
+                    export_ranker_version(preranker_model, workdir, version, exports.PRERANKER)
                 state.record("export", fp_exp, {"version": version, "models": exported})
         else:
             metrics["skipped_stages"].append("export")

@@ -2,8 +2,10 @@
 
 Plots (matplotlib, written as PNG beside the page): the retrieval training loss, Recall@K
 and NDCG@K of the model, through the index and of the popularity baseline, the index
-tuning curve (partitions searched vs recall against exact search), and the heatmap of
-the item features' normalized mutual information.
+tuning curve (partitions searched vs recall against exact search), the ranker's
+calibration, the AutoFAS pre-ranker's quality against measured latency beside its teacher
+(with the searched feature masks), and the heatmap of the item features' normalized
+mutual information.
 """
 
 from __future__ import annotations
@@ -92,6 +94,39 @@ def _plots(metrics: Dict[str, Any], stats_dir: Optional[str], out_dir: str) -> L
         plt.close(fig)
         made.append(("ranker_calibration.png", "Ranker calibration on the test events: observed click rate "
                                                "per bin of predicted probability"))
+
+    pre = metrics.get("preranker") or {}
+    if ranker.get("latency") and pre.get("latency") and (pre.get("metrics") or {}).get("auc") is not None:
+        points = [(ranker.get("model", "ranker") + " (teacher)", ranker["latency"]["median_ms"],
+                   (ranker.get("metrics") or {}).get("auc")),
+                  ("AutoFAS pre-ranker", pre["latency"]["median_ms"], pre["metrics"]["auc"])]
+        keep_by_feature = (pre.get("search") or {}).get("keep_probabilities") or {}
+        names = sorted(keep_by_feature, key=lambda n: -keep_by_feature[n])
+        keep = [keep_by_feature[n] for n in names]
+        fig, axes = plt.subplots(1, 2 if keep else 1, figsize=(9, 3.6), squeeze=False)
+        ax = axes[0, 0]
+        for label, ms, auc in points:
+            if auc is not None:
+                ax.scatter([ms], [auc], s=40)
+                ax.annotate(label, (ms, auc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"measured median ms per {ranker['latency'].get('candidates', '')} candidates")
+        ax.set_ylabel("test AUC")
+        ax.set_title("AutoFAS: quality vs latency")
+        if axes.shape[1] == 2:
+            ax = axes[0, 1]
+            kept = set(pre.get("features") or [])
+            ax.barh(range(len(names)), keep, color=["tab:blue" if n in kept else "tab:grey" for n in names])
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("keep probability after search")
+            ax.set_title("Feature masks (blue: kept)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "preranker_tradeoff.png"), dpi=110)
+        plt.close(fig)
+        made.append(("preranker_tradeoff.png", "AutoFAS: test AUC against measured latency of the teacher ranker "
+                                               "and the searched pre-ranker, and the searched feature masks "
+                                               "(the λ sweep's Pareto curve is benchmarks/preranker.py)"))
 
     mi_path = os.path.join(stats_dir, "feature_mi.json") if stats_dir else None
     if mi_path and os.path.exists(mi_path):

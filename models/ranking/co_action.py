@@ -221,7 +221,6 @@ def co_action(p_induction: tf.Tensor, p_feed: tf.Tensor, *, input_dim: int, laye
         x = x[:, tf.newaxis]  # [B, 1, L, D]: broadcasts over the induction axis
     length = tf.shape(x)[-2]
     per_mlp = micro_mlp_param_count(input_dim, layer_sizes, use_bias)
-    width = sum(int(s) for s in layer_sizes)
 
     def pool(out):  # [..., L, width] -> [..., width]
         if weights is None:

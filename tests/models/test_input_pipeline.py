@@ -20,7 +20,7 @@ def test_positives_only_keeps_full_batches_of_positives(tiny_data_dir):
     schema = Schema.load(os.path.join(tiny_data_dir, layout.SCHEMA_FILE))
     files = layout.example_files(tiny_data_dir, "train")
     ds = example_dataset(files, schema, 16, shuffle=False, positives_only=True)
-    sizes, total = [], 0
+    sizes = []
     for b in ds:
         assert (b["label"].numpy() > 0).all()
         sizes.append(int(b["label"].shape[0]))

@@ -13,7 +13,8 @@ TINY = os.path.join(REPO, "pipeline", "configs", "tiny.yaml")
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     w = str(tmp_path_factory.mktemp("run") / "w")
-    proc = recfunnel("run", "--config", TINY, "--workdir", w)
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--set", "preranker.enabled=true",
+                     "--set", "preranker.search_epochs=2", "--set", "preranker.retrain_epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["workdir"] == os.path.abspath(w)
@@ -46,6 +47,12 @@ def test_run_writes_the_public_contract(workdir):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["ranker.log_loss"] > 0 and metrics["ranker.latency_ms_median"] > 0
     assert os.path.exists(os.path.join(workdir, "reports", "latest", "ranker_calibration.png"))
+    # the pre-ranker stage: AutoFAS distilled from that ranker, exported with it
+    assert os.listdir(os.path.join(workdir, "export", "preranker")) == ["1"]
+    assert metrics["preranker"]["features"] and 0.0 <= metrics["preranker.auc"] <= 1.0
+    assert metrics["preranker.latency_ms_median"] > 0 and metrics["preranker.expected_latency_ms"] > 0
+    page = open(os.path.join(workdir, "reports", "latest", "index.html")).read()
+    assert 'src="preranker_tradeoff.png"' in page
 
 
 def test_query_prints_k_distinct_unseen_items(workdir):
@@ -62,7 +69,7 @@ def test_query_prints_k_distinct_unseen_items(workdir):
     assert not set(ids) & set(seen)
     scores = [i["score"] for i in out["items"]]
     assert scores == sorted(scores, reverse=True)
-    assert out["stages"] == ["retrieval", "ranker"]  # no pre-ranker exported by this config
+    assert out["stages"] == ["retrieval", "preranker", "ranker"]
     assert all(0.0 <= v <= 1.0 for v in scores)  # click probabilities of the ranker
     with_seen = json.loads(recfunnel("query", "--workdir", workdir, "--user-id", user, "-k", "50",
                                      "--include-seen").stdout)

@@ -62,3 +62,18 @@ def test_shipped_configs_are_valid():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_default_yaml_states_the_built_in_defaults():
+    """`pipeline/configs/default.yaml` is what `recfunnel run` uses without --config, key for key."""
+    import os
+
+    import yaml
+
+    import pipeline
+    from pipeline.config import config_to_dict
+
+    path = os.path.join(os.path.dirname(pipeline.__file__), "configs", "default.yaml")
+    with open(path) as f:
+        shipped = yaml.safe_load(f)
+    assert shipped == config_to_dict(RunConfig()), "regenerate it with `recfunnel config`"

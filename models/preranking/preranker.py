@@ -1,0 +1,108 @@
+"""The derived pre-ranker: selected feature blocks → ReLU MLP → click logit, and its export.
+
+The same class serves the AutoFAS result (features and layer widths from the search)
+and hand-designed MLP baselines. For N candidates of one user the user features are
+embedded once and broadcast (`FeatureEmbedding.candidate_blocks`).
+
+Serving: `export_preranker(model, path)` writes a SavedModel whose ``serving_default``
+signature has the shape of `models.ranking.export_ranker`'s — so the serving cascade
+calls pre-ranker and ranker the same way — but takes only the *selected* features:
+user features ``[1]`` / ``[1, L]`` / ``[1]`` float32, item features ``[N]`` / ``[N, L]``
+/ ``[N]``; outputs ``{"scores": [N] click probabilities, "logits": [N]}``. Features the
+search dropped are not inputs, so they are never fetched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+from models.features import Schema
+from models.preranking.embedding import FeatureEmbedding
+from models.tf_compat import keras, tf
+
+
+class PreRanker(keras.Model):
+    """Embeddings of `features` → ReLU layers `hidden_units` → logit.
+
+    Args:
+      schema: a `Schema` or its dict.
+      vocabularies: vocabulary name → tokens.
+      features: the input features (at least one item feature).
+      hidden_units: the ReLU layers (may be empty: a linear model).
+      embedding_dim: width of the categorical blocks.
+      numeric_stats: feature → (mean, std).
+
+    Call: ``model(features)`` (every selected feature, ``[B]`` / ``[B, L]``) → logits ``[B]``.
+    """
+
+    def __init__(self, schema, vocabularies: Mapping[str, Sequence[str]], features: Sequence[str],
+                 hidden_units: Sequence[int] = (64, 32), embedding_dim: int = 8,
+                 numeric_stats: Optional[Mapping[str, Sequence[float]]] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = FeatureEmbedding(schema, vocabularies, features, embedding_dim, numeric_stats,
+                                          name="features")
+        self.schema: Schema = self.embedding.schema
+        self.features = list(self.embedding.features)
+        if not any(self.schema.feature(n).side == "item" for n in self.features):
+            raise ValueError(f"`features` should hold at least one item feature. Received: features={self.features}")
+        self.hidden_units = [int(u) for u in hidden_units]
+        if any(u < 1 for u in self.hidden_units):
+            raise ValueError(f"`hidden_units` should hold positive widths. Received: hidden_units={self.hidden_units}")
+        self.mlp = keras.Sequential([keras.layers.Dense(u, activation="relu") for u in self.hidden_units]
+                                    + [keras.layers.Dense(1, name="logit")], name="mlp")
+
+    @property
+    def input_width(self) -> int:
+        return int(sum(self.embedding.widths))
+
+    def call(self, inputs, training=False):
+        return tf.squeeze(self.mlp(tf.concat(self.embedding(inputs), axis=-1), training=training), axis=-1)
+
+    def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any]) -> tf.Tensor:
+        """Logits ``[N]`` of N candidates for one user (user tensors with batch 1 or N)."""
+        blocks = self.embedding.candidate_blocks(user_features, item_features)
+        return tf.squeeze(self.mlp(tf.concat(blocks, axis=-1), training=False), axis=-1)
+
+    def tensor_specs(self):
+        """``(user specs, item specs)`` of the selected features."""
+        user = {k: v for k, v in self.schema.tensor_specs("user").items() if k in self.features}
+        item = {k: v for k, v in self.schema.tensor_specs("item").items() if k in self.features}
+        return user, item
+
+    def serving_function(self):
+        """Concrete function of the ``serving_default`` signature (module docstring)."""
+        user_specs, item_specs = self.tensor_specs()
+
+        @tf.function
+        def score_candidates(**features):
+            logits = self.candidate_logits({k: features[k] for k in user_specs},
+                                           {k: features[k] for k in item_specs})
+            return {"scores": tf.sigmoid(logits), "logits": logits}
+
+        return score_candidates.get_concrete_function(**user_specs, **item_specs)
+
+    def get_config(self):
+        emb = self.embedding.get_config()
+        return {"schema": emb["schema"], "vocabularies": emb["vocabularies"], "features": list(self.features),
+                "hidden_units": list(self.hidden_units), "embedding_dim": self.embedding.embedding_dim,
+                "numeric_stats": emb["numeric_stats"], "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def export_preranker(model: PreRanker, path: str) -> str:
+    """Writes a SavedModel whose ``serving_default`` scores N candidates of one user.
+
+    Signature inputs: the model's selected features by name (user ``[1]``/``[1, L]``,
+    item ``[N]``/``[N, L]``); outputs ``scores`` ``[N]`` and ``logits`` ``[N]``.
+    """
+    signature = model.serving_function()
+    module = tf.Module()
+    module.model = model  # the lookups' tables and the variables travel with the signature
+    tf.saved_model.save(module, path, signatures={"serving_default": signature})
+    return path
+
+
+__all__ = ["PreRanker", "export_preranker"]

@@ -1,0 +1,93 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import python_subprocess
+from preranking_helpers import SCHEMA, VOCABS, batch
+from models.features import HISTORY, ITEM_ID, USER_ID
+from models.preranking.losses import DistillationLoss, distillation_loss
+from models.preranking.preranker import PreRanker, export_preranker
+from models.tf_compat import keras, tf
+
+CHOSEN = (USER_ID, HISTORY, ITEM_ID, "tags", "price")
+
+
+def _model():
+    keras.utils.set_random_seed(1)
+    model = PreRanker(SCHEMA, VOCABS, CHOSEN, (6, 3), embedding_dim=4, numeric_stats={"price": [1.0, 0.5]})
+    model({k: tf.constant(v) for k, v in batch().items()})
+    return model
+
+
+def test_distillation_loss_by_hand():
+    # y = 1, r = 2, p = 0, λ1 = .25: .75·ln 2 + .25·(2 − 0)² = 0.519860 + 1 = 1.519860.
+    value = distillation_loss([1.0], [2.0], [0.0], 0.25)
+    assert float(value[0]) == pytest.approx(0.75 * np.log(2.0) + 1.0, rel=1e-6)
+    # λ1 = 0 is plain BCE, λ1 = 1 the squared logit gap.
+    assert float(distillation_loss([0.0], [3.0], [1.0], 0.0)[0]) == pytest.approx(np.log1p(np.e), rel=1e-6)
+    assert float(distillation_loss([0.0], [3.0], [1.0], 1.0)[0]) == pytest.approx(4.0)
+    loss = DistillationLoss(0.25)
+    assert float(loss(tf.constant([[1.0, 2.0]]), tf.constant([0.0]))) == pytest.approx(1.519860, rel=1e-5)
+    assert DistillationLoss.from_config(loss.get_config()).get_config() == loss.get_config()
+    with pytest.raises(ValueError, match="distillation_weight"):
+        DistillationLoss(1.5)
+
+
+def test_candidate_scores_equal_the_row_aligned_batch_and_config_round_trips():
+    model = _model()
+    b = batch()
+    items = {k: tf.constant(b[k]) for k in (ITEM_ID, "tags", "price")}
+    user = {USER_ID: tf.constant(b[USER_ID][:1]), HISTORY: tf.constant(b[HISTORY][:1])}
+    tiled = {**{k: tf.constant(np.repeat(v.numpy(), 4, axis=0)) for k, v in user.items()}, **items}
+    np.testing.assert_allclose(model.candidate_logits(user, items).numpy(), model(tiled).numpy(), rtol=1e-5)
+    config = model.get_config()
+    json.dumps(config)
+    clone = PreRanker.from_config(config)
+    clone({k: tf.constant(v) for k, v in b.items()})
+    assert clone.get_config() == config
+    with pytest.raises(ValueError, match="item feature"):
+        PreRanker(SCHEMA, VOCABS, (USER_ID, "age"), (4,))
+    with pytest.raises(ValueError, match="hidden_units"):
+        PreRanker(SCHEMA, VOCABS, (ITEM_ID,), (0,))
+
+
+def test_export_takes_only_the_chosen_features_and_loads_in_a_fresh_process(tmp_path):
+    model = _model()
+    path = export_preranker(model, str(tmp_path / "preranker"))
+    b = batch()
+    user = {USER_ID: b[USER_ID][:1], HISTORY: b[HISTORY][:1]}
+    items = {k: b[k] for k in (ITEM_ID, "tags", "price")}
+    expected = tf.sigmoid(model.candidate_logits({k: tf.constant(v) for k, v in user.items()},
+                                                 {k: tf.constant(v) for k, v in items.items()})).numpy()
+    np.save(os.path.join(str(tmp_path), "inputs.npy"), {**user, **items}, allow_pickle=True)
+    code = f"""
+import json, numpy as np
+from models.tf_compat import tf
+fn = tf.saved_model.load({path!r}).signatures["serving_default"]
+inputs = np.load({os.path.join(str(tmp_path), "inputs.npy")!r}, allow_pickle=True).item()
+out = fn(**{{k: tf.constant(v) for k, v in inputs.items()}})
+print(json.dumps({{"inputs": sorted(fn.structured_input_signature[1]), "outputs": sorted(out),
+                  "scores": out["scores"].numpy().tolist()}}))
+"""
+    proc = python_subprocess(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["inputs"] == sorted(CHOSEN)
+    assert result["outputs"] == ["logits", "scores"]
+    np.testing.assert_allclose(result["scores"], expected, rtol=1e-5)
+
+
+def test_export_is_accepted_by_the_serving_cascade_scorer(tmp_path):
+    from serving.cascade import CandidateScorer
+
+    model = _model()
+    path = export_preranker(model, str(tmp_path / "preranker"))
+    scorer = CandidateScorer(path, SCHEMA, "preranker")
+    assert scorer.user_inputs == [HISTORY, USER_ID] and scorer.item_inputs == [ITEM_ID, "price", "tags"]
+    b = batch()
+    # The cascade passes every user feature; the scorer keeps the export's inputs.
+    user_tensors = {k: tf.constant(b[k][:1]) for k in (USER_ID, "age", HISTORY)}
+    scores = scorer.score(user_tensors, {k: b[k] for k in (ITEM_ID, "category", "tags", "price")})
+    assert scores.shape == (4,) and np.all((scores > 0) & (scores < 1))

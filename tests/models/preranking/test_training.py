@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import tiny_synthetic_config
+from models.features import HISTORY, ITEM_ID, LABEL, TIMESTAMP, USER_ID
+from models.preranking.latency import IDENTITY, LatencyTable
+from models.preranking.preranker import PreRanker
+from models.preranking.training import (PrerankerConfig, derived_latency, flat_metrics, latency_grid,
+                                        train_preranker)
+from models.ranking.models import RankingConfig, build_ranker, build_vocabularies, inputs_from_frame
+from models.ranking.sequences import build_sequences
+from models.tf_compat import keras
+
+
+def test_config_validation_names_the_field_and_value():
+    for kwargs, field in [({"latency_weight": -1.0}, "latency_weight"),
+                          ({"distillation_weight": 1.5}, "distillation_weight"),
+                          ({"operator_widths": (16, 16)}, "operator_widths"),
+                          ({"operator_widths": (0, 16)}, "operator_widths"),
+                          ({"num_mixops": 0}, "num_mixops"),
+                          ({"search_epochs": 2, "search_warmup_epochs": 2}, "search_warmup_epochs"),
+                          ({"external_feature_costs": {"brand": -0.5}}, "external_feature_costs"),
+                          ({"candidate_features": "item_id"}, "candidate_features"),
+                          ({"mask_learning_rate": 0.0}, "mask_learning_rate")]:
+        with pytest.raises((ValueError, TypeError), match=field):
+            PrerankerConfig(**kwargs)
+    config = PrerankerConfig(external_feature_costs={"brand": 0.5}, operator_widths=[8, 4])
+    assert config.external_feature_costs == (("brand", 0.5),)
+    assert config.mixop_operators == (IDENTITY, 8, 4)
+    assert PrerankerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="Unknown preranker config keys"):
+        PrerankerConfig.from_dict({"lambda": 1})
+
+
+def test_latency_helpers():
+    assert latency_grid(40, (16, 64)) == [1, 5, 10, 16, 20, 30, 40, 64]
+    table = LatencyTable(candidates=10, feature_costs={"a": 0.5, "b": 0.25}, input_widths=(1, 9),
+                         output_widths=(1, 4), operator_costs=[[0.1, 0.2], [0.9, 1.8]])
+    # features .5 + .25; network 9 → 4: 1.8, 4 → 1: .1 + (.9 − .1)·3/8 = .4.
+    out = derived_latency(table, ["a", "b"], (4,), [8, 1])
+    assert out == {"features_ms": 0.75, "network_ms": pytest.approx(2.2), "total_ms": pytest.approx(2.95)}
+
+
+def _impressions():
+    from pipeline.data.synthetic import generate_synthetic
+
+    raw = generate_synthetic(tiny_synthetic_config(num_users=120, num_items=80))
+    events = pd.concat(list(raw.interactions()), ignore_index=True)
+    frame = events.merge(raw.users, on=USER_ID).merge(raw.items, on=ITEM_ID)
+    frame[HISTORY] = list(build_sequences(frame[USER_ID].to_numpy(), frame[ITEM_ID].to_numpy(),
+                                          frame[TIMESTAMP].to_numpy(), raw.schema.feature(HISTORY).max_length))
+    frame[LABEL] = frame[LABEL].astype(np.float32)
+    return raw.schema, frame
+
+
+def test_train_preranker_end_to_end_on_tiny_synthetic_data():
+    schema, frame = _impressions()
+    valid_mask = np.arange(len(frame)) % 5 == 0
+    train, valid = frame[~valid_mask], frame[valid_mask]
+    vocabs = build_vocabularies(schema, train)
+    keras.utils.set_random_seed(0)
+    teacher = build_ranker("dnn", schema, vocabs, RankingConfig(embedding_dim=4, hidden_units=(8,)))
+    teacher.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    teacher.fit(inputs_from_frame(schema, train), train[LABEL].to_numpy(), batch_size=256, epochs=1, verbose=0)
+    config = PrerankerConfig(embedding_dim=4, num_mixops=2, operator_widths=(8, 16), search_epochs=2,
+                             retrain_epochs=1, batch_size=128, candidates=50, latency_repeats=3,
+                             external_feature_costs={"brand": 2.0})
+    model, metrics = train_preranker(schema, vocabs, train, valid, teacher, config)
+    assert isinstance(model, PreRanker)
+    assert model.features == metrics["features"] and model.hidden_units == metrics["hidden_units"]
+    assert len(metrics["operators"]) == 2 and set(metrics["operators"]) <= {"identity", 8, 16}
+    assert any(schema.feature(n).side == "item" for n in metrics["features"])
+    assert 0.0 <= metrics["validation_auc"] <= 1.0
+    assert len(metrics["search"]) == 2 and all(np.isfinite(r["loss1"]) for r in metrics["search"])
+    # The external cost is added on top of the measured lookup cost.
+    assert metrics["feature_costs_ms"]["brand"] >= 2.0
+    assert metrics["expected_latency_ms"]["total_ms"] > 0
+    json.dumps(metrics)
+    flat = flat_metrics(metrics)
+    assert flat["preranker.features"] == metrics["features"]
+    assert flat["preranker.expected_latency_ms"] == metrics["expected_latency_ms"]["total_ms"]
+    logits = model.predict({n: v for n, v in inputs_from_frame(schema, valid, model.features).items()}, verbose=0)
+    assert np.all(np.isfinite(logits))
