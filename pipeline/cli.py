@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-ranker", action="store_true", help="skip the ranker even when exported")
     sv.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default: %(default)s)")
     sv.add_argument("--max-body-bytes", type=int, default=65536, help="(default: %(default)s)")
+    sv.add_argument("--max-concurrent", type=int, default=0,
+                    help="cascades computed at once; more requests wait their turn (default: 0 = no limit)")
+    sv.add_argument("--tf-threads", type=int, default=0,
+                    help="TensorFlow threads per operation (intra-op); 0 = TensorFlow's default, one per core")
     sv.add_argument("--access-log", action="store_true", help="log every request")
 
     s = sub.add_parser("stats", help="Beam statistics of a dataset (item frequencies, vocabularies, MI)",
@@ -192,13 +196,20 @@ def _serve(args) -> int:
     try:
         config = ServiceConfig(
             workdir=args.workdir, version=args.version, follow=args.follow, poll_interval=args.poll_interval,
-            max_k=args.max_k, max_body_bytes=args.max_body_bytes,
+            max_k=args.max_k, max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
             cascade=CascadeConfig(retrieval_candidates=args.retrieval_candidates,
                                   preranker_candidates=args.preranker_candidates,
                                   use_preranker=not args.no_preranker, use_ranker=not args.no_ranker))
     except ValueError as e:
         print(f"recfunnel: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.tf_threads < 0:
+        print(f"recfunnel: --tf-threads should be >= 0. Received: {args.tf_threads}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.tf_threads:
+        from models.tf_compat import tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.tf_threads)
     serve(config, host=args.host, port=args.port, access_log=args.access_log,
           log_level="debug" if args.verbose else "info")
     return EXIT_OK

@@ -52,6 +52,9 @@ class ServiceConfig:
       max_body_bytes: larger request bodies are refused with 413.
       max_list_length: the longest list a multi-valued or sequence feature may carry.
       cascade: stage sizes and which optional stages run.
+      max_concurrent: cascades computed at once (0 = no limit); requests beyond it
+        wait their turn. On a small CPU, a few cascades at a time finish sooner than
+        many fighting over the cores.
     """
 
     workdir: str
@@ -62,6 +65,7 @@ class ServiceConfig:
     max_body_bytes: int = 64 * 1024
     max_list_length: int = 1000
     cascade: CascadeConfig = CascadeConfig()
+    max_concurrent: int = 0
 
     def __post_init__(self):
         if self.follow not in FOLLOW_MODES:
@@ -73,6 +77,8 @@ class ServiceConfig:
         for name in ("max_k", "max_body_bytes", "max_list_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` should be a positive integer. Received: {name}={getattr(self, name)}")
+        if self.max_concurrent < 0:
+            raise ValueError(f"`max_concurrent` should be >= 0 (0 = no limit). Received: {self.max_concurrent}")
         if self.max_k > self.cascade.retrieval_candidates:
             raise ValueError(f"`max_k` should not exceed the retrieval candidates. Received: max_k={self.max_k}, "
                              f"retrieval_candidates={self.cascade.retrieval_candidates}")
@@ -388,6 +394,8 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
             "detail": _describe_validation_errors(errors),
             "errors": [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]})
 
+    slots = threading.BoundedSemaphore(config.max_concurrent) if config.max_concurrent else None
+
     def _answer(request, retrieval_only: bool):
         cascade = watcher.current
         if cascade is None:
@@ -398,10 +406,12 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
         if features is not None and not isinstance(features, dict):
             features = features.model_dump(exclude_none=True)
         call = cascade.retrieve if retrieval_only else cascade.recommend
+        gate = slots if slots is not None else contextlib.nullcontext()
         kwargs = dict(user_id=request.user_id, features=features, k=request.k, include_seen=request.include_seen,
                       allow_unknown=request.cold_start, timings=request.timings, explain=request.explain)
         try:
-            out = call(**kwargs)
+            with gate:
+                out = call(**kwargs)
         except UnknownUserError as e:
             return JSONResponse(status_code=404, content={
                 "detail": f"{e}; send the user's `features` or set `cold_start` to answer as a new user"})

@@ -73,3 +73,7 @@ def test_serve_usage_errors_exit_2(tmp_path, ranked_workdir):
     assert proc.returncode == 2 and "`preranker_candidates` should not exceed `retrieval_candidates`" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--follow", "sometimes")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = recfunnel("serve", "--workdir", ranked_workdir, "--max-concurrent", "-1")
+    assert proc.returncode == 2 and "`max_concurrent` should be >= 0" in proc.stderr
+    proc = recfunnel("serve", "--workdir", ranked_workdir, "--tf-threads", "-2")
+    assert proc.returncode == 2 and "--tf-threads should be >= 0" in proc.stderr

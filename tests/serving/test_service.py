@@ -231,3 +231,43 @@ def test_which_version_the_watcher_follows(copy_workdir, base_workdir, publish):
         ServiceConfig(w, follow="newest")
     with pytest.raises(ValueError, match="`max_k` should not exceed the retrieval candidates"):
         ServiceConfig(w, max_k=2000)
+
+
+def test_max_concurrent_bounds_the_cascades_computed_at_once(ranked_workdir, monkeypatch):
+    with pytest.raises(ValueError, match="max_concurrent"):
+        ServiceConfig(ranked_workdir, max_concurrent=-1)
+    running, peak, lock = [0], [0], threading.Lock()
+    original = Cascade.recommend
+
+    def tracked(self, *args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.02)
+            return original(self, *args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(Cascade, "recommend", tracked)
+    users = UserStore(os.path.join(ranked_workdir, "data")).user_ids()[:8]
+    for limit, bounded in ((2, True), (0, False)):
+        peak[0] = 0
+        app = create_app(ServiceConfig(ranked_workdir, poll_interval=0, max_concurrent=limit,
+                                       cascade=CascadeConfig(retrieval_candidates=100, preranker_candidates=50)))
+        answers = []
+        with TestClient(app) as c:
+            def ask(u):
+                answers.append(c.post("/v1/recommend", json={"user_id": u, "k": 3}).status_code)
+
+            threads = [threading.Thread(target=ask, args=(u,)) for u in users for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+        assert answers == [200] * len(threads)
+        if bounded:
+            assert peak[0] == limit  # never more, and the requests did overlap
+        else:
+            assert peak[0] > 2
