@@ -40,8 +40,12 @@ def test_positives(data_dir: str) -> Dict[str, List[str]]:
 
 
 def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequence[Sequence[int]],
-                block: int = 1024):
+                block: int = 1024, max_block_elements: int = 2 ** 24):
     """Exact top-k by inner product with per-user excluded item indices.
+
+    Users are scored in blocks of at most `block` rows and `max_block_elements`
+    scores (64 MiB of float32 by default), so memory stays bounded however large the
+    corpus: with 1M items a block holds 16 users.
 
     Args:
       queries: ``[U, D]``; items: ``[N, D]``; exclude: per user, item indices to skip.
@@ -50,13 +54,14 @@ def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequenc
       (indices ``[U, k]``, scores ``[U, k]``) sorted by descending score.
     """
     k = min(k, items.shape[0])
+    block = max(1, min(int(block), int(max_block_elements) // max(1, items.shape[0])))
     all_idx, all_scores = [], []
     for start in range(0, len(queries), block):
         scores = queries[start:start + block] @ items.T
         for row, ex in enumerate(exclude[start:start + block]):
             if len(ex):
                 scores[row, np.asarray(ex, dtype=np.int64)] = NEG_INF
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k:]
         part_scores = np.take_along_axis(scores, part, axis=1)
         order = np.argsort(-part_scores, axis=1, kind="stable")
         all_idx.append(np.take_along_axis(part, order, axis=1))
