@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from models.features import Schema
 from models.preranking.embedding import FeatureEmbedding
+from models.ranking.models import candidate_scoring_function
 from models.tf_compat import keras, tf
 
 
@@ -71,15 +72,7 @@ class PreRanker(keras.Model):
 
     def serving_function(self):
         """Concrete function of the ``serving_default`` signature (module docstring)."""
-        user_specs, item_specs = self.tensor_specs()
-
-        @tf.function
-        def score_candidates(**features):
-            logits = self.candidate_logits({k: features[k] for k in user_specs},
-                                           {k: features[k] for k in item_specs})
-            return {"scores": tf.sigmoid(logits), "logits": logits}
-
-        return score_candidates.get_concrete_function(**user_specs, **item_specs)
+        return candidate_scoring_function(self, *self.tensor_specs())
 
     def get_config(self):
         emb = self.embedding.get_config()

@@ -33,6 +33,7 @@ from models.preranking.measurement import measure_latency_table
 from models.preranking.preranker import PreRanker
 from models.ranking.metrics import auc
 from models.ranking.models import inputs_from_frame
+from models.ranking.training import fit_with_epoch_selection
 from models.tf_compat import keras, tf
 
 
@@ -330,26 +331,11 @@ def fit_distilled(model: PreRanker, train: Tuple[Mapping[str, Any], np.ndarray, 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=DistillationLoss(distillation_weight))
     ds = (tf.data.Dataset.from_tensor_slices(({n: features[n] for n in names}, y))
           .shuffle(len(y), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
-    start = time.perf_counter()
-    best, best_weights, curve, losses = -1.0, None, [], []
-    for epoch in range(int(epochs)):
-        loss = float(model.fit(ds, epochs=1, verbose=0).history["loss"][-1])
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"pre-ranker training diverged at epoch {epoch + 1}: loss {loss}")
-        losses.append(round(loss, 5))
-        if validation is None:
-            continue
-        value = auc(validation[1], predict_logits(model, validation[0]))
-        curve.append(round(value, 5))
-        if value > best:
-            best, best_weights = value, model.get_weights()
-        else:
-            break
-    if best_weights is not None:
-        model.set_weights(best_weights)
-    return {"train_loss": losses, "validation_auc": curve,
-            "epochs": (curve.index(max(curve)) + 1) if curve else len(losses),
-            "seconds": round(time.perf_counter() - start, 3)}
+    score = None
+    if validation is not None:
+        def score():
+            return auc(validation[1], predict_logits(model, validation[0]))
+    return fit_with_epoch_selection(model, ds, epochs, score, what="pre-ranker")
 
 
 def derived_latency(table: LatencyTable, features: Sequence[str], hidden_units: Sequence[int],
@@ -428,11 +414,13 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
         measure_seconds = 0.0
     t = time.perf_counter()
     trainer = AutoFASSearchTrainer(search_model, latency_table, config)
-    rows = np.arange(len(train_y))
-    if 0 < config.search_max_events < len(rows):
-        rows = np.sort(np.random.default_rng(config.seed).choice(len(rows), config.search_max_events, replace=False))
-    search_history = trainer.fit({n: np.asarray(train_x[n])[rows] for n in candidates}, train_y[rows],
-                                 np.asarray(train_r)[rows], config.search_epochs, config.search_warmup_epochs)
+    search_x, search_y, search_r = {n: train_x[n] for n in candidates}, train_y, train_r
+    if 0 < config.search_max_events < len(train_y):  # else: all events, no copy
+        rows = np.sort(np.random.default_rng(config.seed).choice(len(train_y), config.search_max_events,
+                                                                 replace=False))
+        search_x = {n: np.asarray(v)[rows] for n, v in search_x.items()}
+        search_y, search_r = train_y[rows], np.asarray(train_r)[rows]
+    search_history = trainer.fit(search_x, search_y, search_r, config.search_epochs, config.search_warmup_epochs)
     search_seconds = time.perf_counter() - t
     derived: DerivedArchitecture = derive_from_model(search_model)
 
@@ -451,7 +439,7 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
                                                model.embedding.widths),
         "feature_costs_ms": {k: round(v, 5) for k, v in latency_table.feature_costs.items()},
         "search": search_history,
-        "search_events": int(len(rows)),
+        "search_events": int(len(search_y)),
         "seconds": {"teacher": round(teacher_seconds, 2), "latency_measurement": round(measure_seconds, 2),
                     "search": round(search_seconds, 2), "retrain": fit["seconds"],
                     "total": round(time.perf_counter() - start, 2)},

@@ -159,6 +159,22 @@ class RankingConfig:
         return cls(**d)
 
 
+def candidate_scoring_function(model, user_specs: Mapping[str, Any], item_specs: Mapping[str, Any]):
+    """The ``serving_default`` concrete function of a model with ``candidate_logits``.
+
+    One user's features (batch 1) and N candidates' features in, ``{"scores" [N]
+    (sigmoid), "logits" [N]}`` out; shared by the rankers and the pre-ranker.
+    """
+
+    @tf.function
+    def score_candidates(**features):
+        logits = model.candidate_logits({k: features[k] for k in user_specs},
+                                        {k: features[k] for k in item_specs})
+        return {"scores": tf.sigmoid(logits), "logits": logits}
+
+    return score_candidates.get_concrete_function(**user_specs, **item_specs)
+
+
 def coaction_features(schema: Schema, config: RankingConfig) -> Tuple[List[str], List[str]]:
     """``(item feature names, user feature names)`` of the co-action pairs (validated)."""
     def usable(f: Feature) -> bool:
@@ -449,16 +465,7 @@ class RankingModel(keras.Model):
 
     def serving_function(self):
         """Concrete function for the ``serving_default`` signature (see the module docstring)."""
-        user_specs = self.schema.tensor_specs("user")
-        item_specs = self.schema.tensor_specs("item")
-
-        @tf.function
-        def score_candidates(**features):
-            logits = self.candidate_logits({k: features[k] for k in user_specs},
-                                           {k: features[k] for k in item_specs})
-            return {"scores": tf.sigmoid(logits), "logits": logits}
-
-        return score_candidates.get_concrete_function(**user_specs, **item_specs)
+        return candidate_scoring_function(self, self.schema.tensor_specs("user"), self.schema.tensor_specs("item"))
 
     # -- accounting / config -------------------------------------------------------
     def coaction_parameter_count(self) -> int:

@@ -65,17 +65,34 @@ def fit_ranker(model, train: Tuple[Mapping[str, Any], np.ndarray],
     ds = (tf.data.Dataset.from_tensor_slices((dict(features), labels))
           .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
           .batch(batch_size).prefetch(2))
+    score = None
+    if validation is not None:
+        def score():
+            return auc(validation[1], predict_probabilities(model, validation[0]))
+    return fit_with_epoch_selection(model, ds, epochs, score, on_epoch=on_epoch, what="ranking")
+
+
+def fit_with_epoch_selection(model, ds, epochs: int, validation_auc: Optional[Callable[[], float]] = None, *,
+                             on_epoch: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+                             what: str = "ranking") -> Dict[str, Any]:
+    """Up to `epochs` passes of the compiled `model` over `ds`, choosing the epoch.
+
+    After each pass `validation_auc()` (when given) is computed; training stops at the
+    first epoch that does not improve it and the best epoch's weights are kept.
+    Returns ``{"train_loss", "validation_auc", "epochs", "seconds"}``; a non-finite loss
+    raises FloatingPointError naming `what` and the epoch.
+    """
     start = time.perf_counter()
     best, best_weights, curve, losses = -1.0, None, [], []
     for epoch in range(int(epochs)):
         history = model.fit(ds, epochs=1, verbose=0)
         loss = float(history.history["loss"][-1])
         if not np.isfinite(loss):
-            raise FloatingPointError(f"ranking training diverged at epoch {epoch + 1}: loss {loss}")
+            raise FloatingPointError(f"{what} training diverged at epoch {epoch + 1}: loss {loss}")
         losses.append(round(loss, 5))
         value = None
-        if validation is not None:
-            value = auc(validation[1], predict_probabilities(model, validation[0]))
+        if validation_auc is not None:
+            value = validation_auc()
             curve.append(round(value, 5))
         if on_epoch is not None:
             on_epoch(epoch, {"loss": loss, "validation_auc": value})
