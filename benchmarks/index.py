@@ -160,7 +160,7 @@ class Bench:
         shown["target_recall"] = target_recall
         shown["tuning_grid"] = params.get("tuning", {}).get("grid")
         self.measure("scann-auto", shown, lambda: module.search(q, k)["indices"].numpy(), build, size, grown)
-        del module
+        module = None  # free it before the next method is built
 
     def scann_manual(self, num_leaves, settings):
         import scann
@@ -183,7 +183,7 @@ class Bench:
                                                                   pre_reorder_num_neighbors=reorder,
                                                                   leaves_to_search=leaves)[0],
                          build, size, grown)
-        del searcher
+        searcher = None
 
     def faiss_hnsw(self, efs):
         import faiss
@@ -198,7 +198,7 @@ class Bench:
             index.hnsw.efSearch = ef
             self.measure("faiss-hnsw", {"M": 32, "efConstruction": 64, "efSearch": ef},
                          lambda: index.search(self.queries, K)[1], build, size, grown)
-        del index
+        index = None
 
     def faiss_ivfpq(self, nprobes):
         import faiss
@@ -220,7 +220,7 @@ class Bench:
             ivfpq.nprobe = nprobe
             self.measure("faiss-ivfpq", {"nlist": nlist, "m": 16, "nbits": 8, "refine": 100, "nprobe": nprobe},
                          lambda: index.search(self.queries, K)[1], build, size, grown)
-        del index, ivfpq, quantizer
+        index = ivfpq = quantizer = None
 
     def hnswlib(self, efs):
         import hnswlib
@@ -237,7 +237,7 @@ class Bench:
             self.measure("hnswlib", {"M": 32, "ef_construction": 100, "ef": ef},
                          lambda: index.knn_query(self.queries, k=K, num_threads=self.threads)[0].astype(np.int64),
                          build, size, grown)
-        del index
+        index = None
 
 
 def run_one(label, db, queries, tuning, methods, threads) -> List[Dict[str, Any]]:

@@ -9,6 +9,8 @@ Recommendations", CIKM 2021.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from models.tf_compat import keras, tf
@@ -67,18 +69,24 @@ def multi_value_dropout(ids, rate: float, rng: np.random.Generator, keep_at_leas
     return np.where(keep, ids, 0)
 
 
-def contrastive_loss(view_a, view_b, temperature: float):
+def contrastive_loss(view_a, view_b, temperature: float, ids=None):
     """Batch softmax contrastive loss over view pairs (Eq. 3 of Yao et al.).
 
     view_a, view_b: ``[B, D]``, rows L2-normalized here.
     Formula: L = -1/B Σ_i log( exp(s(a_i, b_i)/τ) / Σ_j exp(s(a_i, b_j)/τ) ),
     s = cosine similarity.
+    ids: optional ``[B]`` item ids; another row of the same item is not used as a
+    negative (a batch drawn with replacement, or from interactions, repeats items).
     """
     if temperature <= 0:
         raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
     a = tf.math.l2_normalize(view_a, axis=-1)
     b = tf.math.l2_normalize(view_b, axis=-1)
     logits = tf.matmul(a, b, transpose_b=True) / temperature
+    if ids is not None:
+        same = tf.equal(ids[:, tf.newaxis], ids[tf.newaxis, :])
+        duplicate = tf.logical_and(same, tf.logical_not(tf.eye(tf.shape(logits)[0], dtype=tf.bool)))
+        logits = tf.where(duplicate, tf.cast(-1e9, logits.dtype), logits)
     labels = tf.range(tf.shape(logits)[0])
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
@@ -101,22 +109,178 @@ def uniform_item_dataset(item_features, batch_size: int, seed: int):
     return indices.batch(batch_size).map(lambda idx: {n: tf.gather(t, idx) for n, t in tables.items()})
 
 
+SSL_PREFIX = "ssl/"
+
+
+def with_ssl_items(dataset, ssl_items):
+    """Zips training batches with SSL item batches, the latter under ``ssl/<feature>`` keys.
+
+    The result ends with `dataset` (`ssl_items` is typically infinite,
+    `uniform_item_dataset`).
+    """
+    def merge(batch, items):
+        return {**batch, **{SSL_PREFIX + k: v for k, v in items.items()}}
+
+    return tf.data.Dataset.zip((dataset, ssl_items)).map(merge)
+
+
+MASKINGS = ("random", "correlated", "independent", "none")
+
+
+def mutual_information_matrix(feature_names, mi_features, mi, item_id: str = "item_id") -> np.ndarray:
+    """Pairwise MI over the masked feature set, from the statistics job's ``feature_mi.json``.
+
+    The statistics job measures MI between the categorical item features
+    (`mi_features`, matrix `mi` with entropies H(f) on the diagonal). The item id is
+    a feature too: every other feature is a function of it, so MI(id; f) = H(f).
+    Features the job does not cover (numeric ones) get MI 0 with every other feature.
+
+    Returns ``[F, F]`` in `feature_names` order.
+    """
+    mi = np.asarray(mi, dtype=np.float64)
+    position = {name: i for i, name in enumerate(mi_features)}
+    if mi.shape != (len(position), len(position)):
+        raise ValueError(f"`mi` should be {len(position)}x{len(position)} for features {list(mi_features)}. "
+                         f"Received: shape={mi.shape}")
+    names = list(feature_names)
+    out = np.zeros((len(names), len(names)))
+    for a, fa in enumerate(names):
+        for b, fb in enumerate(names):
+            if fa in position and fb in position:
+                out[a, b] = mi[position[fa], position[fb]]
+            elif fa == item_id and fb in position:
+                out[a, b] = mi[position[fb], position[fb]]
+            elif fb == item_id and fa in position:
+                out[a, b] = mi[position[fa], position[fa]]
+    return out
+
+
+def draw_masks(masking: str, num_features: int, mutual_information=None):
+    """Two boolean feature masks ``[F]`` (True = masked), drawn in-graph (new ones every call).
+
+    ``random`` (RFM) and ``correlated`` (CFM) give complementary halves as
+    `random_feature_masks` / `correlated_feature_masks` do; ``independent`` masks each
+    feature with probability 1/2 in each view independently (feature dropout);
+    ``none`` masks nothing (identity views: the loss is the spread-out regularizer).
+    """
+    if masking not in MASKINGS:
+        raise ValueError(f"`masking` should be one of {MASKINGS}. Received: masking={masking!r}")
+    f = int(num_features)
+    if masking == "none":
+        nothing = tf.zeros([f], tf.bool)
+        return nothing, nothing
+    if masking == "independent":
+        return tf.random.uniform([f]) < 0.5, tf.random.uniform([f]) < 0.5
+    if masking == "random":
+        group = tf.random.shuffle(tf.range(f))[: f // 2]
+    else:
+        if mutual_information is None:
+            raise ValueError("masking='correlated' needs the `mutual_information` matrix")
+        mi = tf.convert_to_tensor(mutual_information, tf.float32)
+        seed = tf.random.uniform([], 0, f, dtype=tf.int32)
+        scores = tf.tensor_scatter_nd_update(tf.gather(mi, seed), [[seed]], [np.inf])
+        group = tf.math.top_k(scores, k=f // 2, sorted=True).indices
+    mask_a = tf.scatter_nd(group[:, tf.newaxis], tf.ones_like(group), [f]) > 0
+    return mask_a, tf.logical_not(mask_a)
+
+
 class FeatureMasking(keras.layers.Layer):
     """Replaces masked features by a learned per-feature default embedding.
 
-    Inputs: feature embeddings ``[B, F, D]`` and a boolean mask ``[F]`` (True = masked).
-    Output: ``[B, F, D]``.
+    Args:
+      feature_sizes: width of each feature's slice of the concatenated embedding.
+    Inputs: concatenated feature embeddings ``[B, sum(feature_sizes)]`` and a boolean
+    mask ``[F]`` (True = masked). Output: same shape as the embeddings.
     """
 
-    def __init__(self, num_features: int, dim: int, **kwargs):
+    def __init__(self, feature_sizes, **kwargs):
         super().__init__(**kwargs)
-        self.num_features, self.dim = int(num_features), int(dim)
-        self.defaults = self.add_weight(name="default_embeddings", shape=(self.num_features, self.dim),
+        self.feature_sizes = [int(x) for x in feature_sizes]
+        if not self.feature_sizes or min(self.feature_sizes) < 1:
+            raise ValueError(f"`feature_sizes` should be positive. Received: feature_sizes={feature_sizes}")
+        self.defaults = self.add_weight(name="default_embeddings", shape=(sum(self.feature_sizes),),
                                         initializer="zeros", trainable=True)
 
     def call(self, embeddings, mask):
-        m = tf.cast(tf.reshape(mask, (1, self.num_features, 1)), embeddings.dtype)
-        return embeddings * (1.0 - m) + self.defaults[tf.newaxis] * m
+        columns = tf.repeat(tf.cast(mask, embeddings.dtype), self.feature_sizes)[tf.newaxis]
+        return embeddings * (1.0 - columns) + self.defaults[tf.newaxis] * columns
 
     def get_config(self):
-        return {**super().get_config(), "num_features": self.num_features, "dim": self.dim}
+        return {**super().get_config(), "feature_sizes": self.feature_sizes}
+
+
+class ItemSelfSupervision(keras.layers.Layer):
+    """The auxiliary contrastive task on the item tower (Yao et al., Sec. 3).
+
+    Each call draws one pair of feature masks for the batch, builds two views of
+    every item (masked feature embeddings with learned defaults, plus independent
+    multi-value dropout), encodes both with the item tower's embedding tables and
+    MLP, and returns the contrastive loss of Eq. 3 summed over the batch (the
+    convention of the main retrieval loss, so that `weight` is the paper's α).
+
+    Args:
+      feature_sizes: `Tower.feature_sizes()` of the item tower.
+      masking: one of `MASKINGS`.
+      mutual_information: ``[F, F]`` for ``correlated`` (`mutual_information_matrix`).
+      value_dropout: rate of multi-value dropout (0 = off).
+      temperature: τ of the loss.
+      share: ``full`` (the views go through the main task's whole MLP) or
+        ``partial`` (shared hidden layers, an SSL-only output layer of `output_dim`).
+      output_dim: the tower's output size (for ``partial``).
+    """
+
+    def __init__(self, feature_sizes, masking: str = "correlated", mutual_information=None,
+                 value_dropout: float = 0.0, temperature: float = 0.1, share: str = "full",
+                 output_dim: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        if masking not in MASKINGS:
+            raise ValueError(f"`masking` should be one of {MASKINGS}. Received: masking={masking!r}")
+        if temperature <= 0:
+            raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
+        if not 0.0 <= value_dropout < 1.0:
+            raise ValueError(f"`value_dropout` should be in [0, 1). Received: value_dropout={value_dropout}")
+        if share not in ("full", "partial"):
+            raise ValueError(f"`share` should be 'full' or 'partial'. Received: share={share!r}")
+        self.feature_sizes = [int(x) for x in feature_sizes]
+        self.masking = masking
+        self.value_dropout = float(value_dropout)
+        self.temperature = float(temperature)
+        self.share = share
+        self.output_dim = None if output_dim is None else int(output_dim)
+        self._mutual_information = None
+        if masking == "correlated":
+            if mutual_information is None:
+                raise ValueError("masking='correlated' needs the `mutual_information` matrix")
+            mi = np.asarray(mutual_information, dtype=np.float64)
+            if mi.shape != (len(self.feature_sizes),) * 2:
+                raise ValueError(f"`mutual_information` should be {len(self.feature_sizes)}x"
+                                 f"{len(self.feature_sizes)}. Received: shape={mi.shape}")
+            self._mutual_information = mi
+        self.feature_masking = FeatureMasking(self.feature_sizes, name="feature_masking")
+        self.head = None
+        if share == "partial":
+            if not self.output_dim:
+                raise ValueError("share='partial' needs `output_dim`")
+            self.head = keras.layers.Dense(self.output_dim, name="ssl_head")
+
+    def views(self, tower, item_features, training=True):
+        """The two encoded views ``([B, D], [B, D])`` of a batch of items."""
+        mask_a, mask_b = draw_masks(self.masking, len(self.feature_sizes), self._mutual_information)
+        encoded = []
+        for mask in (mask_a, mask_b):
+            emb = tower.embed_features(item_features, value_dropout=self.value_dropout if training else 0.0)
+            encoded.append(tower.project(self.feature_masking(emb, mask), training=training, head=self.head))
+        return encoded[0], encoded[1]
+
+    def call(self, tower, item_features, training=True, item_ids=None):
+        """Σ over the batch of the contrastive loss; rows sharing `item_ids` are not negatives."""
+        view_a, view_b = self.views(tower, item_features, training=training)
+        batch = tf.cast(tf.shape(view_a)[0], view_a.dtype)
+        return contrastive_loss(view_a, view_b, self.temperature, ids=item_ids) * batch
+
+    def get_config(self):
+        return {**super().get_config(), "feature_sizes": self.feature_sizes, "masking": self.masking,
+                "mutual_information": (None if self._mutual_information is None
+                                       else self._mutual_information.tolist()),
+                "value_dropout": self.value_dropout,
+                "temperature": self.temperature, "share": self.share, "output_dim": self.output_dim}

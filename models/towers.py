@@ -32,6 +32,26 @@ class MaskedMeanPooling(keras.layers.Layer):
         return tf.math.divide_no_nan(total, count)
 
 
+def drop_values(ids: tf.Tensor, rate: float) -> tf.Tensor:
+    """Sets a `rate` fraction of the values of ``ids [B, L]`` (0 = padding) to padding.
+
+    A row that had values keeps at least one of them (drawn uniformly among its values).
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"`rate` should be in [0, 1). Received: rate={rate}")
+    present = tf.not_equal(ids, 0)
+    keep = tf.logical_and(tf.random.uniform(tf.shape(ids)) >= rate, present)
+    lost = tf.logical_and(tf.reduce_any(present, axis=1), tf.logical_not(tf.reduce_any(keep, axis=1)))
+    pick = tf.argmax(tf.where(present, tf.random.uniform(tf.shape(ids)), -1.0), axis=1, output_type=tf.int32)
+    rescue = tf.logical_and(tf.one_hot(pick, tf.shape(ids)[1], on_value=True, off_value=False), lost[:, tf.newaxis])
+    return tf.where(tf.logical_or(keep, rescue), ids, tf.zeros_like(ids))
+
+
+def feature_sizes(features: Sequence[Feature], feature_dim: int) -> List[int]:
+    """Width of each feature's slice of a tower's concatenated feature embeddings."""
+    return [1 if f.kind == Kind.NUMERIC else int(feature_dim) for f in features]
+
+
 def make_lookup(tokens: Sequence[str], name: str) -> keras.layers.StringLookup:
     """String → id with ``""`` as mask (id 0) and one OOV bucket (id 1)."""
     vocab = [t for t in tokens if t not in (PAD_TOKEN, OOV_TOKEN)]
@@ -131,8 +151,17 @@ class Tower(keras.Model):
         layers.append(keras.layers.Dense(self.output_dim))
         self.mlp = keras.Sequential(layers, name=f"{side}_mlp")
 
-    def embed_features(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """Concatenated feature embeddings ``[B, sum of feature sizes]``."""
+    def feature_sizes(self) -> List[int]:
+        """Width of each feature's slice of `embed_features`, in `features` order."""
+        return feature_sizes(self.features, self.feature_dim)
+
+    def embed_features(self, inputs: Mapping[str, tf.Tensor], value_dropout: float = 0.0) -> tf.Tensor:
+        """Concatenated feature embeddings ``[B, sum of feature_sizes()]``.
+
+        `value_dropout` drops that fraction of the values of every multi-valued
+        feature before pooling (each row keeps at least one; the self-supervised
+        task's second augmentation).
+        """
         parts = []
         for f in self.features:
             x = inputs[f.name]
@@ -145,15 +174,27 @@ class Tower(keras.Model):
                 parts.append(emb if f.kind == Kind.CATEGORICAL else self.pool(emb, ids))
             else:
                 ids = self.lookups[f.name](x)
+                if value_dropout and f.kind == Kind.MULTI_CATEGORICAL:
+                    ids = drop_values(ids, value_dropout)
                 emb = self.embeddings[f.name](ids)
                 parts.append(emb if f.kind == Kind.CATEGORICAL else self.pool(emb, ids))
         return tf.concat(parts, axis=-1)
 
-    def call(self, inputs, training=False):
-        out = self.mlp(self.embed_features(inputs), training=training)
+    def project(self, features: tf.Tensor, training=False, head: Optional[keras.layers.Layer] = None) -> tf.Tensor:
+        """The MLP on concatenated feature embeddings; `head` replaces its output layer."""
+        if head is None:
+            out = self.mlp(features, training=training)
+        else:
+            out = features
+            for layer in self.mlp.layers[:-1]:
+                out = layer(out, training=training)
+            out = head(out)
         if self.normalize:
             out = tf.math.l2_normalize(out, axis=-1)
         return out
+
+    def call(self, inputs, training=False):
+        return self.project(self.embed_features(inputs), training=training)
 
     def get_config(self):
         return {

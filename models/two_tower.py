@@ -18,6 +18,7 @@ import tensorflow_recommenders as tfrs
 from models.features import ITEM_ID, Schema
 from models.cross_batch_retrieval import CrossBatchRetrieval
 from models.logq import ItemLogQ
+from models.ssl import SSL_PREFIX, ItemSelfSupervision
 from models.tf_compat import keras, tf
 from models.towers import SharedItemEmbedding, Tower
 
@@ -38,6 +39,15 @@ class TwoTowerModel(tfrs.Model):
         layout) to draw `num_mixed_negatives` uniform negatives from each step.
       num_mixed_negatives: uniform corpus negatives per step (needs a
         `CrossBatchRetrieval` task and `corpus`).
+      ssl: an `ItemSelfSupervision` auxiliary task on the item tower, or None. Its
+        items are the batch's ``ssl/<feature>`` entries when present (a separate
+        stream, `models.ssl.with_ssl_items`), else the batch's own items.
+      ssl_weight: α in L = L_main + α·L_self.
+
+    Training logs show ``loss`` (the last step's total loss, as `tfrs.Model` reports
+    it), ``main_loss`` (the retrieval loss summed over the batch, averaged over the
+    epoch's steps) and, with `ssl`, ``ssl_loss`` (the unweighted contrastive loss per
+    item pair, averaged over the epoch).
     """
 
     def __init__(self, schema: Schema, vocabularies: Mapping[str, Sequence[str]],
@@ -45,7 +55,8 @@ class TwoTowerModel(tfrs.Model):
                  hidden_units: Sequence[int] = (128,), normalize: bool = False, temperature: float = 1.0,
                  remove_accidental_hits: bool = True, dropout: float = 0.0,
                  numeric_stats=None, task: Optional[keras.layers.Layer] = None,
-                 corpus: Optional[Mapping[str, object]] = None, num_mixed_negatives: int = 0):
+                 corpus: Optional[Mapping[str, object]] = None, num_mixed_negatives: int = 0,
+                 ssl: Optional[ItemSelfSupervision] = None, ssl_weight: float = 0.0):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
@@ -68,8 +79,26 @@ class TwoTowerModel(tfrs.Model):
             if corpus is None:
                 raise ValueError("`num_mixed_negatives` needs the item `corpus` to sample from")
         self.corpus = {k: tf.constant(v) for k, v in corpus.items()} if corpus is not None else None
+        if ssl_weight < 0:
+            raise ValueError(f"`ssl_weight` should be >= 0. Received: ssl_weight={ssl_weight}")
+        self.ssl = ssl
+        self.ssl_weight = float(ssl_weight)
+        self.main_loss_tracker = keras.metrics.Mean(name="main_loss")
+        if ssl is not None:
+            self.ssl_loss_tracker = keras.metrics.Mean(name="ssl_loss")
 
     def compute_loss(self, features, training=False):
+        loss = self._main_loss(features, training)
+        self.main_loss_tracker.update_state(loss)
+        if self.ssl is None:
+            return loss
+        prefixed = SSL_PREFIX + ITEM_ID in features
+        items = {f.name: features[(SSL_PREFIX + f.name) if prefixed else f.name] for f in self.schema.item_features}
+        self_loss = self.ssl(self.item_tower, items, training=training, item_ids=items[ITEM_ID])
+        self.ssl_loss_tracker.update_state(self_loss / tf.cast(tf.shape(items[ITEM_ID])[0], self_loss.dtype))
+        return loss + self.ssl_weight * self_loss
+
+    def _main_loss(self, features, training):
         user = {f.name: features[f.name] for f in self.schema.user_features}
         item = {f.name: features[f.name] for f in self.schema.item_features}
         query_embeddings = self.query_tower(user, training=training)

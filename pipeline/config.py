@@ -22,6 +22,8 @@ from serving.index import IndexConfig
 SOURCES = ("synthetic", "movielens", "movielens_tfds", "bars", "csv", "parquet")
 # models.distribution.DISTRIBUTIONS, repeated so that loading a config does not import TensorFlow.
 DISTRIBUTIONS = ("default", "mirrored", "multi_worker")
+# models.ssl.MASKINGS, for the same reason.
+SSL_MASKINGS = ("random", "correlated", "independent", "none")
 
 
 class ConfigError(ValueError):
@@ -126,6 +128,23 @@ class RetrievalConfig:
       drift_every_n_steps: measure the item encoder's feature drift (CBNS Eq. 5) on
         512 items every this many steps, for choosing `warmup_steps` (0 = off); the
         curve is in the run report and TensorBoard.
+      ssl_weight: α of the self-supervised auxiliary task on the item tower (Yao et
+        al., CIKM'21): L = L_main + α·L_self; 0 = off.
+      ssl_masking: how the two views of an item are made: ``correlated`` (CFM: a
+        random seed feature and its most correlated features by the statistics'
+        mutual information are masked in one view, the rest in the other),
+        ``random`` (RFM: a random half), ``independent`` (each feature dropped with
+        probability 1/2 in each view; feature dropout) or ``none`` (no masking: with
+        `ssl_value_dropout` 0 the loss is the spread-out regularizer).
+      ssl_value_dropout: fraction of the values of multi-valued item features dropped
+        in each view (each keeps at least one).
+      ssl_temperature: τ of the contrastive loss.
+      ssl_batch_size: items per step for the auxiliary task (with ``ssl_items=corpus``).
+      ssl_items: where those items come from: ``corpus`` (uniformly from the item
+        corpus, a separate input stream) or ``batch`` (the training batch's items,
+        which follow the power-law interaction distribution).
+      ssl_share: ``full`` (both tasks use the whole item-tower MLP) or ``partial``
+        (shared hidden layers, an output layer of its own for the auxiliary task).
       optimizer: ``adam`` or ``adagrad``.
       learning_rate: optimizer step size.
       batch_size: positives per batch (the in-batch negatives).
@@ -157,6 +176,13 @@ class RetrievalConfig:
     num_hard_negatives: int = 0
     num_mixed_negatives: int = 0
     drift_every_n_steps: int = 50
+    ssl_weight: float = 0.0
+    ssl_masking: str = "correlated"
+    ssl_value_dropout: float = 0.2
+    ssl_temperature: float = 0.1
+    ssl_batch_size: int = 512
+    ssl_items: str = "corpus"
+    ssl_share: str = "full"
     optimizer: str = "adam"
     learning_rate: float = 0.01
     batch_size: int = 512
@@ -190,6 +216,21 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.optimizer` should be adam or adagrad. Received: {self.optimizer!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"`retrieval.dropout` should be in [0, 1). Received: {self.dropout}")
+        if self.ssl_weight < 0:
+            raise ConfigError(f"`retrieval.ssl_weight` should be >= 0. Received: {self.ssl_weight}")
+        if self.ssl_masking not in SSL_MASKINGS:
+            raise ConfigError(f"`retrieval.ssl_masking` should be one of {', '.join(SSL_MASKINGS)}. "
+                              f"Received: {self.ssl_masking!r}")
+        if not 0 <= self.ssl_value_dropout < 1:
+            raise ConfigError(f"`retrieval.ssl_value_dropout` should be in [0, 1). Received: {self.ssl_value_dropout}")
+        if self.ssl_temperature <= 0:
+            raise ConfigError(f"`retrieval.ssl_temperature` should be positive. Received: {self.ssl_temperature}")
+        if self.ssl_batch_size < 2:
+            raise ConfigError(f"`retrieval.ssl_batch_size` should be >= 2. Received: {self.ssl_batch_size}")
+        if self.ssl_items not in ("corpus", "batch"):
+            raise ConfigError(f"`retrieval.ssl_items` should be corpus or batch. Received: {self.ssl_items!r}")
+        if self.ssl_share not in ("full", "partial"):
+            raise ConfigError(f"`retrieval.ssl_share` should be full or partial. Received: {self.ssl_share!r}")
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(f"`retrieval.distribution` should be one of {', '.join(DISTRIBUTIONS)}. "
                               f"Received: {self.distribution!r}")
@@ -336,17 +377,23 @@ class EvaluationConfig:
       ks: cut-offs K of Recall@K and NDCG@K.
       max_users: evaluate at most this many test users (seeded sample); 0 = all.
       seed: the user sample.
+      head_fraction: the most frequent training items, as a fraction of the corpus,
+        that count as the head; Recall/NDCG on the rest (``retrieval.tail.*``) count
+        only test items of the tail.
     """
 
     ks: Tuple[int, ...] = (10, 50)
     max_users: int = 0
     seed: int = 0
+    head_fraction: float = 0.2
 
     def __post_init__(self):
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"`evaluation.ks` should be positive integers. Received: {list(self.ks)}")
         if self.max_users < 0:
             raise ConfigError(f"`evaluation.max_users` should be >= 0. Received: {self.max_users}")
+        if not 0 <= self.head_fraction < 1:
+            raise ConfigError(f"`evaluation.head_fraction` should be in [0, 1). Received: {self.head_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,9 @@ For every test user (optionally a seeded sample): score every item with the
 exported towers, remove the user's training items, and compare the top K with the
 user's test positives (Recall@K, NDCG@K, see `models.metrics`). The same is done
 through the exported index, whose agreement with exact search is also reported
-(`index.recall_vs_exact@K`, by score), and for a most-popular baseline.
+(`index.recall_vs_exact@K`, by score), and for a most-popular baseline. Exact
+metrics are also given on the tail (`retrieval.tail.*`): the same rankings judged
+only on test items outside the `head_fraction` most frequent training items.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ def test_positives(data_dir: str) -> Dict[str, List[str]]:
         for u, it in zip(t[USER_ID].to_numpy(), t[ITEM_ID].to_numpy()):
             out.setdefault(str(u), []).append(str(it))
     return out
+
+
+def tail_only(relevant: Sequence[Sequence[str]], popular: Sequence[str], head_fraction: float,
+              corpus_size: int) -> List[List[str]]:
+    """Each user's relevant items without the head: the ⌈head_fraction·corpus_size⌉
+    most frequent training items (`popular`, most frequent first)."""
+    head = set(popular[:int(np.ceil(head_fraction * corpus_size))])
+    return [[i for i in rel if i not in head] for rel in relevant]
 
 
 def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequence[Sequence[int]],
@@ -112,6 +122,7 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> 
 
     freq_ids, counts, _ = read_item_frequencies(os.path.join(workdir, STATS_DIR))
     popular = [i for _, i in sorted(zip(-counts, freq_ids))]
+    tail_relevant = tail_only(relevant, popular, config.head_fraction, len(item_ids))
     pop_ranked = []
     for u in users:
         seen = set(rec.users.seen(u))
@@ -124,13 +135,17 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> 
         pop_ranked.append(out)
 
     metrics: Dict[str, Any] = {"evaluation": {"users": len(users), "items": len(item_ids),
-                                              "index_kind": rec.index.kind}}
+                                              "index_kind": rec.index.kind,
+                                              "tail_users": sum(1 for t in tail_relevant if t)}}
     for k in config.ks:
         ex = recall_ndcg_at_k(exact_ranked, relevant, k)
+        tail = recall_ndcg_at_k(exact_ranked, tail_relevant, k)
         ix = recall_ndcg_at_k(idx_ranked, relevant, k)
         pop = recall_ndcg_at_k(pop_ranked, relevant, k)
         metrics[f"retrieval.recall@{k}"] = ex["recall"]
         metrics[f"retrieval.ndcg@{k}"] = ex["ndcg"]
+        metrics[f"retrieval.tail.recall@{k}"] = tail["recall"]
+        metrics[f"retrieval.tail.ndcg@{k}"] = tail["ndcg"]
         metrics[f"index.recall@{k}"] = ix["recall"]
         metrics[f"index.ndcg@{k}"] = ix["ndcg"]
         metrics[f"index.recall_vs_exact@{k}"] = recall_vs_exact(idx_scores[:, :k], exact_scores[:, :k], k)

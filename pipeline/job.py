@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -166,8 +166,38 @@ def item_corpus(data_dir: str, schema: Schema) -> Dict[str, np.ndarray]:
     return padded_batch(schema, "item", rows)
 
 
+def read_feature_mi(stats_dir: str) -> Dict[str, Any]:
+    """The statistics job's ``feature_mi.json`` (features, mi, normalized_mi, num_items)."""
+    path = os.path.join(stats_dir, "feature_mi.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: retrieval.ssl_masking=correlated needs the statistics "
+                                f"stage's feature mutual information (run the stats stage)") from None
+
+
+def build_ssl_task(config: RunConfig, schema: Schema, feature_mi: Optional[Mapping[str, Any]] = None):
+    """The item tower's self-supervised task from `retrieval.ssl_*`, or None when off."""
+    from models.ssl import ItemSelfSupervision, mutual_information_matrix
+    from models.towers import feature_sizes
+
+    r = config.retrieval
+    if not r.ssl_weight:
+        return None
+    mi = None
+    if r.ssl_masking == "correlated":
+        if feature_mi is None:
+            raise ValueError("retrieval.ssl_masking=correlated needs the feature mutual information")
+        mi = mutual_information_matrix([f.name for f in schema.item_features], feature_mi["features"],
+                                       feature_mi["mi"])
+    return ItemSelfSupervision(feature_sizes(schema.item_features, r.feature_dim), masking=r.ssl_masking, mutual_information=mi,
+                               value_dropout=r.ssl_value_dropout, temperature=r.ssl_temperature,
+                               share=r.ssl_share, output_dim=r.embedding_dim, name="item_ssl")
+
+
 def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q_table, num_stats,
-                          data_dir: Optional[str] = None):
+                          data_dir: Optional[str] = None, feature_mi: Optional[Mapping[str, Any]] = None):
     from models.tf_compat import keras
     from models.two_tower import TwoTowerModel
 
@@ -186,7 +216,8 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
                           remove_accidental_hits=r.remove_accidental_hits, dropout=r.dropout,
                           numeric_stats=num_stats, task=retrieval_task(config),
                           corpus=item_corpus(data_dir, schema) if mixed else None,
-                          num_mixed_negatives=r.num_mixed_negatives if mixed else 0)
+                          num_mixed_negatives=r.num_mixed_negatives if mixed else 0,
+                          ssl=build_ssl_task(config, schema, feature_mi), ssl_weight=r.ssl_weight)
     opt = (keras.optimizers.Adam(r.learning_rate) if r.optimizer == "adam"
            else keras.optimizers.Adagrad(r.learning_rate))
     model.compile(optimizer=opt)
@@ -221,13 +252,22 @@ def new_retrieval_model(config: RunConfig, workdir: str):
 
     r = config.retrieval
     strategy = create_strategy(r.distribution)
+    data_dir = os.path.join(workdir, DATA_DIR)
+    feature_mi = None
+    if r.ssl_weight and r.ssl_masking == "correlated":
+        feature_mi = read_feature_mi(os.path.join(workdir, STATS_DIR))
     with strategy.scope():
         schema, vocabs, log_q, num_stats, mode = load_retrieval_inputs(config, workdir)
-        model = build_retrieval_model(config, schema, vocabs, log_q, num_stats,
-                                      data_dir=os.path.join(workdir, DATA_DIR))
-    train = example_dataset(layout.example_files(os.path.join(workdir, DATA_DIR), "train"), schema, r.batch_size,
+        model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, data_dir=data_dir,
+                                      feature_mi=feature_mi)
+    train = example_dataset(layout.example_files(data_dir, "train"), schema, r.batch_size,
                             shuffle=True, seed=r.seed, positives_only=(mode == "label"),
                             drop_remainder=needs_static_batches(strategy))
+    if r.ssl_weight and r.ssl_items == "corpus":
+        from models.ssl import uniform_item_dataset, with_ssl_items
+
+        items = uniform_item_dataset(item_corpus(data_dir, schema), r.ssl_batch_size, seed=r.seed)
+        train = with_ssl_items(train, items).prefetch(2)
     if r.distribution != "default":
         with strategy.scope():
             _create_variables(model, train)  # every variable a distributed one, also when restoring
@@ -240,6 +280,8 @@ def _create_variables(model, dataset) -> None:
     batch = next(iter(dataset))
     model.query_tower({f.name: batch[f.name] for f in model.schema.user_features})
     model.item_tower({f.name: batch[f.name] for f in model.schema.item_features})
+    if model.ssl is not None:
+        model.ssl(model.item_tower, {f.name: batch[f.name] for f in model.schema.item_features})
 
 
 def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: Optional[str] = None
@@ -257,7 +299,10 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
 
     class _Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            log.info("retrieval epoch %d/%d: loss %.4f", epoch + 1, r.epochs, (logs or {}).get("loss", float("nan")))
+            logs = logs or {}
+            parts = "".join(f", {name} {float(logs[name]):.4f}" for name in ("ssl_loss",) if name in logs)
+            log.info("retrieval epoch %d/%d: loss %.4f (epoch mean)%s", epoch + 1, r.epochs,
+                     logs.get("main_loss", logs.get("loss", float("nan"))), parts)
 
     cbs = [_Progress(), *callbacks]
     drift = None
@@ -277,13 +322,16 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
         cbs.append(keras.callbacks.BackupAndRestore(os.path.join(checkpoint_dir, "backup")))
     start = time.time()
     history = model.fit(train, epochs=r.epochs, verbose=0, callbacks=cbs)
-    losses = [float(x) for x in history.history.get("loss", [])]
+    # The epoch means of the retrieval loss (Keras' "loss" is only the last step's).
+    losses = [float(x) for x in history.history.get("main_loss", history.history.get("loss", []))]
     if losses and not np.isfinite(losses[-1]):
         raise FloatingPointError(f"retrieval training diverged: losses {losses}")
     if checkpoint_dir:
         tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, "final", "weights"))
     summary = {"loss": losses, "seconds": round(time.time() - start, 3),
                "replicas": int(model.distribute_strategy.num_replicas_in_sync)}
+    if "ssl_loss" in history.history:
+        summary["ssl_loss"] = [float(x) for x in history.history["ssl_loss"]]
     if drift is not None:
         summary["feature_drift"] = {"every_n_steps": r.drift_every_n_steps, "rows": drift.history}
     return model, summary

@@ -78,23 +78,244 @@ def test_uniform_item_stream_is_uniform_chi_square():
     assert float(np.sum((skewed - expected) ** 2 / expected)) > 27.88
 
 
-def test_feature_masking_roundtrip_and_gradients_flow_from_both_losses():
-    table = tf.Variable(np.random.default_rng(0).normal(size=(5, 3)).astype("float32"))
-    layer = ssl.FeatureMasking(2, 3)
-    clone = ssl.FeatureMasking.from_config(layer.get_config())
-    assert clone.num_features == 2 and clone.dim == 3
-    ids = tf.constant([[0, 1], [2, 3], [4, 0]])
-    # The shared tower MLP mixes the features; without it the complementary views
-    # live on disjoint coordinates and their cosine is identically 0.
-    mlp = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+def test_feature_masking_replaces_only_masked_slices_and_roundtrips():
+    layer = ssl.FeatureMasking([2, 1, 3])
+    assert ssl.FeatureMasking.from_config(layer.get_config()).feature_sizes == [2, 1, 3]
+    layer.defaults.assign([10.0, 11.0, 12.0, 13.0, 14.0, 15.0])
+    emb = tf.reshape(tf.range(12, dtype=tf.float32), (2, 6))
+    out = layer(emb, tf.constant([False, True, True])).numpy()
+    np.testing.assert_allclose(out, [[0, 1, 12, 13, 14, 15], [6, 7, 12, 13, 14, 15]])
+    with pytest.raises(ValueError, match="feature_sizes"):
+        ssl.FeatureMasking([2, 0])
+
+
+@pytest.mark.parametrize("masking", ["random", "correlated"])
+@pytest.mark.parametrize("k", [2, 5, 7])
+def test_in_graph_masks_are_complementary_and_redrawn(masking, k):
+    mi = np.random.default_rng(k).random((k, k))
+    draw = tf.function(lambda: ssl.draw_masks(masking, k, mi + mi.T))
+    seen = set()
+    for _ in range(40):
+        a, b = (x.numpy() for x in draw())
+        assert not np.any(a & b) and np.all(a | b)
+        assert a.sum() == k // 2
+        seen.add(tuple(a))
+    assert len(seen) > 1  # a new pattern every call, also inside tf.function
+
+
+def test_in_graph_cfm_masks_planted_group_together():
+    mi = np.full((6, 6), 0.01)
+    mi[:3, :3] = 1.0
+    mi[3:, 3:] = 1.0
+    for _ in range(30):
+        a, _ = (x.numpy() for x in ssl.draw_masks("correlated", 6, mi))
+        assert sorted(np.flatnonzero(a)) in ([0, 1, 2], [3, 4, 5])
+
+
+def test_independent_and_no_masking():
+    pairs = [tuple(x.numpy() for x in ssl.draw_masks("independent", 6)) for _ in range(50)]
+    assert any(np.any(a & b) for a, b in pairs)  # not complementary
+    a, b = ssl.draw_masks("none", 4)
+    assert not a.numpy().any() and not b.numpy().any()
+    with pytest.raises(ValueError, match="mutual_information"):
+        ssl.draw_masks("correlated", 4)
+    with pytest.raises(ValueError, match="masking"):
+        ssl.draw_masks("half", 4)
+
+
+def test_mutual_information_matrix_adds_item_id_by_entropy():
+    mi = [[1.5, 0.7], [0.7, 2.0]]  # entropies on the diagonal
+    out = ssl.mutual_information_matrix(["item_id", "category", "price", "brand"], ["category", "brand"], mi)
+    np.testing.assert_allclose(out, [[0.0, 1.5, 0.0, 2.0],
+                                     [1.5, 1.5, 0.0, 0.7],
+                                     [0.0, 0.0, 0.0, 0.0],
+                                     [2.0, 0.7, 0.0, 2.0]])
+    with pytest.raises(ValueError, match="2x2"):
+        ssl.mutual_information_matrix(["category"], ["category", "brand"], [[1.0]])
+
+
+def test_tf_value_dropout_keeps_one_and_rate():
+    from models.towers import drop_values
+
+    tf.random.set_seed(0)
+    ids = tf.constant([[5, 6, 7, 0], [8, 0, 0, 0], [0, 0, 0, 0]] * 400)
+    out = drop_values(ids, 0.9).numpy()
+    assert np.all((out == 0) | (out == ids.numpy()))  # values only removed, never moved
+    assert np.all((out != 0).sum(axis=1)[ids.numpy().any(axis=1)] >= 1)
+    assert not out[2::3].any()
+    kept = drop_values(ids, 0.3).numpy()
+    frac = (kept[0::3] != 0).sum() / (3 * 400)
+    assert 0.65 < frac < 0.76  # ~0.7 kept (the keep-one rescue adds ~1%)
+    with pytest.raises(ValueError, match="rate"):
+        drop_values(ids, 1.0)
+
+
+def _tiny_two_tower(masking="none", value_dropout=0.0, share="full", ssl_weight=1.0):
+    from models.features import ITEM_ID, USER_ID, Feature, Kind, Schema
+    from models.towers import feature_sizes
+    from models.two_tower import TwoTowerModel
+
+    keras.utils.set_random_seed(0)
+    schema = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
+                    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),
+                                   Feature("category", Kind.CATEGORICAL, "item"),
+                                   Feature("tags", Kind.MULTI_CATEGORICAL, "item", max_length=3)))
+    vocabs = {USER_ID: [f"u{k}" for k in range(6)], ITEM_ID: [f"i{k}" for k in range(12)],
+              "category": ["c0", "c1", "c2"], "tags": ["t0", "t1", "t2", "t3"]}
+    mi = np.eye(3) + 0.1
+    task = ssl.ItemSelfSupervision(feature_sizes(schema.item_features, 4), masking=masking,
+                                   mutual_information=mi if masking == "correlated" else None,
+                                   value_dropout=value_dropout, temperature=0.5, share=share, output_dim=5)
+    model = TwoTowerModel(schema, vocabs, embedding_dim=5, feature_dim=4, hidden_units=(6,), normalize=True,
+                          temperature=0.5, ssl=task, ssl_weight=ssl_weight)
+    batch = {USER_ID: tf.constant(["u0", "u1", "u2", "u3"]),
+             ITEM_ID: tf.constant(["i0", "i3", "i5", "i7"]),
+             "category": tf.constant(["c0", "c1", "c1", "c2"]),
+             "tags": tf.constant([["t0", "t1", ""], ["t2", "", ""], ["t1", "t3", "t0"], ["t3", "", ""]])}
+    return model, batch
+
+
+def test_identity_views_give_the_softmax_spread_out_loss():
+    model, batch = _tiny_two_tower(masking="none", value_dropout=0.0)
+    items = {k: batch[k] for k in ("item_id", "category", "tags")}
+    got = float(model.ssl(model.item_tower, items, training=True))
+    z = model.item_tower(items).numpy()  # H = G and identity augmentations: both views are z
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    logits = z @ z.T / 0.5
+    ref = -np.sum(np.diag(logits) - np.log(np.exp(logits).sum(axis=1)))  # Σ_i -log softmax_i(i)
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("share", ["full", "partial"])
+def test_gradients_reach_shared_tables_from_both_losses(share):
+    model, batch = _tiny_two_tower(masking="random", value_dropout=0.3, share=share)
+    model.compute_loss(batch, training=True)  # build
+    items = {k: batch[k] for k in ("item_id", "category", "tags")}
+    tables = [model.item_tower.item_embedding.embedding.embeddings,
+              model.item_tower.embeddings["category"].embeddings, model.item_tower.embeddings["tags"].embeddings]
     with tf.GradientTape(persistent=True) as tape:
-        emb = tf.gather(table, ids)  # [B, F=2, D=3]
-        mask_a = tf.constant([True, False])
-        va = mlp(tf.reshape(layer(emb, mask_a), (3, 6)))
-        vb = mlp(tf.reshape(layer(emb, tf.logical_not(mask_a)), (3, 6)))
-        l_self = ssl.contrastive_loss(va, vb, 0.2)
-        l_main = tf.reduce_sum(tf.reduce_mean(emb, axis=1) ** 2)
-    for loss in (l_self, l_main):
-        g = tf.convert_to_tensor(tape.gradient(loss, table))
-        assert float(tf.reduce_sum(tf.abs(g))) > 0
-    assert float(tf.reduce_sum(tf.abs(tape.gradient(l_self, layer.defaults)))) > 0
+        main = model._main_loss(batch, training=True)
+        self_loss = model.ssl(model.item_tower, items, training=True)
+    for loss in (main, self_loss):
+        for table in tables:
+            g = tf.convert_to_tensor(tape.gradient(loss, table))
+            assert float(tf.reduce_sum(tf.abs(g))) > 0, (table.name, loss)
+    # The SSL loss trains the mask defaults; with partial sharing also its own head, not the tower output.
+    assert tape.gradient(self_loss, model.ssl.feature_masking.defaults) is not None
+    out_kernel = model.item_tower.mlp.layers[-1].kernel
+    if share == "partial":
+        assert tape.gradient(self_loss, out_kernel) is None
+        assert tape.gradient(self_loss, model.ssl.head.kernel) is not None
+    else:
+        assert tape.gradient(self_loss, out_kernel) is not None
+
+
+def test_total_loss_is_main_plus_weighted_ssl_and_uses_the_ssl_stream():
+    model, batch = _tiny_two_tower(masking="none", ssl_weight=0.25)
+    items = {k: batch[k] for k in ("item_id", "category", "tags")}
+    total = float(model.compute_loss(batch, training=False))
+    main = float(model._main_loss(batch, training=False))
+    self_loss = float(model.ssl(model.item_tower, items, training=False))
+    assert total == pytest.approx(main + 0.25 * self_loss, rel=1e-5)
+    assert float(model.main_loss_tracker.result()) == pytest.approx(main, rel=1e-5)
+    assert float(model.ssl_loss_tracker.result()) == pytest.approx(self_loss / 4, rel=1e-5)
+    # With an ssl/ stream in the batch, the auxiliary task uses those items instead.
+    other = {"item_id": tf.constant(["i9", "i10"]), "category": tf.constant(["c2", "c0"]),
+             "tags": tf.constant([["t0", "", ""], ["t1", "t2", ""]])}
+    streamed = dict(batch, **{ssl.SSL_PREFIX + k: v for k, v in other.items()})
+    expected = main + 0.25 * float(model.ssl(model.item_tower, other, training=False))
+    assert float(model.compute_loss(streamed, training=False)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_logs_both_loss_components():
+    model, batch = _tiny_two_tower(masking="correlated", value_dropout=0.2)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    ds = tf.data.Dataset.from_tensors(batch).repeat(3)
+    stream = ssl.uniform_item_dataset({"item_id": np.array([f"i{k}" for k in range(12)]),
+                                       "category": np.array(["c0", "c1", "c2"] * 4),
+                                       "tags": np.array([["t0", "", ""]] * 12)}, batch_size=6, seed=0)
+    hist = model.fit(ssl.with_ssl_items(ds, stream), epochs=2, verbose=0)
+    assert {"loss", "main_loss", "ssl_loss"} <= set(hist.history)
+    assert np.isfinite(hist.history["ssl_loss"]).all()
+
+
+def test_self_supervision_config_round_trip_and_errors():
+    task = ssl.ItemSelfSupervision([4, 4, 1], masking="correlated", mutual_information=np.eye(3),
+                                   value_dropout=0.1, temperature=0.2, share="partial", output_dim=8)
+    clone = ssl.ItemSelfSupervision.from_config(task.get_config())
+    assert clone.get_config() == task.get_config()
+    with pytest.raises(ValueError, match="mutual_information"):
+        ssl.ItemSelfSupervision([4, 4], masking="correlated")
+    with pytest.raises(ValueError, match="3x3"):
+        ssl.ItemSelfSupervision([4, 4, 4], masking="correlated", mutual_information=np.eye(2))
+    with pytest.raises(ValueError, match="output_dim"):
+        ssl.ItemSelfSupervision([4, 4], masking="random", share="partial")
+    with pytest.raises(ValueError, match="share"):
+        ssl.ItemSelfSupervision([4, 4], masking="random", share="half")
+
+
+def test_loss_does_not_use_copies_of_the_same_item_as_negatives():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    ids = tf.constant(["x", "y", "x", "z"])
+    got = float(ssl.contrastive_loss(tf.constant(a), tf.constant(b), 0.5, ids=ids))
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    logits = an @ bn.T / 0.5
+    keep = np.ones((4, 4), bool)
+    keep[0, 2] = keep[2, 0] = False  # rows 0 and 2 are the same item
+    ref = np.mean([np.log(np.exp(logits[i][keep[i]]).sum()) - logits[i, i] for i in range(4)])
+    assert got == pytest.approx(ref, rel=1e-5)
+    assert got < float(ssl.contrastive_loss(tf.constant(a), tf.constant(b), 0.5))
+
+
+SSL_WITH_CBNS_ON_TWO_REPLICAS = r"""
+import json, numpy as np
+from models.tf_compat import keras, tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from models import ssl
+from models.cross_batch_retrieval import CrossBatchRetrieval
+from models.features import ITEM_ID, USER_ID, Feature, Kind, Schema
+from models.towers import feature_sizes
+from models.two_tower import TwoTowerModel
+
+schema = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
+                item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("category", Kind.CATEGORICAL, "item"),
+                               Feature("tags", Kind.MULTI_CATEGORICAL, "item", max_length=2)))
+items = np.array([f"i{k}" for k in range(30)])
+cats = np.array([f"c{k % 3}" for k in range(30)])
+tags = np.array([[f"t{k % 4}", ""] for k in range(30)])
+vocabs = {USER_ID: [f"u{k}" for k in range(10)], ITEM_ID: list(items), "category": ["c0", "c1", "c2"],
+          "tags": ["t0", "t1", "t2", "t3"]}
+keras.utils.set_random_seed(0)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    task = ssl.ItemSelfSupervision(feature_sizes(schema.item_features, 4), masking="correlated",
+                                   mutual_information=np.eye(3) + 0.1, value_dropout=0.3, temperature=0.2)
+    model = TwoTowerModel(schema, vocabs, embedding_dim=4, feature_dim=4, hidden_units=(8,),
+                          task=CrossBatchRetrieval(4, memory_size=16, warmup_steps=2), ssl=task, ssl_weight=0.5)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+rng = np.random.default_rng(0)
+pick = rng.integers(0, 30, 96)
+train = tf.data.Dataset.from_tensor_slices({USER_ID: np.array([f"u{k}" for k in rng.integers(0, 10, 96)]),
+                                            ITEM_ID: items[pick], "category": cats[pick], "tags": tags[pick]})
+stream = ssl.uniform_item_dataset({ITEM_ID: items, "category": cats, "tags": tags}, batch_size=8, seed=0)
+ds = ssl.with_ssl_items(train.batch(16, drop_remainder=True), stream)
+hist = model.fit(ds, epochs=2, verbose=0)
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "count": int(model.task.memory.count.numpy()),
+                  **{k: [float(x) for x in v] for k, v in hist.history.items()}}))
+"""
+
+
+def test_ssl_trains_with_the_memory_bank_on_two_replicas():
+    import json
+
+    from conftest import python_subprocess
+
+    proc = python_subprocess(SSL_WITH_CBNS_ON_TWO_REPLICAS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2 and out["count"] == 16
+    assert np.isfinite(out["ssl_loss"]).all() and np.isfinite(out["main_loss"]).all()
+    assert out["ssl_loss"][-1] > 0

@@ -14,6 +14,7 @@ TINY = os.path.join(REPO, "pipeline", "configs", "tiny.yaml")
 def workdir(tmp_path_factory):
     w = str(tmp_path_factory.mktemp("run") / "w")
     proc = recfunnel("run", "--config", TINY, "--workdir", w, "--set", "preranker.enabled=true",
+                     "--set", "retrieval.ssl_weight=0.3",
                      "--set", "preranker.search_epochs=2", "--set", "preranker.retrain_epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
@@ -40,6 +41,13 @@ def test_run_writes_the_public_contract(workdir):
                 "index.recall_vs_exact@10"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["index_build"]["kind"] == "scann"
+    for key in ("retrieval.tail.recall@10", "retrieval.tail.ndcg@10"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["evaluation"]["tail_users"] > 0
+    # the self-supervised task ran alongside the main loss, and both are logged
+    training = metrics["retrieval_training"]
+    assert len(training["ssl_loss"]) == len(training["loss"]) > 0
+    assert all(x > 0 for x in training["ssl_loss"])
     # the ranker stage: trained on the labelled clicks, measured on the test split, exported with the towers
     assert os.listdir(os.path.join(workdir, "export", "ranker")) == ["1"]
     assert metrics["ranker"]["model"] == "can"

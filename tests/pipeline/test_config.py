@@ -31,6 +31,11 @@ def test_yaml_file_round_trip(tmp_path):
     ("data.synthetic.num_users=-1", "num_users"),
     ("bogus=1", "unknown key.*`bogus`"),
     ("retrieval=3", "`retrieval` should be a mapping"),
+    ("retrieval.ssl_masking=cfm", "`retrieval.ssl_masking` should be one of random, correlated"),
+    ("retrieval.ssl_weight=-1", "`retrieval.ssl_weight` should be >= 0"),
+    ("retrieval.ssl_items=train", "`retrieval.ssl_items` should be corpus or batch"),
+    ("retrieval.ssl_value_dropout=1.0", "`retrieval.ssl_value_dropout` should be in"),
+    ("evaluation.head_fraction=1.0", "`evaluation.head_fraction` should be in"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -77,3 +82,10 @@ def test_default_yaml_states_the_built_in_defaults():
     with open(path) as f:
         shipped = yaml.safe_load(f)
     assert shipped == config_to_dict(RunConfig()), "regenerate it with `recfunnel config`"
+
+
+def test_ssl_maskings_match_the_model():
+    from models.ssl import MASKINGS
+    from pipeline.config import SSL_MASKINGS
+
+    assert SSL_MASKINGS == MASKINGS

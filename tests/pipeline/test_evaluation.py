@@ -20,3 +20,13 @@ def test_exact_top_k_matches_a_full_sort_with_exclusions(max_block_elements):
         np.testing.assert_allclose(scores[u], expected, rtol=1e-6)
         np.testing.assert_allclose(full[u, idx[u]], scores[u], rtol=1e-6)
         assert not set(idx[u]) & set(ex)
+
+
+def test_tail_only_drops_the_head_items():
+    from pipeline.evaluation import tail_only
+
+    popular = ["a", "b", "c", "d", "e"]  # most frequent first; items f, g never trained on
+    relevant = [["a", "f"], ["b", "c"], ["e", "g", "a"]]
+    # 7 items, head fraction 0.3 -> ceil(2.1) = 3 head items: a, b, c
+    assert tail_only(relevant, popular, 0.3, 7) == [["f"], [], ["e", "g"]]
+    assert tail_only(relevant, popular, 0.0, 7) == relevant
