@@ -81,10 +81,11 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.direct.direct_runner import DirectRunner
 
 from beam_jobs.feature_mi import FeatureMutualInformation
 from beam_jobs.item_frequencies import ItemFrequencies, SumCountsFn
-from beam_jobs.options import validate_pipeline_args
+from beam_jobs.options import resolve_runner, validate_pipeline_args
 from beam_jobs.singletons import CombineToSingleton, JoinSingletons
 from beam_jobs.vocabularies import Vocabularies, table_vocabulary_features
 from models import data_layout
@@ -654,6 +655,29 @@ def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir
                                      "reason": e.get("reason"), "stage": "reader"}) + "\n").encode("utf-8"))
 
 
+class DirectRunnerWithoutPrism(DirectRunner):
+    """Beam's DirectRunner, without its first attempt at the Prism runner.
+
+    Beam's DirectRunner first tries Prism, which downloads its binary from GitHub at
+    run time: offline it fails, logs the error and falls back to the in-process
+    runner, online it runs the job on another engine than the one tested here, and
+    either way it leaves a ``beam-temp*`` directory in the temporary folder. Beam skips
+    Prism for interactive pipelines, and that flag is read nowhere else, so this runner
+    sets it and goes straight to the in-process (FnApi) runner with the same options
+    (``--direct_num_workers``, ``--direct_running_mode``).
+    """
+
+    _is_interactive = True
+
+
+def pipeline_runner(options: PipelineOptions):
+    """The runner object to use, or None to let Beam resolve ``--runner`` itself."""
+    chosen = options.view_as(StandardOptions).runner
+    if chosen is None or (isinstance(chosen, str) and resolve_runner(chosen) == resolve_runner(None)):
+        return DirectRunnerWithoutPrism()
+    return None
+
+
 def runner_name(pipeline_args: Sequence[str]) -> str:
     """The runner the options select (Beam's default is the DirectRunner)."""
     runner = PipelineOptions(list(pipeline_args)).view_as(StandardOptions).runner
@@ -711,7 +735,7 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
     write_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
     start = time.time()
     try:
-        pipeline = beam.Pipeline(options=options)
+        pipeline = beam.Pipeline(runner=pipeline_runner(options), options=options)
         build_statistics_pipeline(pipeline, data_dir, write_dir, schema, min_count, split, positives)
         result = pipeline.run()
         try:

@@ -220,3 +220,18 @@ def test_statistics_of_the_materialized_synthetic_dataset(tiny_data_dir, tmp_pat
         {f: [list(v) if isinstance(v, np.ndarray) else v for v in items[f]] for f in report["features"]},
         report["features"])
     np.testing.assert_allclose(report["mi"], mi, rtol=1e-12)
+
+
+def test_the_direct_runner_does_not_try_to_download_prism(dataset, tmp_path, caplog):
+    import logging
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_jobs.stats_job import DirectRunnerWithoutPrism, pipeline_runner
+
+    with caplog.at_level(logging.INFO):
+        run_statistics(dataset, str(tmp_path / "out"), max_rejected_fraction=0.3)
+    assert "Prism" not in caplog.text and "prism" not in caplog.text
+    assert isinstance(pipeline_runner(PipelineOptions(["--runner=DirectRunner"])), DirectRunnerWithoutPrism)
+    assert pipeline_runner(PipelineOptions(["--runner=PrismRunner"])) is None  # asked for: left to Beam
+    assert pipeline_runner(PipelineOptions(["--runner=apache_beam.runners.dask.dask_runner.DaskRunner"])) is None
