@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -41,9 +40,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
+    from benchmarks.common import train_and_evaluate
     from pipeline import job
     from pipeline.config import load_config
-    from pipeline.evaluation import evaluate_retrieval
 
     variants = dict(DEFAULT_VARIANTS)
     if args.variant:
@@ -58,16 +57,7 @@ def main() -> None:
         job.stage_stats(cfg, base)
         for name, overrides in variants.items():
             cfg = load_config(args.config, common + overrides.split())
-            w = os.path.join(base, name)
-            os.makedirs(w)
-            for d in (job.DATA_DIR, job.STATS_DIR):
-                os.symlink(os.path.join(base, d), os.path.join(w, d))
-            start = time.perf_counter()
-            model, summary = job.stage_train(cfg, w)
-            seconds = time.perf_counter() - start
-            job.stage_export(model, w, 1)
-            job.stage_index(cfg, w, 1)
-            m = evaluate_retrieval(w, 1, cfg.evaluation)
+            summary, m, seconds = train_and_evaluate(cfg, base, name)
             results[name] = {"overrides": overrides, "train_seconds": round(seconds, 1),
                              "loss": [round(x, 2) for x in summary["loss"]],
                              **{k: round(m[k], 4) for k in ("retrieval.recall@10", "retrieval.recall@50",

@@ -34,7 +34,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -71,9 +70,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
+    from benchmarks.common import train_and_evaluate
     from pipeline import job
     from pipeline.config import load_config
-    from pipeline.evaluation import evaluate_retrieval
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -96,16 +95,7 @@ def main() -> None:
         for seed in range(args.seeds):
             for name in names:
                 cfg = load_config(config_path, common + VARIANTS[name].split() + [f"retrieval.seed={seed}"])
-                w = os.path.join(base, f"{name}-{seed}")
-                os.makedirs(w)
-                for d in (job.DATA_DIR, job.STATS_DIR):
-                    os.symlink(os.path.join(base, d), os.path.join(w, d))
-                start = time.perf_counter()
-                model, summary = job.stage_train(cfg, w)
-                seconds = time.perf_counter() - start
-                job.stage_export(model, w, 1)
-                job.stage_index(cfg, w, 1)
-                m = evaluate_retrieval(w, 1, cfg.evaluation)
+                summary, m, seconds = train_and_evaluate(cfg, base, f"{name}-{seed}")
                 row = {"seed": seed, "seconds_per_epoch": seconds / cfg.retrieval.epochs,
                        "final_main_loss": summary["loss"][-1],
                        "final_ssl_loss": (summary.get("ssl_loss") or [None])[-1],
@@ -114,7 +104,7 @@ def main() -> None:
                 runs[name].append(row)
                 print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
-                shutil.rmtree(w, ignore_errors=True)
+                shutil.rmtree(os.path.join(base, f"{name}-{seed}"), ignore_errors=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
