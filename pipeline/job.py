@@ -191,9 +191,10 @@ def build_ssl_task(config: RunConfig, schema: Schema, feature_mi: Optional[Mappi
             raise ValueError("retrieval.ssl_masking=correlated needs the feature mutual information")
         mi = mutual_information_matrix([f.name for f in schema.item_features], feature_mi["features"],
                                        feature_mi["mi"])
-    return ItemSelfSupervision(feature_sizes(schema.item_features, r.feature_dim), masking=r.ssl_masking, mutual_information=mi,
-                               value_dropout=r.ssl_value_dropout, temperature=r.ssl_temperature,
-                               share=r.ssl_share, output_dim=r.embedding_dim, name="item_ssl")
+    return ItemSelfSupervision(feature_sizes(schema.item_features, r.feature_dim), masking=r.ssl_masking,
+                               mutual_information=mi, value_dropout=r.ssl_value_dropout,
+                               temperature=r.ssl_temperature, share=r.ssl_share, output_dim=r.embedding_dim,
+                               name="item_ssl")
 
 
 def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q_table, num_stats,

@@ -281,7 +281,8 @@ from models.towers import feature_sizes
 from models.two_tower import TwoTowerModel
 
 schema = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
-                item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("category", Kind.CATEGORICAL, "item"),
+                item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),
+                               Feature("category", Kind.CATEGORICAL, "item"),
                                Feature("tags", Kind.MULTI_CATEGORICAL, "item", max_length=2)))
 items = np.array([f"i{k}" for k in range(30)])
 cats = np.array([f"c{k % 3}" for k in range(30)])
