@@ -67,22 +67,19 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
+    from benchmarks.common import train_and_evaluate
     from models.tf_compat import keras
-    from pipeline import job
-    from pipeline.config import EvaluationConfig, config_to_dict, load_config
-    from pipeline.evaluation import evaluate_retrieval
+    from pipeline.config import config_to_dict, load_config
 
     base = _prepare(args.data_dir, args.cache, args.history_length, args.history_mode)
     overrides = [f"retrieval.negatives={args.negatives}", f"retrieval.batch_size={args.batch_size}",
                  f"retrieval.memory_size={args.memory_size}", f"retrieval.warmup_steps={args.warmup_steps}",
                  f"retrieval.num_mixed_negatives={args.num_mixed_negatives}", f"retrieval.epochs={args.epochs}",
-                 "index.kind=brute_force", *args.overrides]
+                 "index.kind=brute_force", "evaluation.ks=[20, 50]", *args.overrides]
     config = load_config(None, overrides)
-    run_dir = os.path.join(args.cache, f"run-{os.getpid()}")
+    run_name = f"run-{os.getpid()}"
+    run_dir = os.path.join(base, run_name)
     shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
-    os.symlink(os.path.join(base, "data"), os.path.join(run_dir, "data"))
-    os.symlink(os.path.join(base, "stats"), os.path.join(run_dir, "stats"))
 
     class StepTimer(keras.callbacks.Callback):
         def __init__(self):
@@ -97,12 +94,7 @@ def main() -> None:
 
     timer = StepTimer()
     try:
-        start = time.perf_counter()
-        model, summary = job.stage_train(config, run_dir, callbacks=[timer])
-        train_seconds = time.perf_counter() - start
-        job.stage_export(model, run_dir, 1)
-        job.stage_index(config, run_dir, 1)
-        metrics = evaluate_retrieval(run_dir, 1, EvaluationConfig(ks=(20, 50)))
+        summary, metrics, train_seconds = train_and_evaluate(config, base, run_name, callbacks=[timer])
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     steady = timer.times[20:] if len(timer.times) > 40 else timer.times

@@ -1,7 +1,8 @@
 """Self-supervised auxiliary task for the item tower: augmentations and loss.
 
-Pure functions only (arrays in, arrays out); the Keras wiring into the item
-tower is built on top of them.
+In-graph augmentations (`draw_masks`, and `models.towers.drop_values` for
+multi-value dropout), the contrastive loss, the uniform item stream, and the Keras
+layers that wire them into the item tower (`FeatureMasking`, `ItemSelfSupervision`).
 
 References: Yao et al., "Self-supervised Learning for Large-scale Item
 Recommendations", CIKM 2021.
@@ -13,60 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from models.sampled_softmax import id_hashes, sampled_softmax_logits, softmax_cross_entropy
 from models.tf_compat import keras, tf
-
-
-def random_feature_masks(num_features: int, rng: np.random.Generator):
-    """RFM: a random split of the features into two disjoint halves.
-
-    Returns two boolean arrays ``[num_features]`` (True = masked in that view);
-    they are complementary: ``mask_a ^ mask_b`` is all True.
-    """
-    if num_features < 2:
-        raise ValueError(f"`num_features` should be at least 2. Received: num_features={num_features}")
-    order = rng.permutation(num_features)
-    mask_a = np.zeros(num_features, dtype=bool)
-    mask_a[order[: num_features // 2]] = True
-    return mask_a, ~mask_a
-
-
-def correlated_feature_masks(mutual_information, rng: np.random.Generator):
-    """CFM: mask a uniformly drawn seed feature with its ⌊k/2⌋ most correlated features.
-
-    Args:
-      mutual_information: ``[k, k]`` pairwise MI (``feature_mi.json`` "mi").
-    Returns two complementary boolean masks ``[k]``; view A masks the seed and
-    its ⌊k/2⌋ - 1 highest-MI partners (⌊k/2⌋ features in all), view B masks the rest.
-    """
-    mi = np.asarray(mutual_information, dtype=np.float64)
-    if mi.ndim != 2 or mi.shape[0] != mi.shape[1] or mi.shape[0] < 2:
-        raise ValueError(f"`mutual_information` should be a square matrix of size >= 2. "
-                         f"Received: shape={mi.shape}")
-    k = mi.shape[0]
-    seed = int(rng.integers(k))
-    scores = mi[seed].copy()
-    scores[seed] = np.inf  # the seed itself is always in the masked group
-    group = np.argsort(-scores, kind="stable")[: k // 2]
-    mask_a = np.zeros(k, dtype=bool)
-    mask_a[group] = True
-    return mask_a, ~mask_a
-
-
-def multi_value_dropout(ids, rate: float, rng: np.random.Generator, keep_at_least_one: bool = True):
-    """Drops individual values of a multi-valued feature (ids ``[B, L]``, 0 = padding).
-
-    With `keep_at_least_one`, a row that had values keeps at least one of them.
-    """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"`rate` should be in [0, 1). Received: rate={rate}")
-    ids = np.asarray(ids)
-    present = ids != 0
-    keep = (rng.random(ids.shape) >= rate) & present
-    if keep_at_least_one:
-        lost = present.any(axis=1) & ~keep.any(axis=1)
-        for row in np.flatnonzero(lost):
-            keep[row, rng.choice(np.flatnonzero(present[row]))] = True
-    return np.where(keep, ids, 0)
 
 
 def contrastive_loss(view_a, view_b, temperature: float, ids=None):
@@ -78,17 +27,13 @@ def contrastive_loss(view_a, view_b, temperature: float, ids=None):
     ids: optional ``[B]`` item ids; another row of the same item is not used as a
     negative (a batch drawn with replacement, or from interactions, repeats items).
     """
-    if temperature <= 0:
-        raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
     a = tf.math.l2_normalize(view_a, axis=-1)
     b = tf.math.l2_normalize(view_b, axis=-1)
-    logits = tf.matmul(a, b, transpose_b=True) / temperature
-    if ids is not None:
-        same = tf.equal(ids[:, tf.newaxis], ids[tf.newaxis, :])
-        duplicate = tf.logical_and(same, tf.logical_not(tf.eye(tf.shape(logits)[0], dtype=tf.bool)))
-        logits = tf.where(duplicate, tf.cast(-1e9, logits.dtype), logits)
-    labels = tf.range(tf.shape(logits)[0])
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    # Row i's positive is column i; with `ids`, other columns of the same item are
+    # masked as accidental hits are in the retrieval loss (no ids: every row distinct).
+    hashes = id_hashes(tf.range(tf.shape(a)[0]) if ids is None else ids)
+    logits = sampled_softmax_logits(a, b, positive_ids=hashes, candidate_ids=hashes, temperature=temperature)
+    return tf.reduce_mean(softmax_cross_entropy(logits))
 
 
 def uniform_item_dataset(item_features, batch_size: int, seed: int):
@@ -158,8 +103,9 @@ def mutual_information_matrix(feature_names, mi_features, mi, item_id: str = "it
 def draw_masks(masking: str, num_features: int, mutual_information=None):
     """Two boolean feature masks ``[F]`` (True = masked), drawn in-graph (new ones every call).
 
-    ``random`` (RFM) and ``correlated`` (CFM) give complementary halves as
-    `random_feature_masks` / `correlated_feature_masks` do; ``independent`` masks each
+    ``random`` (RFM) masks a random ⌊F/2⌋ of the features in view A and the rest in
+    view B; ``correlated`` (CFM) masks a uniformly drawn seed feature and its
+    ⌊F/2⌋ - 1 highest-MI partners in view A and the rest in view B; ``independent`` masks each
     feature with probability 1/2 in each view independently (feature dropout);
     ``none`` masks nothing (identity views: the loss is the spread-out regularizer).
     """

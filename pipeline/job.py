@@ -198,7 +198,13 @@ def build_ssl_task(config: RunConfig, schema: Schema, feature_mi: Optional[Mappi
 
 
 def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q_table, num_stats,
-                          data_dir: Optional[str] = None, feature_mi: Optional[Mapping[str, Any]] = None):
+                          corpus: Optional[Mapping[str, np.ndarray]] = None,
+                          feature_mi: Optional[Mapping[str, Any]] = None):
+    """The compiled two-tower model of `config`.
+
+    `corpus` (`item_corpus`) is needed for mixed negatives, `feature_mi`
+    (`read_feature_mi`) for correlated feature masking.
+    """
     from models.tf_compat import keras
     from models.two_tower import TwoTowerModel
 
@@ -209,14 +215,14 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
                     "embeddings collapse; prefer retrieval.normalize=false with retrieval.temperature=1.0 "
                     "(see README, Retrieval negatives)")
     mixed = r.negatives == "mixed"
-    if mixed and data_dir is None:
-        raise ValueError("negatives=mixed needs the dataset directory to sample corpus items from")
+    if mixed and corpus is None:
+        raise ValueError("negatives=mixed needs the item corpus to sample from")
     model = TwoTowerModel(schema, vocabularies, item_log_q=log_q_table if r.logq_correction else None,
                           embedding_dim=r.embedding_dim, feature_dim=r.feature_dim,
                           hidden_units=r.hidden_units, normalize=r.normalize, temperature=r.temperature,
                           remove_accidental_hits=r.remove_accidental_hits, dropout=r.dropout,
                           numeric_stats=num_stats, task=retrieval_task(config),
-                          corpus=item_corpus(data_dir, schema) if mixed else None,
+                          corpus=corpus if mixed else None,
                           num_mixed_negatives=r.num_mixed_negatives if mixed else 0,
                           ssl=build_ssl_task(config, schema, feature_mi), ssl_weight=r.ssl_weight)
     opt = (keras.optimizers.Adam(r.learning_rate) if r.optimizer == "adam"
@@ -257,17 +263,20 @@ def new_retrieval_model(config: RunConfig, workdir: str):
     feature_mi = None
     if r.ssl_weight and r.ssl_masking == "correlated":
         feature_mi = read_feature_mi(os.path.join(workdir, STATS_DIR))
+    ssl_stream = bool(r.ssl_weight) and r.ssl_items == "corpus"
     with strategy.scope():
         schema, vocabs, log_q, num_stats, mode = load_retrieval_inputs(config, workdir)
-        model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, data_dir=data_dir,
+        # Read once for both users of the whole item table: mixed negatives and the SSL stream.
+        corpus = item_corpus(data_dir, schema) if (r.negatives == "mixed" or ssl_stream) else None
+        model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, corpus=corpus,
                                       feature_mi=feature_mi)
     train = example_dataset(layout.example_files(data_dir, "train"), schema, r.batch_size,
                             shuffle=True, seed=r.seed, positives_only=(mode == "label"),
                             drop_remainder=needs_static_batches(strategy))
-    if r.ssl_weight and r.ssl_items == "corpus":
+    if ssl_stream:
         from models.ssl import uniform_item_dataset, with_ssl_items
 
-        items = uniform_item_dataset(item_corpus(data_dir, schema), r.ssl_batch_size, seed=r.seed)
+        items = uniform_item_dataset(corpus, r.ssl_batch_size, seed=r.seed)
         train = with_ssl_items(train, items).prefetch(2)
     if r.distribution != "default":
         with strategy.scope():
