@@ -34,12 +34,15 @@ def _prepare(data_dir: str, cache: str, history_length: int, history_mode: str) 
     """Materialized data + statistics for `data_dir` (cached)."""
     from beam_jobs.stats_job import run_statistics
     from pipeline.data.bars import read_bars
-    from pipeline.data.materialize import materialize
+    from models import data_layout
+    from pipeline.data.materialize import EXAMPLE_ORDER, materialize
     from pipeline.data.splits import SplitConfig
 
     key = hashlib.sha256(f"{os.path.abspath(data_dir)}|{history_length}|{history_mode}".encode()).hexdigest()[:12]
     workdir = os.path.join(cache, f"bars-{key}")
-    if not os.path.exists(os.path.join(workdir, "stats", "summary.json")):
+    report = os.path.join(workdir, "data", data_layout.READ_REPORT_FILE)
+    current = os.path.exists(report) and json.load(open(report)).get("example_order") == EXAMPLE_ORDER
+    if not (current and os.path.exists(os.path.join(workdir, "stats", "summary.json"))):
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir)
         materialize(read_bars(data_dir, history_length=history_length), os.path.join(workdir, "data"),

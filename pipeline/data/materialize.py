@@ -2,6 +2,13 @@
 
 The directory is built under a temporary sibling and renamed into place only when
 everything was written, so a failure never leaves a half-written dataset behind.
+
+Interaction shards keep the rows sorted by user and time. Example shards (what
+training reads) hold the same rows in a seeded random order: readers sort by user to
+build behaviour sequences, and a user-sorted training stream would give a bounded
+`tf.data` shuffle buffer batches of a few hundred users each, many rows per user (the
+in-batch and cross-batch negatives would then be mostly the same users' other
+positives, and the stream would sweep through the users in order).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ log = logging.getLogger(__name__)
 
 POSITIVES = ("auto", "all", "label")
 HISTORY_MODES = ("past", "all_other")
+# Recorded in the read report: the order of the rows in the example shards.
+EXAMPLE_ORDER = "random"
 
 
 def positives_mode(schema: Schema, positives: str) -> str:
@@ -166,7 +175,9 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
             pq.write_table(pa.Table.from_pandas(part[columns], preserve_index=False),
                            os.path.join(tmp, layout.INTERACTIONS_DIR, base + ".parquet"))
             ex_path = os.path.join(tmp, layout.EXAMPLES_DIR, base + ".tfrecord.gz")
-            _write_examples(ex_path, schema, part, [histories[i] for i in np.flatnonzero(mask)],
+            rows = np.flatnonzero(mask)
+            order = np.random.default_rng([split.seed, chunk_index, int(name == "test")]).permutation(len(rows))
+            _write_examples(ex_path, schema, part.iloc[order], [histories[i] for i in rows[order]],
                             user_bytes, item_bytes)
             shard_files[name].append(base)
             counts[name] += len(part)
@@ -199,6 +210,7 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
                   "test_fraction": split.test_fraction, "seed": split.seed},
         "positives": mode,
         "history_mode": history_mode,
+        "example_order": EXAMPLE_ORDER,
         "rows": counts,
         "positive_rows": positives,
         "users": int(len(users)),

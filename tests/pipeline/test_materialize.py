@@ -116,6 +116,29 @@ def test_materialized_layout(tiny_data_dir):
     assert Schema.load(os.path.join(tiny_data_dir, layout.SCHEMA_FILE)).name == "synthetic"
 
 
+def test_example_rows_are_shuffled_and_reproducible(tmp_path):
+    # 40 users x 10 events: interaction shards stay sorted by user and time, example
+    # shards hold the same rows (with the same histories) in a seeded random order.
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({USER_ID: np.repeat([f"u{i:02d}" for i in range(40)], 10),
+                       ITEM_ID: [f"i{j}" for j in rng.integers(0, 30, 400)],
+                       "timestamp": np.tile(np.arange(10), 40), "label": np.ones(400)})
+    runs = []
+    for name in ("a", "b"):
+        materialize(_raw(df), str(tmp_path / name), SplitConfig(method="leave_last_n", n=1))
+        runs.append(_read_examples(str(tmp_path / name), "train"))
+    assert runs[0] == runs[1]
+    rows = [(r["user"], r["ts"]) for r in runs[0]]
+    assert len(rows) == 360 and sorted(rows) == [(f"u{i:02d}", t) for i in range(40) for t in range(9)]
+    assert rows != sorted(rows)
+    # Users are spread over the stream: the first 36 rows (a tenth) come from many users.
+    assert len({u for u, _ in rows[:36]}) >= 20
+    by_key = {(r["user"], r["ts"]): r["history"] for r in runs[0]}
+    assert by_key[("u05", 3)] == list(df[(df[USER_ID] == "u05") & (df.timestamp < 3)][ITEM_ID])[-3:]
+    interactions = pq.read_table(layout.interaction_files(str(tmp_path / "a"), "train")[0]).to_pandas()
+    assert list(zip(interactions[USER_ID], interactions["timestamp"])) == sorted(rows)
+
+
 def test_all_other_history_mode(tmp_path):
     df = pd.DataFrame({USER_ID: ["u"] * 4, ITEM_ID: ["a", "b", "c", "d"], "timestamp": [1, 2, 3, 4],
                        "label": [1.0, 0.0, 1.0, 1.0]})
