@@ -113,6 +113,7 @@ def main() -> None:
         "median_step_ms": round(1000 * statistics.median(steady), 3),
         "steps": len(timer.times),
         "loss": summary["loss"],
+        **({"bank_share": summary["bank_share"]} if "bank_share" in summary else {}),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
         "config": config_to_dict(config)["retrieval"],
     }

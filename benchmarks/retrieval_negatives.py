@@ -7,7 +7,8 @@ The dataset (default: the built-in synthetic data) is materialized and its stati
 computed once; then every variant trains the two-tower model from the same seed and is
 evaluated exactly over the full corpus (Recall@10/50, training items removed). Without
 --variant it compares in-batch negatives with the cross-batch memory bank, for cosine
-and dot-product towers, and mixed negatives.
+and dot-product towers (and, for dot products, the bank in the paper's form, without
+the stabilising corrections), and mixed negatives.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ DEFAULT_VARIANTS = {
     "inbatch-dot": "retrieval.normalize=false retrieval.temperature=1.0",
     "cbns-dot": "retrieval.negatives=cbns retrieval.memory_size=512 retrieval.warmup_steps=100 "
                 "retrieval.normalize=false retrieval.temperature=1.0",
+    "cbns-dot-paper": "retrieval.negatives=cbns retrieval.memory_size=512 retrieval.warmup_steps=100 "
+                      "retrieval.normalize=false retrieval.temperature=1.0 "
+                      "retrieval.item_gradient=all retrieval.drift_correction=none",
     "mixed-cosine": "retrieval.negatives=mixed retrieval.num_mixed_negatives=512",
 }
 
@@ -60,6 +64,8 @@ def main() -> None:
             summary, m, seconds = train_and_evaluate(cfg, base, name)
             results[name] = {"overrides": overrides, "train_seconds": round(seconds, 1),
                              "loss": [round(x, 2) for x in summary["loss"]],
+                             **({"bank_share": [round(x, 4) for x in summary["bank_share"]]}
+                                if "bank_share" in summary else {}),
                              **{k: round(m[k], 4) for k in ("retrieval.recall@10", "retrieval.recall@50",
                                                             "baseline.popularity.recall@10")}}
             print(name, json.dumps(results[name]), flush=True)

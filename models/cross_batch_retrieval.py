@@ -16,6 +16,33 @@ batch's item embeddings are enqueued into the bank with stop-gradient.
 
 Formula: L = Σ_i w_i · −log softmax(z_i)[i],  z_ij = q_i·c_j/τ − log Q(j).
 
+Two corrections keep the bank from destabilising training (both on by default; the
+paper's form is ``item_gradient="all", drift_correction="none"``):
+
+* ``item_gradient="batch"``: queries get the gradient of the softmax over every
+  candidate, the batch's items that of the softmax over the fresh candidates only
+  (batch and uniform items; the loss value is the full softmax's). In an in-batch
+  softmax the item gradients of row i sum to zero (Σ_j p_ij − 1 = 0), so the loss
+  never moves the items' mean. With a bank holding a share μ_i of row i's mass, the
+  batch's items get Σ_j (p_ij − δ_ij) = −μ_i: every step pulls all items towards the
+  mean query, by the bank's share of the mass.
+* ``drift_correction="mean"``: the bank stores each embedding minus the mean
+  embedding of its batch and is read back plus the current batch's mean (stop-
+  gradient): c_bank = c_then − mean(batch_then) + mean(batch_now). The bank's mean
+  otherwise lags the fresh items' mean by the encoder's recent drift d; every query's
+  gradient (towards its fresh positive, away from the stale bank) then shares d, the
+  positives follow their queries, and the drift feeds itself. Only the shared
+  component is replaced: the entries' spread around their mean is kept as stored.
+
+Measured on MovieLens-1M with Adam (README, Retrieval negatives): in the paper's form,
+with dot-product towers, the scores grew by two orders of magnitude within a few
+hundred steps of the warm-up's end while the bank's share of the softmax mass fell far
+below its share of the candidates (fresh items outscored their stale copies); with
+cosine towers every embedding collapsed onto one direction. Either correction alone
+still diverged or collapsed; both together kept the share at the bank's share of the
+candidates and the scores at their in-batch scale. `call(..., return_bank_share=True)` also returns that
+share, which `TwoTowerModel` logs as ``bank_share``.
+
 References:
   Wang et al., "Cross-Batch Negative Sampling for Training Two-Tower Recommenders",
   SIGIR 2021.
@@ -28,9 +55,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 from models.cross_batch_memory import CrossBatchMemory
+from models.distribution import cross_replica_sum
 from models.sampled_softmax import (hard_negative_logits, id_hashes, mixed_log_q, sampled_softmax_logits,
                                     softmax_cross_entropy)
 from models.tf_compat import keras, tf
+
+DRIFT_CORRECTIONS = ("mean", "none")
+ITEM_GRADIENTS = ("batch", "all")
 
 
 class CrossBatchRetrieval(keras.layers.Layer):
@@ -43,18 +74,31 @@ class CrossBatchRetrieval(keras.layers.Layer):
       temperature: logits are divided by it.
       remove_accidental_hits: mask candidates with the positive's id.
       num_hard_negatives: keep only the k highest-scoring negatives per row (0 = all).
+      drift_correction: ``mean`` (re-center the bank on the current batch's mean, see
+        above) or ``none`` (the bank as stored, as in the CBNS paper).
+      item_gradient: ``batch`` (items get the gradient of the softmax over the fresh
+        candidates, see above) or ``all`` (of the full softmax, as in the paper).
 
     Call:
       query_embeddings ``[B, D]``, candidate_embeddings ``[B, D]`` (the positives),
       candidate_ids ``[B]`` string or int, candidate_log_q ``[B]`` or None, step
       (scalar int, e.g. ``optimizer.iterations``), extra_negatives ``(embeddings
       [U, D], ids [U], log_q [U], corpus_size)`` or None, sample_weight ``[B]`` or None.
-      Returns the scalar loss summed over the batch (as `tfrs.tasks.Retrieval`).
+      Returns the scalar loss summed over the batch (as `tfrs.tasks.Retrieval`), and
+      with ``return_bank_share=True`` also the mean share of the softmax mass on the
+      bank's entries (0 without a bank or before the warm-up's end).
     """
 
     def __init__(self, embedding_dim: int, memory_size: int = 0, warmup_steps: int = 0, temperature: float = 1.0,
-                 remove_accidental_hits: bool = True, num_hard_negatives: int = 0, **kwargs):
+                 remove_accidental_hits: bool = True, num_hard_negatives: int = 0,
+                 drift_correction: str = "mean", item_gradient: str = "batch", **kwargs):
         super().__init__(**kwargs)
+        if item_gradient not in ITEM_GRADIENTS:
+            raise ValueError(f"`item_gradient` should be one of {ITEM_GRADIENTS}. "
+                             f"Received: item_gradient={item_gradient!r}")
+        if drift_correction not in DRIFT_CORRECTIONS:
+            raise ValueError(f"`drift_correction` should be one of {DRIFT_CORRECTIONS}. "
+                             f"Received: drift_correction={drift_correction!r}")
         if temperature <= 0:
             raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
         for name, value in (("memory_size", memory_size), ("warmup_steps", warmup_steps),
@@ -67,42 +111,79 @@ class CrossBatchRetrieval(keras.layers.Layer):
         self.temperature = float(temperature)
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.num_hard_negatives = int(num_hard_negatives)
+        self.drift_correction = drift_correction
+        self.item_gradient = item_gradient
         self.memory = CrossBatchMemory(self.memory_size, self.embedding_dim, name="memory") if self.memory_size else None
 
     def call(self, query_embeddings, candidate_embeddings, candidate_ids, candidate_log_q=None, step=None,
-             extra_negatives: Optional[Tuple] = None, sample_weight=None, training=True):
+             extra_negatives: Optional[Tuple] = None, sample_weight=None, training=True, return_bank_share=False):
         batch = tf.shape(candidate_embeddings)[0]
         positive_ids = id_hashes(candidate_ids)
-        log_q = (tf.zeros([batch], tf.float32) if candidate_log_q is None
-                 else tf.cast(candidate_log_q, tf.float32))
-        candidates, ids, logqs, valid = [candidate_embeddings], [positive_ids], [log_q], [tf.ones([batch], tf.bool)]
-        num_unigram = tf.cast(batch, tf.float32)
-        if self.memory is not None:
-            bank_emb, bank_log_q, bank_ids, bank_valid = self.memory.read()
-            in_use = tf.constant(True) if step is None else tf.cast(step, tf.int64) >= self.warmup_steps
-            bank_valid = tf.logical_and(bank_valid, in_use)
-            candidates.append(tf.cast(bank_emb, candidate_embeddings.dtype))
-            ids.append(bank_ids)
-            logqs.append(bank_log_q)
-            valid.append(bank_valid)
-            num_unigram += tf.reduce_sum(tf.cast(bank_valid, tf.float32))
+        corrected = candidate_log_q is not None
+        log_q = tf.zeros([batch], tf.float32) if not corrected else tf.cast(candidate_log_q, tf.float32)
+        uniform = None
         if extra_negatives is not None:
             extra_emb, extra_ids, extra_log_q, corpus_size = extra_negatives
-            num_uniform = tf.cast(tf.shape(extra_emb)[0], tf.float32)
+            uniform = (extra_emb, id_hashes(extra_ids), tf.cast(extra_log_q, tf.float32), corpus_size)
+        bank, center = None, None
+        if self.memory is not None:
+            bank_emb, bank_log_q, bank_ids, bank_valid = self.memory.read()
+            if self.drift_correction == "mean":
+                center = _global_mean(tf.stop_gradient(tf.cast(candidate_embeddings, tf.float32)))
+                bank_emb = bank_emb + center[tf.newaxis, :]
+            in_use = tf.constant(True) if step is None else tf.cast(step, tf.int64) >= self.warmup_steps
+            bank = (tf.cast(bank_emb, candidate_embeddings.dtype), bank_log_q, bank_ids,
+                    tf.logical_and(bank_valid, in_use))
+        args = dict(positive_ids=positive_ids, log_q=log_q, corrected=corrected, sample_weight=sample_weight)
+        if bank is not None and self.item_gradient == "batch":
+            # Queries see every candidate; fresh items get the gradient of the softmax over
+            # the fresh candidates only, whose item gradients sum to zero (see above).
+            sg_uniform = None if uniform is None else (tf.stop_gradient(uniform[0]),) + uniform[1:]
+            query_loss, share = self._loss(query_embeddings, tf.stop_gradient(candidate_embeddings), bank,
+                                           sg_uniform, **args)
+            item_loss, _ = self._loss(tf.stop_gradient(query_embeddings), candidate_embeddings, None, uniform,
+                                      **args)
+            loss = query_loss + (item_loss - tf.stop_gradient(item_loss))
+        else:
+            loss, share = self._loss(query_embeddings, candidate_embeddings, bank, uniform, **args)
+
+        if self.memory is not None and training:
+            with tf.control_dependencies([loss]):
+                stored = candidate_embeddings if center is None else (
+                    tf.cast(candidate_embeddings, tf.float32) - center[tf.newaxis, :])
+                self.memory.enqueue(stored, log_q, positive_ids)
+        return (loss, share) if return_bank_share else loss
+
+    def _loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
+        """(Σ_i w_i · −log softmax(z_i)[i] over the batch, the bank and the uniform items, bank share)."""
+        batch = tf.shape(batch_embeddings)[0]
+        candidates, ids, logqs, valid = [batch_embeddings], [positive_ids], [log_q], [tf.ones([batch], tf.bool)]
+        num_unigram = tf.cast(batch, tf.float32)
+        if bank is not None:
+            for part, value in zip((candidates, logqs, ids, valid), bank):
+                part.append(value)
+            num_unigram += tf.reduce_sum(tf.cast(bank[3], tf.float32))
+        all_log_q = None
+        if uniform is not None:
+            extra_emb, extra_ids, extra_log_q, corpus_size = uniform
             candidates.append(extra_emb)
-            ids.append(id_hashes(extra_ids))
-            logqs.append(tf.cast(extra_log_q, tf.float32))
+            ids.append(extra_ids)
+            logqs.append(extra_log_q)
             valid.append(tf.ones(tf.shape(extra_emb)[:1], tf.bool))
-        all_log_q = tf.concat(logqs, axis=0)
-        if extra_negatives is not None:
             # Any candidate could have come from either source: correct by the mixture.
-            all_log_q = mixed_log_q(all_log_q, num_unigram, num_uniform, corpus_size)
+            all_log_q = mixed_log_q(tf.concat(logqs, axis=0), num_unigram,
+                                    tf.cast(tf.shape(extra_emb)[0], tf.float32), corpus_size)
+        elif corrected:
+            all_log_q = tf.concat(logqs, axis=0)
         logits = sampled_softmax_logits(
-            query_embeddings, tf.concat(candidates, axis=0), positive_ids=positive_ids,
-            candidate_ids=tf.concat(ids, axis=0),
-            candidate_log_q=all_log_q if (candidate_log_q is not None or extra_negatives is not None) else None,
-            candidate_valid=tf.concat(valid, axis=0), temperature=self.temperature,
+            query, tf.concat(candidates, axis=0), positive_ids=positive_ids, candidate_ids=tf.concat(ids, axis=0),
+            candidate_log_q=all_log_q, candidate_valid=tf.concat(valid, axis=0), temperature=self.temperature,
             remove_accidental_hits=self.remove_accidental_hits)
+        share = tf.zeros([], tf.float32)
+        if bank is not None:
+            num_bank = tf.shape(bank[0])[0]
+            probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=1)[:, batch:batch + num_bank]
+            share = tf.reduce_mean(tf.reduce_sum(probs, axis=1))
         if self.num_hard_negatives:
             logits = hard_negative_logits(logits, self.num_hard_negatives)
             losses = softmax_cross_entropy(logits, tf.zeros([batch], tf.int32))
@@ -110,14 +191,18 @@ class CrossBatchRetrieval(keras.layers.Layer):
             losses = softmax_cross_entropy(logits)
         if sample_weight is not None:
             losses = losses * tf.cast(sample_weight, losses.dtype)
-        loss = tf.reduce_sum(losses)
-        if self.memory is not None and training:
-            with tf.control_dependencies([loss]):
-                self.memory.enqueue(candidate_embeddings, log_q, positive_ids)
-        return loss
+        return tf.reduce_sum(losses), tf.stop_gradient(share)
 
     def get_config(self):
         return {**super().get_config(), "embedding_dim": self.embedding_dim, "memory_size": self.memory_size,
                 "warmup_steps": self.warmup_steps, "temperature": self.temperature,
                 "remove_accidental_hits": self.remove_accidental_hits,
-                "num_hard_negatives": self.num_hard_negatives}
+                "num_hard_negatives": self.num_hard_negatives, "drift_correction": self.drift_correction,
+                "item_gradient": self.item_gradient}
+
+
+def _global_mean(embeddings: tf.Tensor) -> tf.Tensor:
+    """``[D]`` mean over the global batch (all replicas' rows, as the bank sees them)."""
+    total = cross_replica_sum(tf.reduce_sum(embeddings, axis=0))
+    count = cross_replica_sum(tf.cast(tf.shape(embeddings)[0], tf.float32))
+    return total / tf.maximum(count, 1.0)

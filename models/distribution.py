@@ -128,6 +128,14 @@ def create_strategy(distribution: str) -> tf.distribute.Strategy:
     return strategy
 
 
+def cross_replica_sum(value: tf.Tensor) -> tf.Tensor:
+    """`value` summed over the replicas in sync (itself outside a multi-replica step)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+    return value
+
+
 def needs_static_batches(strategy: tf.distribute.Strategy) -> bool:
     """Whether batches must all have the same size (``drop_remainder=True``): with
     more than one replica, so every replica gets batch/R examples every step."""

@@ -17,6 +17,7 @@ import tensorflow_recommenders as tfrs
 
 from models.features import ITEM_ID, Schema
 from models.cross_batch_retrieval import CrossBatchRetrieval
+from models.distribution import cross_replica_sum
 from models.logq import ItemLogQ
 from models.ssl import SSL_PREFIX, ItemSelfSupervision
 from models.tf_compat import keras, tf
@@ -45,9 +46,14 @@ class TwoTowerModel(tfrs.Model):
       ssl_weight: α in L = L_main + α·L_self.
 
     Training logs show ``loss`` (the last step's total loss, as `tfrs.Model` reports
-    it), ``main_loss`` (the retrieval loss summed over the batch, averaged over the
-    epoch's steps) and, with `ssl`, ``ssl_loss`` (the unweighted contrastive loss per
-    item pair, averaged over the epoch).
+    it), ``main_loss`` (the retrieval loss summed over the global batch, averaged over
+    the epoch's steps) and, with `ssl`, ``ssl_loss`` (the unweighted contrastive loss per
+    item pair, averaged over the epoch). These trackers hold values summed over the
+    replicas, so every replica holds what one replica on the global batch would (compile
+    with ``distribute_reduction_method="first"`` to log them as they are). With a cross-batch memory bank, ``bank_share``
+    is the share of the softmax mass on the bank's entries, averaged over the epoch's
+    steps after the warm-up: near M/(B+M) when stale entries compete like fresh ones,
+    near 0 when the encoder has learned to tell its fresh embeddings from stale ones.
     """
 
     def __init__(self, schema: Schema, vocabularies: Mapping[str, Sequence[str]],
@@ -86,16 +92,22 @@ class TwoTowerModel(tfrs.Model):
         self.main_loss_tracker = keras.metrics.Mean(name="main_loss")
         if ssl is not None:
             self.ssl_loss_tracker = keras.metrics.Mean(name="ssl_loss")
+        self._has_bank = isinstance(self.task, CrossBatchRetrieval) and self.task.memory is not None
+        if self._has_bank:
+            self.bank_share_tracker = keras.metrics.Mean(name="bank_share")
 
     def compute_loss(self, features, training=False):
+        # The trackers see global values (summed over replicas), so every replica logs
+        # the same numbers as one replica training on the global batch would.
         loss = self._main_loss(features, training)
-        self.main_loss_tracker.update_state(loss)
+        self.main_loss_tracker.update_state(cross_replica_sum(tf.stop_gradient(loss)))
         if self.ssl is None:
             return loss
         prefixed = SSL_PREFIX + ITEM_ID in features
         items = {f.name: features[(SSL_PREFIX + f.name) if prefixed else f.name] for f in self.schema.item_features}
         self_loss = self.ssl(self.item_tower, items, training=training, item_ids=items[ITEM_ID])
-        self.ssl_loss_tracker.update_state(self_loss / tf.cast(tf.shape(items[ITEM_ID])[0], self_loss.dtype))
+        pairs = cross_replica_sum(tf.cast(tf.shape(items[ITEM_ID])[0], self_loss.dtype))
+        self.ssl_loss_tracker.update_state(cross_replica_sum(tf.stop_gradient(self_loss)) / pairs)
         return loss + self.ssl_weight * self_loss
 
     def _main_loss(self, features, training):
@@ -111,8 +123,14 @@ class TwoTowerModel(tfrs.Model):
                 extra = self._uniform_negatives(training)
             optimizer = getattr(self, "optimizer", None)
             step = optimizer.iterations if optimizer is not None else None
-            return self.task(query_embeddings, candidate_embeddings, item_ids, log_q, step=step,
-                             extra_negatives=extra, training=training)
+            loss, share = self.task(query_embeddings, candidate_embeddings, item_ids, log_q, step=step,
+                                    extra_negatives=extra, training=training, return_bank_share=True)
+            if self._has_bank:
+                in_use = 1.0 if step is None else tf.cast(step >= self.task.warmup_steps, tf.float32)
+                rows = tf.cast(tf.shape(query_embeddings)[0], tf.float32)
+                share = cross_replica_sum(share * rows) / cross_replica_sum(rows)
+                self.bank_share_tracker.update_state(share, sample_weight=in_use)
+            return loss
         kwargs = {}
         if self.item_log_q is not None:
             kwargs["candidate_sampling_probability"] = tf.exp(self.item_log_q(item_ids))

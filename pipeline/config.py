@@ -24,6 +24,10 @@ SOURCES = ("synthetic", "movielens", "movielens_tfds", "bars", "csv", "parquet")
 DISTRIBUTIONS = ("default", "mirrored", "multi_worker")
 # models.ssl.MASKINGS, for the same reason.
 SSL_MASKINGS = ("random", "correlated", "independent", "none")
+# models.cross_batch_retrieval.DRIFT_CORRECTIONS, for the same reason.
+DRIFT_CORRECTIONS = ("mean", "none")
+# models.cross_batch_retrieval.ITEM_GRADIENTS, for the same reason.
+ITEM_GRADIENTS = ("batch", "all")
 
 
 class ConfigError(ValueError):
@@ -123,6 +127,13 @@ class RetrievalConfig:
         `memory_size`).
       memory_size: entries of the cross-batch memory bank (``cbns``/``mixed``).
       warmup_steps: steps trained with in-batch negatives only before the bank is used.
+      drift_correction: ``mean`` (the bank is re-centered on the current batch's mean
+        embedding, which keeps the encoder from drifting away from its own stale
+        entries; see `models.cross_batch_retrieval`) or ``none`` (the bank as stored,
+        as in the CBNS paper).
+      item_gradient: with a bank, ``batch`` (the batch's items get the gradient of the
+        softmax over the fresh candidates, which does not pull every item towards the
+        mean query) or ``all`` (of the softmax over every candidate, as in the paper).
       num_hard_negatives: keep only the k hardest negatives per row (0 = all).
       num_mixed_negatives: uniformly sampled corpus items per step (``mixed``).
       drift_every_n_steps: measure the item encoder's feature drift (CBNS Eq. 5) on
@@ -148,6 +159,11 @@ class RetrievalConfig:
       optimizer: ``adam`` or ``adagrad``.
       learning_rate: optimizer step size.
       batch_size: positives per batch (the in-batch negatives).
+      shuffle_buffer: training examples held by the shuffle buffer; each epoch is
+        reshuffled within it (and the shards' order). A buffer holding the whole
+        training set reshuffles it fully every epoch, which scored about 0.01 higher
+        Recall@20 on MovieLens-1M than the default (README, Retrieval negatives); it
+        costs the serialized examples' size in memory.
       epochs: passes over the training positives.
       seed: initialisation and shuffling.
       distribution: how many replicas train in lockstep (`models.distribution`):
@@ -173,6 +189,8 @@ class RetrievalConfig:
     negatives: str = "inbatch"
     memory_size: int = 0
     warmup_steps: int = 0
+    drift_correction: str = "mean"
+    item_gradient: str = "batch"
     num_hard_negatives: int = 0
     num_mixed_negatives: int = 0
     drift_every_n_steps: int = 50
@@ -186,12 +204,13 @@ class RetrievalConfig:
     optimizer: str = "adam"
     learning_rate: float = 0.01
     batch_size: int = 512
+    shuffle_buffer: int = 50_000
     epochs: int = 6
     seed: int = 0
     distribution: str = "default"
 
     def __post_init__(self):
-        for name in ("embedding_dim", "feature_dim", "batch_size", "epochs"):
+        for name in ("embedding_dim", "feature_dim", "batch_size", "epochs", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`retrieval.{name}` should be >= 1. Received: {getattr(self, name)}")
         if any(u < 1 for u in self.hidden_units):
@@ -209,6 +228,12 @@ class RetrievalConfig:
         if self.negatives == "cbns" and self.memory_size < 1:
             raise ConfigError("`retrieval.memory_size` should be >= 1 with negatives=cbns. "
                               f"Received: memory_size={self.memory_size}")
+        if self.drift_correction not in DRIFT_CORRECTIONS:
+            raise ConfigError(f"`retrieval.drift_correction` should be one of {', '.join(DRIFT_CORRECTIONS)}. "
+                              f"Received: {self.drift_correction!r}")
+        if self.item_gradient not in ITEM_GRADIENTS:
+            raise ConfigError(f"`retrieval.item_gradient` should be one of {', '.join(ITEM_GRADIENTS)}. "
+                              f"Received: {self.item_gradient!r}")
         if self.negatives == "mixed" and self.num_mixed_negatives < 1:
             raise ConfigError("`retrieval.num_mixed_negatives` should be >= 1 with negatives=mixed. "
                               f"Received: num_mixed_negatives={self.num_mixed_negatives}")

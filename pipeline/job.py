@@ -153,7 +153,8 @@ def retrieval_task(config: RunConfig):
         return None
     return CrossBatchRetrieval(r.embedding_dim, memory_size=r.memory_size, warmup_steps=r.warmup_steps,
                                temperature=r.temperature, remove_accidental_hits=r.remove_accidental_hits,
-                               num_hard_negatives=r.num_hard_negatives, name="cross_batch_retrieval")
+                               num_hard_negatives=r.num_hard_negatives, drift_correction=r.drift_correction,
+                               item_gradient=r.item_gradient, name="cross_batch_retrieval")
 
 
 def item_corpus(data_dir: str, schema: Schema) -> Dict[str, np.ndarray]:
@@ -210,10 +211,10 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
 
     r = config.retrieval
     keras.utils.set_random_seed(r.seed)
-    if r.memory_size and r.normalize:
-        log.warning("cross-batch memory with normalized (cosine) towers: on our data the stale bank made the "
-                    "embeddings collapse; prefer retrieval.normalize=false with retrieval.temperature=1.0 "
-                    "(see README, Retrieval negatives)")
+    if r.memory_size and r.normalize and (r.item_gradient == "all" or r.drift_correction == "none"):
+        log.warning("cross-batch memory with normalized (cosine) towers and without both bank corrections "
+                    "(retrieval.item_gradient=batch, retrieval.drift_correction=mean): on our data the "
+                    "embeddings collapsed (see README, Retrieval negatives)")
     mixed = r.negatives == "mixed"
     if mixed and corpus is None:
         raise ValueError("negatives=mixed needs the item corpus to sample from")
@@ -227,7 +228,10 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
                           ssl=build_ssl_task(config, schema, feature_mi), ssl_weight=r.ssl_weight)
     opt = (keras.optimizers.Adam(r.learning_rate) if r.optimizer == "adam"
            else keras.optimizers.Adagrad(r.learning_rate))
+    # The loss trackers already hold global values (models.two_tower): take the first
+    # replica's instead of Keras' default sum over replicas.
     model.compile(optimizer=opt)
+    model.distribute_reduction_method = "first"
     return model
 
 
@@ -271,7 +275,8 @@ def new_retrieval_model(config: RunConfig, workdir: str):
         model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, corpus=corpus,
                                       feature_mi=feature_mi)
     train = example_dataset(layout.example_files(data_dir, "train"), schema, r.batch_size,
-                            shuffle=True, seed=r.seed, positives_only=(mode == "label"),
+                            shuffle=True, seed=r.seed, shuffle_buffer=r.shuffle_buffer,
+                            positives_only=(mode == "label"),
                             drop_remainder=needs_static_batches(strategy))
     if ssl_stream:
         from models.ssl import uniform_item_dataset, with_ssl_items
@@ -310,7 +315,8 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
     class _Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
-            parts = "".join(f", {name} {float(logs[name]):.4f}" for name in ("ssl_loss",) if name in logs)
+            parts = "".join(f", {name} {float(logs[name]):.4f}" for name in ("ssl_loss", "bank_share")
+                            if name in logs)
             log.info("retrieval epoch %d/%d: loss %.4f (epoch mean)%s", epoch + 1, r.epochs,
                      logs.get("main_loss", logs.get("loss", float("nan"))), parts)
 
@@ -340,8 +346,9 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
         tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, "final", "weights"))
     summary = {"loss": losses, "seconds": round(time.time() - start, 3),
                "replicas": int(model.distribute_strategy.num_replicas_in_sync)}
-    if "ssl_loss" in history.history:
-        summary["ssl_loss"] = [float(x) for x in history.history["ssl_loss"]]
+    for name in ("ssl_loss", "bank_share"):
+        if name in history.history:
+            summary[name] = [float(x) for x in history.history[name]]
     if drift is not None:
         summary["feature_drift"] = {"every_n_steps": r.drift_every_n_steps, "rows": drift.history}
     return model, summary

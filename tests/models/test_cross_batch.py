@@ -111,21 +111,88 @@ def test_bank_gets_no_gradient_and_survives_checkpoints(tmp_path):
     np.testing.assert_allclose(task.memory.read()[0].numpy(), saved)
 
 
-def test_warmup_switch_and_logq_applies_to_bank_entries():
+@pytest.mark.parametrize("correction", ["none", "mean"])
+def test_warmup_switch_and_logq_applies_to_bank_entries(correction):
     rng = np.random.default_rng(1)
     q = tf.constant(rng.normal(size=(3, 4)), tf.float32)
     c = tf.constant(rng.normal(size=(3, 4)), tf.float32)
     log_q = tf.math.log(tf.constant([0.2, 0.3, 0.5]))
-    task = CrossBatchRetrieval(4, memory_size=6, warmup_steps=10)
+    task = CrossBatchRetrieval(4, memory_size=6, warmup_steps=10, drift_correction=correction)
     task(q, c * 2.0, tf.constant(["x", "y", "z"]), log_q, step=0)       # bank now holds x, y, z
     in_batch = CrossBatchRetrieval(4, memory_size=0)(q, c, tf.constant(["a", "b", "c"]), log_q)
     before = task(q, c, tf.constant(["a", "b", "c"]), log_q, step=5, training=False)
     assert float(before) == pytest.approx(float(in_batch), rel=1e-6)     # warm-up: bank ignored
     after = task(q, c, tf.constant(["a", "b", "c"]), log_q, step=10, training=False)
     # After warm-up: batch + the three bank rows, each corrected by its stored log q.
-    cands = np.concatenate([c.numpy(), 2 * c.numpy()])
+    bank = 2 * c.numpy()
+    if correction == "mean":
+        # Stored centred on their own batch's mean, read back around the current one.
+        bank = bank - bank.mean(axis=0) + c.numpy().mean(axis=0)
+    cands = np.concatenate([c.numpy(), bank])
     logits = q.numpy() @ cands.T - np.log(np.concatenate([[0.2, 0.3, 0.5]] * 2))[None, :]
     assert float(after) == pytest.approx(_np_loss(logits).sum(), rel=1e-5)
+
+
+def test_mean_correction_cancels_a_common_drift():
+    # The encoder moved every item by the same vector d since the bank was filled: with
+    # the mean correction the bank reads back exactly the items' current embeddings.
+    rng = np.random.default_rng(2)
+    q = tf.constant(rng.normal(size=(4, 3)), tf.float32)
+    old = rng.normal(size=(4, 3)).astype(np.float32)
+    drift = np.array([3.0, -1.0, 0.5], np.float32)
+    ids = tf.constant(["a", "b", "c", "d"])
+    fresh_ids = tf.constant(["e", "f", "g", "h"])
+    corrected = CrossBatchRetrieval(3, memory_size=4, drift_correction="mean")
+    corrected(q, tf.constant(old), ids, None)
+    corrected(q, tf.constant(old + drift), fresh_ids, None, training=False)
+    bank = corrected.memory.read()[0].numpy() + (old + drift).mean(axis=0)
+    np.testing.assert_allclose(bank, old + drift, atol=1e-5)
+    # The loss is the one of a bank refilled by the current encoder ...
+    refreshed = CrossBatchRetrieval(3, memory_size=4, drift_correction="none")
+    refreshed(q, tf.constant(old + drift), ids, None)
+    want = refreshed(q, tf.constant(old + drift), fresh_ids, None, training=False)
+    got = corrected(q, tf.constant(old + drift), fresh_ids, None, training=False)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    # ... and not the one of the stale bank.
+    stale = CrossBatchRetrieval(3, memory_size=4, drift_correction="none")
+    stale(q, tf.constant(old), ids, None)
+    assert float(stale(q, tf.constant(old + drift), fresh_ids, None, training=False)) != pytest.approx(float(want))
+
+
+def _bank_gradients(item_gradient, correction="none"):
+    rng = np.random.default_rng(3)
+    q = tf.Variable(rng.normal(size=(4, 3)), dtype=tf.float32)
+    c = tf.Variable(rng.normal(size=(4, 3)), dtype=tf.float32)
+    log_q = tf.math.log(tf.constant([0.1, 0.2, 0.3, 0.4]))
+    task = CrossBatchRetrieval(3, memory_size=8, drift_correction=correction, item_gradient=item_gradient)
+    task(q, tf.constant(rng.normal(size=(4, 3)), tf.float32), tf.constant(["w", "x", "y", "a"]), log_q)
+    with tf.GradientTape() as tape:
+        loss, share = task(q, c, tf.constant(["a", "b", "c", "d"]), log_q, training=False, return_bank_share=True)
+    dq, dc = tape.gradient(loss, [q, c])
+    return q, c, log_q, task, float(loss), float(share), dq.numpy(), dc.numpy()
+
+
+def test_item_gradient_batch_keeps_the_item_gradients_balanced():
+    q, c, log_q, task, loss_b, share_b, dq_b, dc_b = _bank_gradients("batch")
+    _, _, _, _, loss_a, share_a, dq_a, dc_a = _bank_gradients("all")
+    # The same loss value and bank share, and the same query gradient (the full softmax).
+    assert loss_b == pytest.approx(loss_a, rel=1e-6) and share_b == pytest.approx(share_a, rel=1e-6)
+    np.testing.assert_allclose(dq_b, dq_a, rtol=1e-5, atol=1e-6)
+    # Items: the gradient of the in-batch softmax alone, which sums to zero over the
+    # batch; with the bank's share of the mass in their softmax they get a net pull.
+    with tf.GradientTape() as tape:
+        in_batch = CrossBatchRetrieval(3, memory_size=0)(q, c, tf.constant(["a", "b", "c", "d"]), log_q)
+    np.testing.assert_allclose(dc_b, tape.gradient(in_batch, c).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dc_b.sum(axis=0), 0.0, atol=1e-5)
+    assert np.abs(dc_a.sum(axis=0)).max() > 0.1
+    # The bank's share by hand: the softmax mass of the bank's columns, averaged over rows.
+    bank_emb, bank_log_q, bank_ids, valid = task.memory.read()
+    cands = np.concatenate([c.numpy(), bank_emb.numpy()[valid.numpy()]])
+    logits = q.numpy() @ cands.T - np.concatenate([log_q.numpy(), bank_log_q.numpy()[valid.numpy()]])[None, :]
+    logits[0, 4 + 3] = -np.inf                     # the bank's "a" is row 0's accidental hit
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    assert share_b == pytest.approx(p[:, 4:].sum(axis=1).mean(), rel=1e-5)
 
 
 def test_mixed_log_q_and_hard_negatives_by_hand():
@@ -164,13 +231,19 @@ def test_one_step_fit_with_bank_hard_and_mixed_negatives():
 
 
 def test_config_round_trip():
-    task = CrossBatchRetrieval(8, memory_size=16, warmup_steps=3, temperature=0.1, num_hard_negatives=4)
+    task = CrossBatchRetrieval(8, memory_size=16, warmup_steps=3, temperature=0.1, num_hard_negatives=4,
+                               drift_correction="none", item_gradient="all")
     clone = CrossBatchRetrieval.from_config(task.get_config())
     assert clone.get_config() == task.get_config()
+    assert (clone.drift_correction, clone.item_gradient) == ("none", "all")
     mem = CrossBatchMemory(7, 3)
     assert CrossBatchMemory.from_config(mem.get_config()).memory_size == 7
     with pytest.raises(ValueError, match="temperature"):
         CrossBatchRetrieval(8, temperature=0)
+    with pytest.raises(ValueError, match="drift_correction='median'"):
+        CrossBatchRetrieval(8, drift_correction="median")
+    with pytest.raises(ValueError, match="item_gradient='bank'"):
+        CrossBatchRetrieval(8, item_gradient="bank")
 
 
 TWO_REPLICAS = r"""
@@ -216,7 +289,8 @@ def test_two_replica_bank_equals_the_single_replica_bank():
     one, two = out["one"], out["two"]
     assert two["count"] == one["count"] == 12
     assert two["ids"] == one["ids"]
-    np.testing.assert_allclose(two["emb"], one["emb"], rtol=1e-6)
+    # Centred on the global batch mean: summed per replica, then across (float rounding).
+    np.testing.assert_allclose(two["emb"], one["emb"], rtol=1e-6, atol=1e-6)
     # Step 1 has an empty bank: each replica's softmax over its local half-batch differs
     # from the global one; from step 2 on both read the same bank.
     assert len(two["loss"]) == 3

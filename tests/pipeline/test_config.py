@@ -35,6 +35,9 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval.ssl_weight=-1", "`retrieval.ssl_weight` should be >= 0"),
     ("retrieval.ssl_items=train", "`retrieval.ssl_items` should be corpus or batch"),
     ("retrieval.ssl_value_dropout=1.0", "`retrieval.ssl_value_dropout` should be in"),
+    ("retrieval.shuffle_buffer=0", "`retrieval.shuffle_buffer` should be >= 1"),
+    ("retrieval.drift_correction=median", "`retrieval.drift_correction` should be one of mean, none"),
+    ("retrieval.item_gradient=bank", "`retrieval.item_gradient` should be one of batch, all"),
     ("evaluation.head_fraction=1.0", "`evaluation.head_fraction` should be in"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, message):
@@ -89,3 +92,17 @@ def test_ssl_maskings_match_the_model():
     from pipeline.config import SSL_MASKINGS
 
     assert SSL_MASKINGS == MASKINGS
+
+
+def test_drift_corrections_match_the_model():
+    from models.cross_batch_retrieval import DRIFT_CORRECTIONS as MODEL
+    from pipeline.config import DRIFT_CORRECTIONS
+
+    assert DRIFT_CORRECTIONS == MODEL
+
+
+def test_item_gradients_match_the_model():
+    from models.cross_batch_retrieval import ITEM_GRADIENTS as MODEL
+    from pipeline.config import ITEM_GRADIENTS
+
+    assert ITEM_GRADIENTS == MODEL
