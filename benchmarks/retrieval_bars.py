@@ -41,7 +41,10 @@ def _prepare(data_dir: str, cache: str, history_length: int, history_mode: str) 
     key = hashlib.sha256(f"{os.path.abspath(data_dir)}|{history_length}|{history_mode}".encode()).hexdigest()[:12]
     workdir = os.path.join(cache, f"bars-{key}")
     report = os.path.join(workdir, "data", data_layout.READ_REPORT_FILE)
-    current = os.path.exists(report) and json.load(open(report)).get("example_order") == EXAMPLE_ORDER
+    current = False
+    if os.path.exists(report):
+        with open(report) as f:
+            current = json.load(f).get("example_order") == EXAMPLE_ORDER
     if not (current and os.path.exists(os.path.join(workdir, "stats", "summary.json"))):
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir)

@@ -40,8 +40,8 @@ hundred steps of the warm-up's end while the bank's share of the softmax mass fe
 below its share of the candidates (fresh items outscored their stale copies); with
 cosine towers every embedding collapsed onto one direction. Either correction alone
 still diverged or collapsed; both together kept the share at the bank's share of the
-candidates and the scores at their in-batch scale. `call(..., return_bank_share=True)` also returns that
-share, which `TwoTowerModel` logs as ``bank_share``.
+candidates and the scores at their in-batch scale. `call(..., return_bank_share=True)`
+also returns that share, which `TwoTowerModel` logs as ``bank_share``.
 
 References:
   Wang et al., "Cross-Batch Negative Sampling for Training Two-Tower Recommenders",
@@ -116,7 +116,8 @@ class CrossBatchRetrieval(keras.layers.Layer):
         self.memory = CrossBatchMemory(self.memory_size, self.embedding_dim, name="memory") if self.memory_size else None
 
     def call(self, query_embeddings, candidate_embeddings, candidate_ids, candidate_log_q=None, step=None,
-             extra_negatives: Optional[Tuple] = None, sample_weight=None, training=True, return_bank_share=False):
+             extra_negatives: Optional[Tuple] = None, sample_weight=None, training=True,
+             return_bank_share=False):
         batch = tf.shape(candidate_embeddings)[0]
         positive_ids = id_hashes(candidate_ids)
         corrected = candidate_log_q is not None

@@ -48,12 +48,13 @@ class TwoTowerModel(tfrs.Model):
     Training logs show ``loss`` (the last step's total loss, as `tfrs.Model` reports
     it), ``main_loss`` (the retrieval loss summed over the global batch, averaged over
     the epoch's steps) and, with `ssl`, ``ssl_loss`` (the unweighted contrastive loss per
-    item pair, averaged over the epoch). These trackers hold values summed over the
-    replicas, so every replica holds what one replica on the global batch would (compile
-    with ``distribute_reduction_method="first"`` to log them as they are). With a cross-batch memory bank, ``bank_share``
+    item pair, averaged over the epoch). With a cross-batch memory bank, ``bank_share``
     is the share of the softmax mass on the bank's entries, averaged over the epoch's
     steps after the warm-up: near M/(B+M) when stale entries compete like fresh ones,
     near 0 when the encoder has learned to tell its fresh embeddings from stale ones.
+    These trackers hold global values (summed over the replicas in sync), so the model
+    logs the first replica's (``distribute_reduction_method = "first"``) where Keras
+    would otherwise sum them over the replicas.
     """
 
     def __init__(self, schema: Schema, vocabularies: Mapping[str, Sequence[str]],
@@ -90,6 +91,8 @@ class TwoTowerModel(tfrs.Model):
         self.ssl = ssl
         self.ssl_weight = float(ssl_weight)
         self.main_loss_tracker = keras.metrics.Mean(name="main_loss")
+        # The trackers already hold global values: log them once, not summed over replicas.
+        self.distribute_reduction_method = "first"
         if ssl is not None:
             self.ssl_loss_tracker = keras.metrics.Mean(name="ssl_loss")
         self._has_bank = isinstance(self.task, CrossBatchRetrieval) and self.task.memory is not None

@@ -228,10 +228,7 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
                           ssl=build_ssl_task(config, schema, feature_mi), ssl_weight=r.ssl_weight)
     opt = (keras.optimizers.Adam(r.learning_rate) if r.optimizer == "adam"
            else keras.optimizers.Adagrad(r.learning_rate))
-    # The loss trackers already hold global values (models.two_tower): take the first
-    # replica's instead of Keras' default sum over replicas.
     model.compile(optimizer=opt)
-    model.distribute_reduction_method = "first"
     return model
 
 

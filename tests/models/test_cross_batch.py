@@ -226,6 +226,9 @@ def test_one_step_fit_with_bank_hard_and_mixed_negatives():
     hist = model.fit(tf.data.Dataset.from_tensor_slices(feats).batch(8), epochs=2, verbose=0)
     assert np.isfinite(hist.history["loss"]).all()
     assert int(model.task.memory.count.numpy()) == 16
+    # The trackers hold global values, so under a strategy they are logged once, not summed.
+    assert model.distribute_reduction_method == "first"
+    assert 0 < hist.history["bank_share"][-1] <= 1
     with pytest.raises(ValueError, match="CrossBatchRetrieval"):
         TwoTowerModel(schema, vocabs, corpus=corpus, num_mixed_negatives=3)
 
