@@ -10,8 +10,10 @@ NDCG@K with binary relevance and ideal DCG over min(|test items|, K); mean over 
 Works on any directory in that format. The materialized data and statistics are cached
 under --cache (keyed by the data directory) so several runs share them.
 
-Writes recall@20, ndcg@20, recall@50, ndcg@50, epochs, training wall time and the
-median step time (measured over all steps after the first epoch's first 20).
+Writes recall@20, ndcg@20, recall@50, ndcg@50, precision@20 (hits / 20) and f1@20
+(2·P·R / (P + R) of the mean precision@20 and recall@20, the form BARS reports for
+Amazon-Electronics), epochs, training wall time and the median step time (measured over
+all steps after the first epoch's first 20).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def _prepare(data_dir: str, cache: str, history_length: int, history_mode: str) -> str:
+def prepare(data_dir: str, cache: str, history_length: int, history_mode: str) -> str:
     """Materialized data + statistics for `data_dir` (cached)."""
     from beam_jobs.stats_job import run_statistics
     from pipeline.data.bars import read_bars
@@ -64,7 +66,7 @@ def main() -> None:
     p.add_argument("--num-mixed-negatives", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--history-length", type=int, default=50)
-    p.add_argument("--history-mode", choices=["past", "all_other"], default="all_other",
+    p.add_argument("--history-mode", choices=["past", "all_other", "random_prefix"], default="all_other",
                    help="BARS files carry no time: by default an event's history is the user's other "
                         "training items")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -77,7 +79,7 @@ def main() -> None:
     from models.tf_compat import keras
     from pipeline.config import config_to_dict, load_config
 
-    base = _prepare(args.data_dir, args.cache, args.history_length, args.history_mode)
+    base = prepare(args.data_dir, args.cache, args.history_length, args.history_mode)
     overrides = [f"retrieval.negatives={args.negatives}", f"retrieval.batch_size={args.batch_size}",
                  f"retrieval.memory_size={args.memory_size}", f"retrieval.warmup_steps={args.warmup_steps}",
                  f"retrieval.num_mixed_negatives={args.num_mixed_negatives}", f"retrieval.epochs={args.epochs}",
@@ -103,6 +105,7 @@ def main() -> None:
         summary, metrics, train_seconds = train_and_evaluate(config, base, run_name, callbacks=[timer])
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    precision, recall = metrics["retrieval.precision@20"], metrics["retrieval.recall@20"]
     steady = timer.times[20:] if len(timer.times) > 40 else timer.times
     result = {
         "data_dir": os.path.abspath(args.data_dir),
@@ -111,6 +114,7 @@ def main() -> None:
         "epochs": args.epochs,
         "recall@20": metrics["retrieval.recall@20"], "ndcg@20": metrics["retrieval.ndcg@20"],
         "recall@50": metrics["retrieval.recall@50"], "ndcg@50": metrics["retrieval.ndcg@50"],
+        "precision@20": precision, "f1@20": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "users": metrics["evaluation"]["users"], "items": metrics["evaluation"]["items"],
         "train_seconds": round(train_seconds, 2),
         "median_step_ms": round(1000 * statistics.median(steady), 3),

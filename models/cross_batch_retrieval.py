@@ -54,14 +54,16 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from models.cosine_contrastive import cosine_contrastive_loss
 from models.cross_batch_memory import CrossBatchMemory
 from models.distribution import cross_replica_sum
-from models.sampled_softmax import (hard_negative_logits, id_hashes, mixed_log_q, sampled_softmax_logits,
-                                    softmax_cross_entropy)
+from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q,
+                                    sampled_softmax_logits, sampled_softmax_loss, softmax_cross_entropy)
 from models.tf_compat import keras, tf
 
 DRIFT_CORRECTIONS = ("mean", "none")
 ITEM_GRADIENTS = ("batch", "all")
+LOSSES = ("softmax", "ccl")
 
 
 class CrossBatchRetrieval(keras.layers.Layer):
@@ -78,6 +80,10 @@ class CrossBatchRetrieval(keras.layers.Layer):
         above) or ``none`` (the bank as stored, as in the CBNS paper).
       item_gradient: ``batch`` (items get the gradient of the softmax over the fresh
         candidates, see above) or ``all`` (of the full softmax, as in the paper).
+      loss: ``softmax`` (the sampled softmax above) or ``ccl`` (the cosine contrastive
+        loss of SimpleX over the same candidates, `models.cosine_contrastive`: no logQ
+        correction, no temperature; `item_gradient` and hard negatives do not apply).
+      margin, negative_weight: m and w of the cosine contrastive loss.
 
     Call:
       query_embeddings ``[B, D]``, candidate_embeddings ``[B, D]`` (the positives),
@@ -91,8 +97,18 @@ class CrossBatchRetrieval(keras.layers.Layer):
 
     def __init__(self, embedding_dim: int, memory_size: int = 0, warmup_steps: int = 0, temperature: float = 1.0,
                  remove_accidental_hits: bool = True, num_hard_negatives: int = 0,
-                 drift_correction: str = "mean", item_gradient: str = "batch", **kwargs):
+                 drift_correction: str = "mean", item_gradient: str = "batch", loss: str = "softmax",
+                 margin: float = 0.9, negative_weight: float = 150.0, **kwargs):
         super().__init__(**kwargs)
+        if loss not in LOSSES:
+            raise ValueError(f"`loss` should be one of {LOSSES}. Received: loss={loss!r}")
+        if loss == "ccl" and num_hard_negatives:
+            raise ValueError("`num_hard_negatives` applies to the softmax loss, not to loss='ccl'. "
+                             f"Received: num_hard_negatives={num_hard_negatives}")
+        if not -1.0 <= margin < 1.0:
+            raise ValueError(f"`margin` should be in [-1, 1). Received: margin={margin}")
+        if negative_weight < 0:
+            raise ValueError(f"`negative_weight` should be >= 0. Received: negative_weight={negative_weight}")
         if item_gradient not in ITEM_GRADIENTS:
             raise ValueError(f"`item_gradient` should be one of {ITEM_GRADIENTS}. "
                              f"Received: item_gradient={item_gradient!r}")
@@ -113,7 +129,11 @@ class CrossBatchRetrieval(keras.layers.Layer):
         self.num_hard_negatives = int(num_hard_negatives)
         self.drift_correction = drift_correction
         self.item_gradient = item_gradient
-        self.memory = CrossBatchMemory(self.memory_size, self.embedding_dim, name="memory") if self.memory_size else None
+        self.loss = loss
+        self.margin = float(margin)
+        self.negative_weight = float(negative_weight)
+        self.memory = (CrossBatchMemory(self.memory_size, self.embedding_dim, name="memory")
+                       if self.memory_size else None)
 
     def call(self, query_embeddings, candidate_embeddings, candidate_ids, candidate_log_q=None, step=None,
              extra_negatives: Optional[Tuple] = None, sample_weight=None, training=True,
@@ -136,7 +156,11 @@ class CrossBatchRetrieval(keras.layers.Layer):
             bank = (tf.cast(bank_emb, candidate_embeddings.dtype), bank_log_q, bank_ids,
                     tf.logical_and(bank_valid, in_use))
         args = dict(positive_ids=positive_ids, log_q=log_q, corrected=corrected, sample_weight=sample_weight)
-        if bank is not None and self.item_gradient == "batch":
+        if self.loss == "ccl":
+            loss, share = self._ccl_loss(query_embeddings, candidate_embeddings, bank, uniform, **args)
+        elif not self.num_hard_negatives:
+            loss, share = self._fused_loss(query_embeddings, candidate_embeddings, bank, uniform, **args)
+        elif bank is not None and self.item_gradient == "batch":
             # Queries see every candidate; fresh items get the gradient of the softmax over
             # the fresh candidates only, whose item gradients sum to zero (see above).
             sg_uniform = None if uniform is None else (tf.stop_gradient(uniform[0]),) + uniform[1:]
@@ -155,8 +179,69 @@ class CrossBatchRetrieval(keras.layers.Layer):
                 self.memory.enqueue(stored, log_q, positive_ids)
         return (loss, share) if return_bank_share else loss
 
+    def _fused_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected,
+                    sample_weight):
+        """`_loss` in one fused pass (`sampled_softmax_loss`), with both item-gradient modes.
+
+        Candidates are ordered batch, uniform items, bank: the fresh ones first.
+        """
+        batch = tf.shape(batch_embeddings)[0]
+        candidates, ids, logqs = [batch_embeddings], [positive_ids], [log_q]
+        num_unigram = tf.cast(batch, tf.float32)
+        if uniform is not None:
+            candidates.append(tf.cast(uniform[0], batch_embeddings.dtype))
+            ids.append(uniform[1])
+            logqs.append(uniform[2])
+        num_fresh = None
+        if bank is not None:
+            bank_emb, bank_log_q, bank_ids, bank_valid = bank
+            num_fresh = tf.add_n([tf.shape(c)[0] for c in candidates])
+            candidates.append(bank_emb)
+            ids.append(bank_ids)
+            logqs.append(bank_log_q)
+            num_unigram += tf.reduce_sum(tf.cast(bank_valid, tf.float32))
+        all_log_q = tf.concat(logqs, axis=0)
+        bias = None
+        if uniform is not None:
+            # Any candidate could have come from either source: correct by the mixture.
+            bias = -mixed_log_q(all_log_q, num_unigram, tf.cast(tf.shape(uniform[0])[0], tf.float32), uniform[3])
+        elif corrected:
+            bias = -all_log_q
+        if bank is not None:
+            valid = tf.concat([tf.ones([num_fresh], tf.bool), bank_valid], axis=0)
+            bias = tf.where(valid, tf.zeros_like(all_log_q) if bias is None else bias, MASKED_LOGIT)
+        losses, stale_mass = sampled_softmax_loss(
+            query, tf.concat(candidates, axis=0), positive_ids=positive_ids, candidate_ids=tf.concat(ids, axis=0),
+            candidate_bias=bias, temperature=self.temperature, remove_accidental_hits=self.remove_accidental_hits,
+            num_fresh=num_fresh, fresh_item_softmax=bank is not None and self.item_gradient == "batch",
+            sample_weight=sample_weight)
+        share = tf.reduce_mean(stale_mass) if bank is not None else tf.zeros([], tf.float32)
+        return tf.reduce_sum(losses), share
+
+    def _ccl_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
+        """(Σ_i CCL_i over the batch, the bank and the uniform items, 0): no logQ, no bank share."""
+        del log_q, corrected
+        candidates, ids, valid = [batch_embeddings], [positive_ids], [tf.ones_like(positive_ids, tf.bool)]
+        parts = []
+        if uniform is not None:
+            parts.append((uniform[0], uniform[1], tf.ones_like(uniform[1], tf.bool)))
+        if bank is not None:
+            parts.append((bank[0], bank[2], bank[3]))
+        for part_embeddings, part_ids, part_valid in parts:
+            candidates.append(tf.cast(part_embeddings, batch_embeddings.dtype))
+            ids.append(part_ids)
+            valid.append(part_valid)
+        losses = cosine_contrastive_loss(
+            query, tf.concat(candidates, axis=0), positive_ids=positive_ids, candidate_ids=tf.concat(ids, axis=0),
+            margin=self.margin, negative_weight=self.negative_weight, candidate_valid=tf.concat(valid, axis=0),
+            remove_accidental_hits=self.remove_accidental_hits, sample_weight=sample_weight)
+        return tf.reduce_sum(losses), tf.zeros([], tf.float32)
+
     def _loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
-        """(Σ_i w_i · −log softmax(z_i)[i] over the batch, the bank and the uniform items, bank share)."""
+        """(Σ_i w_i · −log softmax(z_i)[i] over the batch, the bank and the uniform items, bank share).
+
+        The unfused chain, kept for hard negatives (a top-k of each row's logits).
+        """
         batch = tf.shape(batch_embeddings)[0]
         candidates, ids, logqs, valid = [batch_embeddings], [positive_ids], [log_q], [tf.ones([batch], tf.bool)]
         num_unigram = tf.cast(batch, tf.float32)
@@ -199,7 +284,8 @@ class CrossBatchRetrieval(keras.layers.Layer):
                 "warmup_steps": self.warmup_steps, "temperature": self.temperature,
                 "remove_accidental_hits": self.remove_accidental_hits,
                 "num_hard_negatives": self.num_hard_negatives, "drift_correction": self.drift_correction,
-                "item_gradient": self.item_gradient}
+                "item_gradient": self.item_gradient, "loss": self.loss, "margin": self.margin,
+                "negative_weight": self.negative_weight}
 
 
 def _global_mean(embeddings: tf.Tensor) -> tf.Tensor:

@@ -18,7 +18,7 @@ import numpy as np
 
 
 def recall_ndcg_at_k(ranked: Sequence[Sequence], relevant: Sequence[Iterable], k: int) -> Dict[str, float]:
-    """Mean Recall@K and NDCG@K.
+    """Mean Recall@K, Precision@K and NDCG@K.
 
     Args:
       ranked: per user, item ids in rank order (at least K unless the corpus is smaller).
@@ -26,7 +26,8 @@ def recall_ndcg_at_k(ranked: Sequence[Sequence], relevant: Sequence[Iterable], k
       k: cut-off.
 
     Returns:
-      ``{"recall": ..., "ndcg": ..., "users": n}`` over users with test items.
+      ``{"recall": ..., "precision": ..., "ndcg": ..., "users": n}`` over users with
+      test items. Precision@K is hits / K, as in the BARS evaluation.
     """
     if k < 1:
         raise ValueError(f"`k` should be positive. Received: k={k}")
@@ -34,7 +35,7 @@ def recall_ndcg_at_k(ranked: Sequence[Sequence], relevant: Sequence[Iterable], k
         raise ValueError(f"`ranked` and `relevant` should have one entry per user. "
                          f"Received: {len(ranked)} and {len(relevant)}")
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    recalls, ndcgs = [], []
+    recalls, precisions, ndcgs = [], [], []
     for items, truth in zip(ranked, relevant):
         truth = set(truth)
         if not truth:
@@ -44,10 +45,12 @@ def recall_ndcg_at_k(ranked: Sequence[Sequence], relevant: Sequence[Iterable], k
         dcg = float((hits * discounts[:len(hits)]).sum())
         idcg = float(discounts[:min(len(truth), k)].sum())
         recalls.append(hits.sum() / len(truth))
+        precisions.append(hits.sum() / k)
         ndcgs.append(dcg / idcg)
     if not recalls:
-        return {"recall": float("nan"), "ndcg": float("nan"), "users": 0}
-    return {"recall": float(np.mean(recalls)), "ndcg": float(np.mean(ndcgs)), "users": len(recalls)}
+        return {"recall": float("nan"), "precision": float("nan"), "ndcg": float("nan"), "users": 0}
+    return {"recall": float(np.mean(recalls)), "precision": float(np.mean(precisions)),
+            "ndcg": float(np.mean(ndcgs)), "users": len(recalls)}
 
 
 def recall_vs_exact(approx_scores: np.ndarray, exact_scores: np.ndarray, k: int, atol: float = 1e-4) -> float:

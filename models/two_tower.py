@@ -95,7 +95,9 @@ class TwoTowerModel(tfrs.Model):
         self.distribute_reduction_method = "first"
         if ssl is not None:
             self.ssl_loss_tracker = keras.metrics.Mean(name="ssl_loss")
-        self._has_bank = isinstance(self.task, CrossBatchRetrieval) and self.task.memory is not None
+        # The bank's share of the softmax mass (the cosine contrastive loss has no softmax).
+        self._has_bank = (isinstance(self.task, CrossBatchRetrieval) and self.task.memory is not None
+                          and self.task.loss == "softmax")
         if self._has_bank:
             self.bank_share_tracker = keras.metrics.Mean(name="bank_share")
 

@@ -20,6 +20,8 @@ from pipeline.data.synthetic import SyntheticConfig
 from serving.index import IndexConfig
 
 SOURCES = ("synthetic", "movielens", "movielens_tfds", "bars", "csv", "parquet")
+# pipeline.data.materialize.HISTORY_MODES, repeated so that loading a config does not import TensorFlow.
+HISTORY_MODES = ("past", "all_other", "random_prefix")
 # models.distribution.DISTRIBUTIONS, repeated so that loading a config does not import TensorFlow.
 DISTRIBUTIONS = ("default", "mirrored", "multi_worker")
 # models.ssl.MASKINGS, for the same reason.
@@ -28,6 +30,8 @@ SSL_MASKINGS = ("random", "correlated", "independent", "none")
 DRIFT_CORRECTIONS = ("mean", "none")
 # models.cross_batch_retrieval.ITEM_GRADIENTS, for the same reason.
 ITEM_GRADIENTS = ("batch", "all")
+# models.cross_batch_retrieval.LOSSES, for the same reason.
+RETRIEVAL_LOSSES = ("softmax", "ccl")
 
 
 class ConfigError(ValueError):
@@ -51,7 +55,9 @@ class DataConfig:
       history_mode: what an event's behaviour sequence holds: ``past`` (the user's
         training positives strictly before it) or ``all_other`` (all the user's
         training positives but the event's own item; for data without meaningful
-        time order such as the BARS splits).
+        time order such as the BARS splits) or ``random_prefix`` (the training
+        positives before it in a seeded random order of the user's: a different random
+        subset for every event, for the same data).
       tfds_name: TFDS dataset name for ``movielens_tfds``.
       split: the train/test split.
       synthetic: generator settings for ``synthetic``.
@@ -79,8 +85,9 @@ class DataConfig:
             raise ConfigError(f"`data.bad_rows` should be 'fail' or 'skip'. Received: {self.bad_rows!r}")
         if self.positives not in ("auto", "all", "label"):
             raise ConfigError(f"`data.positives` should be auto, all or label. Received: {self.positives!r}")
-        if self.history_mode not in ("past", "all_other"):
-            raise ConfigError(f"`data.history_mode` should be past or all_other. Received: {self.history_mode!r}")
+        if self.history_mode not in HISTORY_MODES:
+            raise ConfigError(f"`data.history_mode` should be one of {', '.join(HISTORY_MODES)}. "
+                              f"Received: {self.history_mode!r}")
         if self.history_length < 1:
             raise ConfigError(f"`data.history_length` should be >= 1. Received: {self.history_length}")
 
@@ -120,7 +127,15 @@ class RetrievalConfig:
       dropout: dropout after hidden layers.
       logq_correction: subtract log q(i) from candidate logits.
       remove_accidental_hits: mask in-batch copies of the positive item.
-      negatives: ``inbatch`` (the batch's items, `tfrs.tasks.Retrieval`), ``cbns``
+      loss: ``softmax`` (sampled softmax with logQ correction, the loss of
+        `tfrs.tasks.Retrieval`) or ``ccl`` (the cosine contrastive loss of SimpleX over
+        the same candidates: cosine similarity, a margin, no logQ correction; pair it
+        with ``negatives: mixed`` and many uniform negatives).
+      ccl_margin: m of the cosine contrastive loss: negatives with a cosine below it
+        cost nothing.
+      ccl_negative_weight: w of the cosine contrastive loss: the weight of the mean
+        negative term against the positive's.
+      negatives: ``inbatch`` (the batch's items), ``cbns``
         (in-batch plus a FIFO memory bank of recent batches' item embeddings after
         `warmup_steps`), or ``mixed`` (in-batch plus `num_mixed_negatives` items
         drawn uniformly from the corpus each step; combinable with the bank through
@@ -186,6 +201,9 @@ class RetrievalConfig:
     dropout: float = 0.0
     logq_correction: bool = True
     remove_accidental_hits: bool = True
+    loss: str = "softmax"
+    ccl_margin: float = 0.9
+    ccl_negative_weight: float = 150.0
     negatives: str = "inbatch"
     memory_size: int = 0
     warmup_steps: int = 0
@@ -219,6 +237,16 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.temperature` should be positive. Received: {self.temperature}")
         if self.learning_rate <= 0:
             raise ConfigError(f"`retrieval.learning_rate` should be positive. Received: {self.learning_rate}")
+        if self.loss not in RETRIEVAL_LOSSES:
+            raise ConfigError(f"`retrieval.loss` should be one of {', '.join(RETRIEVAL_LOSSES)}. "
+                              f"Received: {self.loss!r}")
+        if not -1 <= self.ccl_margin < 1:
+            raise ConfigError(f"`retrieval.ccl_margin` should be in [-1, 1). Received: {self.ccl_margin}")
+        if self.ccl_negative_weight < 0:
+            raise ConfigError(f"`retrieval.ccl_negative_weight` should be >= 0. Received: {self.ccl_negative_weight}")
+        if self.loss == "ccl" and self.num_hard_negatives:
+            raise ConfigError("`retrieval.num_hard_negatives` applies to the softmax loss, not to loss=ccl. "
+                              f"Received: num_hard_negatives={self.num_hard_negatives}")
         if self.negatives not in ("inbatch", "cbns", "mixed"):
             raise ConfigError(f"`retrieval.negatives` should be inbatch, cbns or mixed. Received: {self.negatives!r}")
         for name in ("memory_size", "warmup_steps", "num_hard_negatives", "num_mixed_negatives",

@@ -144,6 +144,7 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> 
         pop = recall_ndcg_at_k(pop_ranked, relevant, k)
         metrics[f"retrieval.recall@{k}"] = ex["recall"]
         metrics[f"retrieval.ndcg@{k}"] = ex["ndcg"]
+        metrics[f"retrieval.precision@{k}"] = ex["precision"]
         metrics[f"retrieval.tail.recall@{k}"] = tail["recall"]
         metrics[f"retrieval.tail.ndcg@{k}"] = tail["ndcg"]
         metrics[f"index.recall@{k}"] = ix["recall"]

@@ -145,16 +145,16 @@ def numeric_stats(data_dir: str, schema: Schema) -> Dict[str, List[float]]:
 
 
 def retrieval_task(config: RunConfig):
-    """The loss layer for `retrieval.negatives`: None means plain `tfrs.tasks.Retrieval`."""
+    """The loss layer for `retrieval.negatives` (in-batch is a bank of size 0: the same loss
+    as `tfrs.tasks.Retrieval`, computed by the fused `models.sampled_softmax` path)."""
     from models.cross_batch_retrieval import CrossBatchRetrieval
 
     r = config.retrieval
-    if r.negatives == "inbatch" and not r.num_hard_negatives:
-        return None
     return CrossBatchRetrieval(r.embedding_dim, memory_size=r.memory_size, warmup_steps=r.warmup_steps,
                                temperature=r.temperature, remove_accidental_hits=r.remove_accidental_hits,
                                num_hard_negatives=r.num_hard_negatives, drift_correction=r.drift_correction,
-                               item_gradient=r.item_gradient, name="cross_batch_retrieval")
+                               item_gradient=r.item_gradient, loss=r.loss, margin=r.ccl_margin,
+                               negative_weight=r.ccl_negative_weight, name="cross_batch_retrieval")
 
 
 def item_corpus(data_dir: str, schema: Schema) -> Dict[str, np.ndarray]:
@@ -200,11 +200,12 @@ def build_ssl_task(config: RunConfig, schema: Schema, feature_mi: Optional[Mappi
 
 def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q_table, num_stats,
                           corpus: Optional[Mapping[str, np.ndarray]] = None,
-                          feature_mi: Optional[Mapping[str, Any]] = None):
+                          feature_mi: Optional[Mapping[str, Any]] = None, task=None):
     """The compiled two-tower model of `config`.
 
     `corpus` (`item_corpus`) is needed for mixed negatives, `feature_mi`
-    (`read_feature_mi`) for correlated feature masking.
+    (`read_feature_mi`) for correlated feature masking; `task` replaces the loss layer
+    `retrieval_task` would build (benchmarks compare loss layers on the same towers).
     """
     from models.tf_compat import keras
     from models.two_tower import TwoTowerModel
@@ -222,7 +223,7 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
                           embedding_dim=r.embedding_dim, feature_dim=r.feature_dim,
                           hidden_units=r.hidden_units, normalize=r.normalize, temperature=r.temperature,
                           remove_accidental_hits=r.remove_accidental_hits, dropout=r.dropout,
-                          numeric_stats=num_stats, task=retrieval_task(config),
+                          numeric_stats=num_stats, task=task if task is not None else retrieval_task(config),
                           corpus=corpus if mixed else None,
                           num_mixed_negatives=r.num_mixed_negatives if mixed else 0,
                           ssl=build_ssl_task(config, schema, feature_mi), ssl_weight=r.ssl_weight)
@@ -247,8 +248,11 @@ def load_retrieval_inputs(config: RunConfig, workdir: str):
     return schema, vocabs, log_q, numeric_stats(data_dir, schema), mode
 
 
-def new_retrieval_model(config: RunConfig, workdir: str):
+def new_retrieval_model(config: RunConfig, workdir: str, task=None):
     """A freshly built (untrained) retrieval model and its training dataset.
+
+    `task`: a callable returning a loss layer to use instead of `retrieval_task(config)`
+    (called under the strategy's scope; see `build_retrieval_model`).
 
     The model is built and compiled under the `retrieval.distribution` strategy's
     scope (`models.distribution`; the strategy is created first, before any other
@@ -270,7 +274,7 @@ def new_retrieval_model(config: RunConfig, workdir: str):
         # Read once for both users of the whole item table: mixed negatives and the SSL stream.
         corpus = item_corpus(data_dir, schema) if (r.negatives == "mixed" or ssl_stream) else None
         model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, corpus=corpus,
-                                      feature_mi=feature_mi)
+                                      feature_mi=feature_mi, task=task() if task is not None else None)
     train = example_dataset(layout.example_files(data_dir, "train"), schema, r.batch_size,
                             shuffle=True, seed=r.seed, shuffle_buffer=r.shuffle_buffer,
                             positives_only=(mode == "label"),

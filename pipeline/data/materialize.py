@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+import zlib
 from typing import Any, Dict, List
 
 import numpy as np
@@ -35,7 +36,7 @@ from pipeline.data.splits import SplitConfig, assign_split
 log = logging.getLogger(__name__)
 
 POSITIVES = ("auto", "all", "label")
-HISTORY_MODES = ("past", "all_other")
+HISTORY_MODES = ("past", "all_other", "random_prefix")
 # Recorded in the read report: the order of the rows in the example shards.
 EXAMPLE_ORDER = "random"
 
@@ -78,7 +79,13 @@ def materialize(raw: RawDataset, out_dir: str, split: SplitConfig = SplitConfig(
       (no leakage from the event itself or from events at the same second);
     * ``history_mode="all_other"``: all of them except the event's own item, for data
       whose order carries no time (e.g. the BARS splits, where a user is a bag of
-      items); test events see all training positives either way.
+      items);
+    * ``history_mode="random_prefix"``: those before the event in a seeded random order
+      of the user's training positives, for the same data: every event of a user sees
+      a different random subset of the others (of random size), where ``all_other``
+      gives all of them nearly the same sequence.
+
+    Test events see all training positives in every mode.
 
     Returns:
       a summary dict (rows per split, users, items, rejected rows, seconds).
@@ -167,6 +174,9 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
         if history_mode == "all_other":
             histories = _all_other_histories(chunk[USER_ID].to_numpy(), chunk[ITEM_ID].to_numpy(),
                                              is_pos & ~is_test, history_length, seen)
+        elif history_mode == "random_prefix":
+            histories = _random_prefix_histories(chunk[USER_ID].to_numpy(), is_pos & ~is_test, history_length,
+                                                 seen, split.seed)
         for name, mask in (("train", ~is_test), ("test", is_test)):
             part = chunk[mask]
             if len(part) == 0:
@@ -256,6 +266,41 @@ def _histories(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, con
         hist.extend(pending)
         last_history[current_user] = hist[-history_length:] if history_length else []
         seen[current_user] = user_seen
+    return out
+
+
+def _random_prefix_histories(users: np.ndarray, contributes: np.ndarray, history_length: int,
+                             seen: Dict[str, List[str]], seed: int) -> List[List[str]]:
+    """Each contributing row's sequence: the user's training positives before it in a seeded
+    random order of them (the last `history_length`); other rows get all of them.
+
+    Rows are sorted by user, and a user's contributing rows are the last entries of
+    `seen[user]` in row order, so the k-th contributing row is entry ``offset + k``.
+    """
+    out: List[List[str]] = []
+    start = 0
+    while start < len(users):
+        u = users[start]
+        end = start
+        while end < len(users) and users[end] == u:
+            end += 1
+        mine = seen.get(u, [])
+        offset = len(mine) - int(contributes[start:end].sum())
+        rng = np.random.default_rng([seed, zlib.crc32(str(u).encode())])
+        order = rng.permutation(len(mine))
+        position = np.empty(len(mine), dtype=np.int64)
+        position[order] = np.arange(len(mine))
+        everything = mine[-history_length:] if history_length else []
+        k = 0
+        for row in range(start, end):
+            if contributes[row]:
+                p = int(position[offset + k])
+                k += 1
+                before = order[max(0, p - history_length):p] if history_length else []
+                out.append([mine[j] for j in before])
+            else:
+                out.append(list(everything))
+        start = end
     return out
 
 

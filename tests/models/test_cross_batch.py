@@ -10,7 +10,7 @@ from conftest import python_subprocess
 from models.cross_batch_memory import CrossBatchMemory
 from models.cross_batch_retrieval import CrossBatchRetrieval
 from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q,
-                                    sampled_softmax_logits)
+                                    sampled_softmax_logits, sampled_softmax_loss, softmax_cross_entropy)
 from models.tf_compat import keras, tf
 
 
@@ -59,6 +59,96 @@ def test_logits_against_a_numpy_reference(seed):
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
+def _unfused_reference(q, c, ids, log_q, valid, weights, temperature, num_fresh, fresh_item_softmax):
+    """Loss and gradients by automatic differentiation of the unfused logits chain."""
+    b = q.shape[0]
+    qv, cv = tf.Variable(q), tf.Variable(c)
+
+    def chain(query, cands, n):
+        logits = sampled_softmax_logits(query, cands, positive_ids=tf.constant(ids[:b]),
+                                        candidate_ids=tf.constant(ids[:n]), candidate_log_q=tf.constant(log_q[:n]),
+                                        candidate_valid=tf.constant(valid[:n]), temperature=temperature)
+        return softmax_cross_entropy(logits) * tf.constant(weights)
+
+    with tf.GradientTape() as tape:
+        f = num_fresh or c.shape[0]
+        cands = tf.concat([cv[:f], tf.stop_gradient(cv[f:])], axis=0)
+        if fresh_item_softmax:
+            query_side = chain(qv, tf.stop_gradient(cands), c.shape[0])
+            item_side = chain(tf.stop_gradient(qv), cands[:f], f)
+            loss = query_side + item_side - tf.stop_gradient(item_side)
+        else:
+            loss = chain(qv, cands, c.shape[0])
+        total = tf.reduce_sum(loss)
+    dq, dc = tape.gradient(total, [qv, cv])
+    return loss.numpy(), dq.numpy(), dc.numpy()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("num_fresh,fresh_item_softmax", [(None, False), (9, False), (9, True), (6, True)])
+def test_fused_loss_equals_autodiff_of_the_unfused_chain(seed, num_fresh, fresh_item_softmax):
+    rng = np.random.default_rng(seed)
+    b, n, d, tau = 6, 15, 4, 0.7
+    q, c = rng.normal(size=(b, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+    ids = rng.integers(0, 7, n)                   # repeated ids: accidental hits in every part
+    log_q = np.log(rng.uniform(0.01, 0.5, n)).astype(np.float32)
+    valid = rng.random(n) < 0.7
+    valid[:num_fresh or n] = True                 # only stale entries may be empty slots
+    weights = rng.uniform(0.5, 2.0, b).astype(np.float32)
+    qv, cv = tf.Variable(q), tf.Variable(c)
+    with tf.GradientTape() as tape:
+        loss, stale = sampled_softmax_loss(
+            qv, cv, positive_ids=tf.constant(ids[:b]), candidate_ids=tf.constant(ids),
+            candidate_bias=tf.constant(np.where(valid, -log_q, MASKED_LOGIT).astype(np.float32)),
+            temperature=tau, num_fresh=num_fresh, fresh_item_softmax=fresh_item_softmax,
+            sample_weight=tf.constant(weights))
+        total = tf.reduce_sum(loss)
+    dq, dc = tape.gradient(total, [qv, cv])
+    want_loss, want_dq, want_dc = _unfused_reference(q, c, ids, log_q, valid, weights, tau, num_fresh,
+                                                     fresh_item_softmax)
+    np.testing.assert_allclose(loss.numpy(), want_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dq.numpy(), want_dq, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dc.numpy(), want_dc, rtol=1e-4, atol=1e-5)
+    if num_fresh is not None:
+        assert np.abs(dc.numpy()[num_fresh:]).max() == 0.0   # stale entries are constants
+        logits = sampled_softmax_logits(tf.constant(q), tf.constant(c), positive_ids=tf.constant(ids[:b]),
+                                        candidate_ids=tf.constant(ids), candidate_log_q=tf.constant(log_q),
+                                        candidate_valid=tf.constant(valid), temperature=tau).numpy()
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(stale.numpy(), p[:, num_fresh:].sum(axis=1), rtol=1e-4, atol=1e-6)
+    else:
+        assert not stale.numpy().any()
+
+
+def test_fused_loss_stays_finite_for_far_outscored_positives():
+    # Scores 200 apart: the positive's softmax probability underflows in float32, its loss must not.
+    q = tf.constant([[10.0, 0.0]])
+    c = tf.constant([[-10.0, 0.0], [10.0, 0.0]])
+    loss, _ = sampled_softmax_loss(q, c, positive_ids=tf.constant([0], tf.int64),
+                                   candidate_ids=tf.constant([0, 1], tf.int64))
+    assert float(loss[0]) == pytest.approx(200.0, rel=1e-6)
+
+
+def test_fresh_item_softmax_when_the_fresh_mass_underflows():
+    # The stale column outscores the fresh ones by ~150: their softmax mass underflows in
+    # float32, and the items' gradient must still be the softmax over the fresh columns.
+    q = np.array([[10.0, 0.0]], np.float32)
+    c = np.array([[-5.0, 0.0], [-6.0, 1.0], [10.0, 0.0]], np.float32)
+    ids, log_q, valid, weights = np.arange(3), np.zeros(3, np.float32), np.ones(3, bool), np.ones(1, np.float32)
+    qv, cv = tf.Variable(q), tf.Variable(c)
+    with tf.GradientTape() as tape:
+        loss, stale = sampled_softmax_loss(qv, cv, positive_ids=tf.constant(ids[:1]), candidate_ids=tf.constant(ids),
+                                           num_fresh=2, fresh_item_softmax=True)
+        total = tf.reduce_sum(loss)
+    dq, dc = tape.gradient(total, [qv, cv])
+    want_loss, want_dq, want_dc = _unfused_reference(q, c, ids, log_q, valid, weights, 1.0, 2, True)
+    np.testing.assert_allclose(loss.numpy(), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(dq.numpy(), want_dq, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dc.numpy(), want_dc, rtol=1e-5, atol=1e-5)
+    assert float(stale[0]) == pytest.approx(1.0) and np.isfinite(dc.numpy()).all()
+
+
 def test_memory_size_zero_is_exactly_the_tfrs_in_batch_loss():
     rng = np.random.default_rng(0)
     q = tf.constant(rng.normal(size=(8, 4)), tf.float32)
@@ -66,8 +156,9 @@ def test_memory_size_zero_is_exactly_the_tfrs_in_batch_loss():
     ids = tf.constant(["a", "b", "a", "c", "d", "e", "b", "f"])
     probs = tf.constant(rng.uniform(0.05, 0.5, 8), tf.float32)
     ours = CrossBatchRetrieval(4, memory_size=0, temperature=0.2)(q, c, ids, tf.math.log(probs))
-    theirs = tfrs.tasks.Retrieval(temperature=0.2, remove_accidental_hits=True)(q, c, candidate_sampling_probability=probs, candidate_ids=ids,
-                                                   compute_metrics=False, compute_batch_metrics=False)
+    theirs = tfrs.tasks.Retrieval(temperature=0.2, remove_accidental_hits=True)(
+        q, c, candidate_sampling_probability=probs, candidate_ids=ids, compute_metrics=False,
+        compute_batch_metrics=False)
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
 
 
@@ -320,3 +411,46 @@ def test_feature_drift_by_hand_and_callback(tmp_path):
     np.testing.assert_allclose(d2, [4 * np.sqrt(32)] * 2, rtol=1e-6)
     cb.save_plot(str(tmp_path / "drift.png"))
     assert (tmp_path / "drift.png").stat().st_size > 0
+
+
+def test_cosine_contrastive_loss_by_hand():
+    from models.cosine_contrastive import cosine_contrastive_loss
+
+    q = tf.constant([[1.0, 0.0], [0.0, 2.0]])
+    # positives a, b; then a copy of "a" (row 0's accidental hit) and an invalid entry.
+    c = tf.constant([[3.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    ids = tf.constant([0, 1, 2, 0, 3], tf.int64)
+    valid = tf.constant([True, True, True, True, False])
+    got = cosine_contrastive_loss(q, c, positive_ids=ids[:2], candidate_ids=ids, margin=0.5, negative_weight=2.0,
+                                  candidate_valid=valid, sample_weight=tf.constant([1.0, 3.0])).numpy()
+    # Row 0: cos(pos) = 1; negatives b (cos 1/√2) and c (cos 0): hinge (0.7071 - 0.5) + 0 over 2.
+    row0 = (1 - 1.0) + 2.0 * ((1 / np.sqrt(2) - 0.5) + 0.0) / 2
+    # Row 1: cos(pos) = 1/√2; negatives a (0), c (1), the second a (0): hinge 0.5 over 3; weight 3.
+    row1 = 3.0 * ((1 - 1 / np.sqrt(2)) + 2.0 * 0.5 / 3)
+    np.testing.assert_allclose(got, [row0, row1], rtol=1e-6)
+    with pytest.raises(ValueError, match="margin"):
+        cosine_contrastive_loss(q, c, positive_ids=ids[:2], candidate_ids=ids, margin=1.0, negative_weight=1.0)
+
+
+def test_ccl_task_uses_batch_uniform_and_bank_candidates():
+    from models.cosine_contrastive import cosine_contrastive_loss
+
+    rng = np.random.default_rng(4)
+    q = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    c = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    extra = tf.constant(rng.normal(size=(2, 4)), tf.float32)
+    task = CrossBatchRetrieval(4, memory_size=4, loss="ccl", margin=0.2, negative_weight=5.0,
+                               drift_correction="none")
+    task(q, c * 2.0, tf.constant(["x", "y", "a"]), None)                 # bank: x, y, a (one slot empty)
+    got = task(q, c, tf.constant(["a", "b", "c"]), tf.zeros([3]), training=False,
+               extra_negatives=(extra, tf.constant(["u", "v"]), tf.zeros([2]), 10))
+    bank_emb, _, bank_ids, valid = task.memory.read()
+    cands = tf.concat([c, extra, bank_emb], 0)
+    ids = tf.concat([id_hashes(tf.constant(["a", "b", "c", "u", "v"])), bank_ids], 0)   # the bank's "a" is a hit
+    want = cosine_contrastive_loss(q, cands, positive_ids=ids[:3], candidate_ids=ids, margin=0.2, negative_weight=5.0,
+                                   candidate_valid=tf.concat([tf.ones([5], tf.bool), valid], 0))
+    assert float(got) == pytest.approx(float(tf.reduce_sum(want)), rel=1e-6)
+    with pytest.raises(ValueError, match="num_hard_negatives"):
+        CrossBatchRetrieval(4, loss="ccl", num_hard_negatives=3)
+    clone = CrossBatchRetrieval.from_config(task.get_config())
+    assert clone.get_config() == task.get_config()

@@ -14,6 +14,8 @@ def test_recall_ndcg_by_hand():
     assert got["users"] == 2
     assert got["recall"] == pytest.approx((0.5 + 1.0) / 2)
     assert got["ndcg"] == pytest.approx((0.63093 / 1.63093 + 1.0) / 2, abs=1e-5)
+    # precision = hits / K: user 1 one hit in 3, user 2 one hit in 3.
+    assert got["precision"] == pytest.approx((1 / 3 + 1 / 3) / 2)
 
 
 def test_against_brute_force_reference():
@@ -23,13 +25,15 @@ def test_against_brute_force_reference():
         ranked = [list(rng.permutation(n_items)) for _ in range(20)]
         relevant = [set(rng.choice(n_items, rng.integers(1, 8), replace=False)) for _ in range(20)]
         got = recall_ndcg_at_k(ranked, relevant, k)
-        rec, nd = [], []
+        rec, prec, nd = [], [], []
         for r, t in zip(ranked, relevant):
             dcg = sum(1 / np.log2(i + 2) for i, x in enumerate(r[:k]) if x in t)
             idcg = sum(1 / np.log2(i + 2) for i in range(min(len(t), k)))
             rec.append(len(set(r[:k]) & t) / len(t))
+            prec.append(len(set(r[:k]) & t) / k)
             nd.append(dcg / idcg)
         assert got["recall"] == pytest.approx(np.mean(rec))
+        assert got["precision"] == pytest.approx(np.mean(prec))
         assert got["ndcg"] == pytest.approx(np.mean(nd))
 
 

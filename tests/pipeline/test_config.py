@@ -101,6 +101,20 @@ def test_drift_corrections_match_the_model():
     assert DRIFT_CORRECTIONS == MODEL
 
 
+def test_history_modes_match_the_materialization():
+    from pipeline.config import HISTORY_MODES
+    from pipeline.data.materialize import HISTORY_MODES as WRITER
+
+    assert HISTORY_MODES == WRITER
+
+
+def test_retrieval_losses_match_the_model():
+    from models.cross_batch_retrieval import LOSSES
+    from pipeline.config import RETRIEVAL_LOSSES
+
+    assert RETRIEVAL_LOSSES == LOSSES
+
+
 def test_item_gradients_match_the_model():
     from models.cross_batch_retrieval import ITEM_GRADIENTS as MODEL
     from pipeline.config import ITEM_GRADIENTS

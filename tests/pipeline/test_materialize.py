@@ -139,6 +139,32 @@ def test_example_rows_are_shuffled_and_reproducible(tmp_path):
     assert list(zip(interactions[USER_ID], interactions["timestamp"])) == sorted(rows)
 
 
+def test_random_prefix_history_mode(tmp_path):
+    # One user, 7 training positives (one repeated item), a negative and a test event.
+    df = pd.DataFrame({USER_ID: ["u"] * 9, ITEM_ID: ["a", "b", "c", "a", "x", "d", "e", "f", "t"],
+                       "timestamp": np.arange(9), "label": [1.0, 1, 1, 1, 0, 1, 1, 1, 1]})
+    runs = []
+    for name in ("one", "two"):
+        out = str(tmp_path / name)
+        materialize(_raw(df), out, SplitConfig(method="leave_last_n", n=1), history_mode="random_prefix")
+        runs.append(sorted(_read_examples(out, "train"), key=lambda r: r["ts"]))
+    assert runs[0] == runs[1]                                            # seeded
+    positives = ["a", "b", "c", "a", "d", "e", "f"]
+    rows = [r for r in runs[0] if r["item"] != "x"]
+    # The histories are the last 3 (the schema's length) before each row in one random
+    # order of the positives: rebuild that order row by row from the empty history on.
+    order, left = [], list(rows)
+    while left:
+        nxt = [r for r in left if r["history"] == order[-3:]]
+        assert nxt, (order, left)
+        order.append(nxt[0]["item"])
+        left.remove(nxt[0])
+    assert sorted(order) == sorted(positives) and order != positives
+    # The negative and the test event see the last training positives, never the test item.
+    assert [r["history"] for r in runs[0] if r["item"] == "x"] == [positives[-3:]]
+    assert _read_examples(str(tmp_path / "one"), "test")[0]["history"] == positives[-3:]
+
+
 def test_all_other_history_mode(tmp_path):
     df = pd.DataFrame({USER_ID: ["u"] * 4, ITEM_ID: ["a", "b", "c", "d"], "timestamp": [1, 2, 3, 4],
                        "label": [1.0, 0.0, 1.0, 1.0]})
