@@ -16,6 +16,10 @@ batch's item embeddings are enqueued into the bank with stop-gradient.
 
 Formula: L = Σ_i w_i · −log softmax(z_i)[i],  z_ij = q_i·c_j/τ − log Q(j).
 
+The loss is computed by `models.sampled_softmax.sampled_softmax_loss` (one softmax and a
+hand-written gradient, both item-gradient modes below); with hard negatives, by the
+unfused chain (`sampled_softmax_logits` → top-k → cross-entropy).
+
 Two corrections keep the bank from destabilising training (both on by default; the
 paper's form is ``item_gradient="all", drift_correction="none"``):
 
@@ -179,102 +183,80 @@ class CrossBatchRetrieval(keras.layers.Layer):
                 self.memory.enqueue(stored, log_q, positive_ids)
         return (loss, share) if return_bank_share else loss
 
-    def _fused_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected,
-                    sample_weight):
-        """`_loss` in one fused pass (`sampled_softmax_loss`), with both item-gradient modes.
+    @staticmethod
+    def _candidates(batch_embeddings, bank, uniform, positive_ids, log_q, corrected):
+        """Every candidate, fresh ones first: the batch, the uniform items, then the bank.
 
-        Candidates are ordered batch, uniform items, bank: the fresh ones first.
+        Returns ``(embeddings [N, D], ids [N], log Q [N] or None, valid [N], F or None)``:
+        log Q is log q(i), or the log mixture probability when uniform items are drawn
+        (None without correction and without uniform items); F is the number of fresh
+        candidates when there is a bank.
         """
         batch = tf.shape(batch_embeddings)[0]
-        candidates, ids, logqs = [batch_embeddings], [positive_ids], [log_q]
+        embeddings, ids, logqs, valid = [batch_embeddings], [positive_ids], [log_q], [tf.ones([batch], tf.bool)]
         num_unigram = tf.cast(batch, tf.float32)
         if uniform is not None:
-            candidates.append(tf.cast(uniform[0], batch_embeddings.dtype))
+            embeddings.append(tf.cast(uniform[0], batch_embeddings.dtype))
             ids.append(uniform[1])
             logqs.append(uniform[2])
+            valid.append(tf.ones_like(uniform[1], tf.bool))
         num_fresh = None
         if bank is not None:
+            num_fresh = tf.add_n([tf.shape(e)[0] for e in embeddings])
             bank_emb, bank_log_q, bank_ids, bank_valid = bank
-            num_fresh = tf.add_n([tf.shape(c)[0] for c in candidates])
-            candidates.append(bank_emb)
+            embeddings.append(bank_emb)
             ids.append(bank_ids)
             logqs.append(bank_log_q)
+            valid.append(bank_valid)
             num_unigram += tf.reduce_sum(tf.cast(bank_valid, tf.float32))
         all_log_q = tf.concat(logqs, axis=0)
-        bias = None
         if uniform is not None:
             # Any candidate could have come from either source: correct by the mixture.
-            bias = -mixed_log_q(all_log_q, num_unigram, tf.cast(tf.shape(uniform[0])[0], tf.float32), uniform[3])
-        elif corrected:
-            bias = -all_log_q
+            all_log_q = mixed_log_q(all_log_q, num_unigram, tf.cast(tf.shape(uniform[0])[0], tf.float32), uniform[3])
+        elif not corrected:
+            all_log_q = None
+        return (tf.concat(embeddings, axis=0), tf.concat(ids, axis=0), all_log_q, tf.concat(valid, axis=0),
+                num_fresh)
+
+    def _fused_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected,
+                    sample_weight):
+        """(Σ_i w_i · −log softmax(z_i)[i], bank share) by `sampled_softmax_loss`, both item-gradient modes."""
+        candidates, ids, all_log_q, valid, num_fresh = self._candidates(batch_embeddings, bank, uniform,
+                                                                        positive_ids, log_q, corrected)
+        bias = None if all_log_q is None else -all_log_q
         if bank is not None:
-            valid = tf.concat([tf.ones([num_fresh], tf.bool), bank_valid], axis=0)
-            bias = tf.where(valid, tf.zeros_like(all_log_q) if bias is None else bias, MASKED_LOGIT)
+            bias = tf.where(valid, tf.zeros_like(valid, tf.float32) if bias is None else bias, MASKED_LOGIT)
         losses, stale_mass = sampled_softmax_loss(
-            query, tf.concat(candidates, axis=0), positive_ids=positive_ids, candidate_ids=tf.concat(ids, axis=0),
-            candidate_bias=bias, temperature=self.temperature, remove_accidental_hits=self.remove_accidental_hits,
-            num_fresh=num_fresh, fresh_item_softmax=bank is not None and self.item_gradient == "batch",
-            sample_weight=sample_weight)
+            query, candidates, positive_ids=positive_ids, candidate_ids=ids, candidate_bias=bias,
+            temperature=self.temperature, remove_accidental_hits=self.remove_accidental_hits, num_fresh=num_fresh,
+            fresh_item_softmax=bank is not None and self.item_gradient == "batch", sample_weight=sample_weight)
         share = tf.reduce_mean(stale_mass) if bank is not None else tf.zeros([], tf.float32)
         return tf.reduce_sum(losses), share
 
     def _ccl_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
-        """(Σ_i CCL_i over the batch, the bank and the uniform items, 0): no logQ, no bank share."""
-        del log_q, corrected
-        candidates, ids, valid = [batch_embeddings], [positive_ids], [tf.ones_like(positive_ids, tf.bool)]
-        parts = []
-        if uniform is not None:
-            parts.append((uniform[0], uniform[1], tf.ones_like(uniform[1], tf.bool)))
-        if bank is not None:
-            parts.append((bank[0], bank[2], bank[3]))
-        for part_embeddings, part_ids, part_valid in parts:
-            candidates.append(tf.cast(part_embeddings, batch_embeddings.dtype))
-            ids.append(part_ids)
-            valid.append(part_valid)
+        """(Σ_i CCL_i over the batch, the uniform items and the bank, 0): no logQ, no bank share."""
+        candidates, ids, _, valid, _ = self._candidates(batch_embeddings, bank, uniform, positive_ids, log_q,
+                                                        corrected)
         losses = cosine_contrastive_loss(
-            query, tf.concat(candidates, axis=0), positive_ids=positive_ids, candidate_ids=tf.concat(ids, axis=0),
-            margin=self.margin, negative_weight=self.negative_weight, candidate_valid=tf.concat(valid, axis=0),
+            query, candidates, positive_ids=positive_ids, candidate_ids=ids, margin=self.margin,
+            negative_weight=self.negative_weight, candidate_valid=valid,
             remove_accidental_hits=self.remove_accidental_hits, sample_weight=sample_weight)
         return tf.reduce_sum(losses), tf.zeros([], tf.float32)
 
     def _loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
-        """(Σ_i w_i · −log softmax(z_i)[i] over the batch, the bank and the uniform items, bank share).
-
-        The unfused chain, kept for hard negatives (a top-k of each row's logits).
-        """
-        batch = tf.shape(batch_embeddings)[0]
-        candidates, ids, logqs, valid = [batch_embeddings], [positive_ids], [log_q], [tf.ones([batch], tf.bool)]
-        num_unigram = tf.cast(batch, tf.float32)
-        if bank is not None:
-            for part, value in zip((candidates, logqs, ids, valid), bank):
-                part.append(value)
-            num_unigram += tf.reduce_sum(tf.cast(bank[3], tf.float32))
-        all_log_q = None
-        if uniform is not None:
-            extra_emb, extra_ids, extra_log_q, corpus_size = uniform
-            candidates.append(extra_emb)
-            ids.append(extra_ids)
-            logqs.append(extra_log_q)
-            valid.append(tf.ones(tf.shape(extra_emb)[:1], tf.bool))
-            # Any candidate could have come from either source: correct by the mixture.
-            all_log_q = mixed_log_q(tf.concat(logqs, axis=0), num_unigram,
-                                    tf.cast(tf.shape(extra_emb)[0], tf.float32), corpus_size)
-        elif corrected:
-            all_log_q = tf.concat(logqs, axis=0)
+        """(Σ_i w_i · −log softmax(z_i)[i], bank share) with the k hardest negatives of each row only
+        (`num_hard_negatives`): the unfused chain."""
+        candidates, ids, all_log_q, valid, num_fresh = self._candidates(batch_embeddings, bank, uniform,
+                                                                        positive_ids, log_q, corrected)
         logits = sampled_softmax_logits(
-            query, tf.concat(candidates, axis=0), positive_ids=positive_ids, candidate_ids=tf.concat(ids, axis=0),
-            candidate_log_q=all_log_q, candidate_valid=tf.concat(valid, axis=0), temperature=self.temperature,
-            remove_accidental_hits=self.remove_accidental_hits)
+            query, candidates, positive_ids=positive_ids, candidate_ids=ids, candidate_log_q=all_log_q,
+            candidate_valid=valid, temperature=self.temperature, remove_accidental_hits=self.remove_accidental_hits)
         share = tf.zeros([], tf.float32)
         if bank is not None:
-            num_bank = tf.shape(bank[0])[0]
-            probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=1)[:, batch:batch + num_bank]
+            probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=1)[:, num_fresh:]
             share = tf.reduce_mean(tf.reduce_sum(probs, axis=1))
-        if self.num_hard_negatives:
-            logits = hard_negative_logits(logits, self.num_hard_negatives)
-            losses = softmax_cross_entropy(logits, tf.zeros([batch], tf.int32))
-        else:
-            losses = softmax_cross_entropy(logits)
+        logits = hard_negative_logits(logits, self.num_hard_negatives)
+        losses = softmax_cross_entropy(logits, tf.zeros([tf.shape(batch_embeddings)[0]], tf.int32))
         if sample_weight is not None:
             losses = losses * tf.cast(sample_weight, losses.dtype)
         return tf.reduce_sum(losses), tf.stop_gradient(share)

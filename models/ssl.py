@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from models.sampled_softmax import id_hashes, sampled_softmax_logits, softmax_cross_entropy
+from models.sampled_softmax import id_hashes, sampled_softmax_loss
 from models.tf_compat import keras, tf
 
 
@@ -32,8 +32,8 @@ def contrastive_loss(view_a, view_b, temperature: float, ids=None):
     # Row i's positive is column i; with `ids`, other columns of the same item are
     # masked as accidental hits are in the retrieval loss (no ids: every row distinct).
     hashes = id_hashes(tf.range(tf.shape(a)[0]) if ids is None else ids)
-    logits = sampled_softmax_logits(a, b, positive_ids=hashes, candidate_ids=hashes, temperature=temperature)
-    return tf.reduce_mean(softmax_cross_entropy(logits))
+    losses, _ = sampled_softmax_loss(a, b, positive_ids=hashes, candidate_ids=hashes, temperature=temperature)
+    return tf.reduce_mean(losses)
 
 
 def uniform_item_dataset(item_features, batch_size: int, seed: int):

@@ -244,6 +244,9 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.ccl_margin` should be in [-1, 1). Received: {self.ccl_margin}")
         if self.ccl_negative_weight < 0:
             raise ConfigError(f"`retrieval.ccl_negative_weight` should be >= 0. Received: {self.ccl_negative_weight}")
+        if self.loss == "ccl" and not self.normalize:
+            raise ConfigError("`retrieval.loss=ccl` trains cosine similarities, and serving scores dot products of "
+                              "the tower outputs: set `retrieval.normalize=true`. Received: normalize=false")
         if self.loss == "ccl" and self.num_hard_negatives:
             raise ConfigError("`retrieval.num_hard_negatives` applies to the softmax loss, not to loss=ccl. "
                               f"Received: num_hard_negatives={self.num_hard_negatives}")

@@ -39,10 +39,22 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval.drift_correction=median", "`retrieval.drift_correction` should be one of mean, none"),
     ("retrieval.item_gradient=bank", "`retrieval.item_gradient` should be one of batch, all"),
     ("evaluation.head_fraction=1.0", "`evaluation.head_fraction` should be in"),
+    ("retrieval.loss=bpr", "`retrieval.loss` should be one of softmax, ccl"),
+    ("retrieval.ccl_margin=1.5", "`retrieval.ccl_margin` should be in"),
+    ("retrieval.ccl_negative_weight=-1", "`retrieval.ccl_negative_weight` should be >= 0"),
+    ("data.history_mode=future", "`data.history_mode` should be one of past, all_other, random_prefix"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_ccl_needs_normalized_towers_and_no_hard_negatives():
+    with pytest.raises(ConfigError, match="retrieval.normalize=true"):
+        load_config(None, ["retrieval.loss=ccl", "retrieval.normalize=false"])
+    with pytest.raises(ConfigError, match="num_hard_negatives"):
+        load_config(None, ["retrieval.loss=ccl", "retrieval.num_hard_negatives=5"])
+    assert load_config(None, ["retrieval.loss=ccl"]).retrieval.loss == "ccl"
 
 
 def test_file_errors(tmp_path):
