@@ -96,9 +96,9 @@ def main() -> None:
                                         *args.overrides])
             task = None
             if name == "tfrs":
-                r = config.retrieval
-                task = lambda r=r: tfrs.tasks.Retrieval(  # noqa: E731
-                    temperature=r.temperature, remove_accidental_hits=r.remove_accidental_hits)
+                rc = config.retrieval
+                task = lambda rc=rc: tfrs.tasks.Retrieval(  # noqa: E731
+                    temperature=rc.temperature, remove_accidental_hits=rc.remove_accidental_hits)
             model, _ = job.new_retrieval_model(config, base, task=task)
             data = example_dataset(example_files(data_dir, "train"), model.schema, batch_size, shuffle=True,
                                    seed=0, shuffle_buffer=100_000, drop_remainder=True)
@@ -108,14 +108,14 @@ def main() -> None:
             for _ in range(max(args.cached_batches, warmup + 10)):  # trace, fill the cache and the bank
                 float(step(iterator)["loss"])
             runs[name] = {"model": model, "step": step, "iterator": iterator, "times": []}
-        for r in range(args.rounds):
+        for round_index in range(args.rounds):
             for name in names:
                 run = runs[name]
                 for _ in range(args.steps_per_round):
                     t = time.perf_counter()
                     float(run["step"](run["iterator"])["loss"])  # waits for the step's result
                     run["times"].append(time.perf_counter() - t)
-            print(f"B={batch_size}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            print(f"B={batch_size}: round {round_index + 1}/{args.rounds}", file=sys.stderr, flush=True)
         ref = statistics.median(runs["tfrs"]["times"])
         rows = {}
         for name in names:

@@ -119,7 +119,8 @@ def sampled_softmax_loss(query: tf.Tensor, candidates: tf.Tensor, *, positive_id
         constants (no gradient) and their softmax mass is returned. None means N.
       fresh_item_softmax: the fresh candidates get the gradient of the softmax over
         the fresh columns only (``item_gradient="batch"``) instead of the full
-        softmax's. The queries always get the full softmax's.
+        softmax's (the same when every candidate is fresh). The queries always get the
+        full softmax's.
       sample_weight: ``[B]`` row weights, or None.
 
     Returns:
@@ -134,6 +135,7 @@ def sampled_softmax_loss(query: tf.Tensor, candidates: tf.Tensor, *, positive_id
     batch = tf.shape(query)[0]
     num = tf.shape(candidates)[0]
     fresh = num if num_fresh is None else num_fresh
+    fresh_item_softmax = fresh_item_softmax and num_fresh is not None
     bias = tf.zeros([num], tf.float32) if candidate_bias is None else tf.cast(candidate_bias, tf.float32)
     weights = tf.ones([batch], tf.float32) if sample_weight is None else tf.cast(sample_weight, tf.float32)
     hits = None

@@ -85,7 +85,8 @@ def _unfused_reference(q, c, ids, log_q, valid, weights, temperature, num_fresh,
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("num_fresh,fresh_item_softmax", [(None, False), (9, False), (9, True), (6, True)])
+@pytest.mark.parametrize("num_fresh,fresh_item_softmax", [(None, False), (None, True), (9, False), (9, True),
+                                                          (6, True)])
 def test_fused_loss_equals_autodiff_of_the_unfused_chain(seed, num_fresh, fresh_item_softmax):
     rng = np.random.default_rng(seed)
     b, n, d, tau = 6, 15, 4, 0.7
