@@ -20,7 +20,16 @@ from __future__ import annotations
 
 from typing import Optional
 
+from models.sampled_softmax import accidental_hits
 from models.tf_compat import tf
+
+
+def check_ccl_args(margin: float, negative_weight: float) -> None:
+    """Raises ValueError unless m is in [-1, 1) and w >= 0."""
+    if not -1.0 <= margin < 1.0:
+        raise ValueError(f"`margin` should be in [-1, 1). Received: margin={margin}")
+    if negative_weight < 0:
+        raise ValueError(f"`negative_weight` should be >= 0. Received: negative_weight={negative_weight}")
 
 
 def cosine_contrastive_loss(query: tf.Tensor, candidates: tf.Tensor, *, positive_ids: tf.Tensor,
@@ -39,20 +48,16 @@ def cosine_contrastive_loss(query: tf.Tensor, candidates: tf.Tensor, *, positive
       remove_accidental_hits: drop negatives with the positive's id.
       sample_weight: ``[B]`` row weights, or None.
     """
-    if not -1.0 <= margin < 1.0:
-        raise ValueError(f"`margin` should be in [-1, 1). Received: margin={margin}")
-    if negative_weight < 0:
-        raise ValueError(f"`negative_weight` should be >= 0. Received: negative_weight={negative_weight}")
+    check_ccl_args(margin, negative_weight)
     q = tf.math.l2_normalize(tf.cast(query, tf.float32), axis=1)
     c = tf.math.l2_normalize(tf.cast(candidates, tf.float32), axis=1)
     batch = tf.shape(q)[0]
-    num = tf.shape(c)[0]
     cos = tf.matmul(q, c, transpose_b=True)
     positive = tf.reduce_sum(q * c[:batch], axis=1)
-    is_negative = tf.logical_not(tf.equal(tf.range(batch)[:, tf.newaxis], tf.range(num)[tf.newaxis, :]))
-    if remove_accidental_hits:
-        is_negative = tf.logical_and(is_negative, tf.not_equal(positive_ids[:, tf.newaxis],
-                                                               candidate_ids[tf.newaxis, :]))
+    # Every column but the positive's own, without its accidental hits.
+    excluded = (accidental_hits(positive_ids, candidate_ids) if remove_accidental_hits
+                else tf.zeros(tf.shape(cos), tf.bool))
+    is_negative = tf.linalg.set_diag(tf.logical_not(excluded), tf.zeros([batch], tf.bool))
     if candidate_valid is not None:
         is_negative = tf.logical_and(is_negative, candidate_valid[tf.newaxis, :])
     mask = tf.cast(is_negative, tf.float32)

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from models.cosine_contrastive import cosine_contrastive_loss
+from models.cosine_contrastive import check_ccl_args, cosine_contrastive_loss
 from models.cross_batch_memory import CrossBatchMemory
 from models.distribution import cross_replica_sum
 from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q,
@@ -109,10 +109,7 @@ class CrossBatchRetrieval(keras.layers.Layer):
         if loss == "ccl" and num_hard_negatives:
             raise ValueError("`num_hard_negatives` applies to the softmax loss, not to loss='ccl'. "
                              f"Received: num_hard_negatives={num_hard_negatives}")
-        if not -1.0 <= margin < 1.0:
-            raise ValueError(f"`margin` should be in [-1, 1). Received: margin={margin}")
-        if negative_weight < 0:
-            raise ValueError(f"`negative_weight` should be >= 0. Received: negative_weight={negative_weight}")
+        check_ccl_args(margin, negative_weight)
         if item_gradient not in ITEM_GRADIENTS:
             raise ValueError(f"`item_gradient` should be one of {ITEM_GRADIENTS}. "
                              f"Received: item_gradient={item_gradient!r}")

@@ -55,6 +55,13 @@ def mixed_log_q(log_q: tf.Tensor, num_unigram, num_uniform, corpus_size) -> tf.T
     return tf.reduce_logsumexp(tf.stack([unigram, tf.fill(tf.shape(unigram), uniform)]), axis=0)
 
 
+def accidental_hits(positive_ids: tf.Tensor, candidate_ids: tf.Tensor) -> tf.Tensor:
+    """``[B, N]`` bool: candidate j carries row i's positive id but is not the positive
+    itself (column i); the batch's positives are the first B candidates."""
+    same = tf.equal(positive_ids[:, tf.newaxis], candidate_ids[tf.newaxis, :])
+    return tf.linalg.set_diag(same, tf.zeros(tf.shape(positive_ids), tf.bool))
+
+
 def sampled_softmax_logits(query: tf.Tensor, candidates: tf.Tensor, *, positive_ids: tf.Tensor,
                            candidate_ids: tf.Tensor, candidate_log_q: Optional[tf.Tensor] = None,
                            candidate_valid: Optional[tf.Tensor] = None, temperature: float = 1.0,
@@ -78,13 +85,8 @@ def sampled_softmax_logits(query: tf.Tensor, candidates: tf.Tensor, *, positive_
     logits = tf.matmul(query, candidates, transpose_b=True) / temperature
     if candidate_log_q is not None:
         logits = logits - tf.cast(candidate_log_q, logits.dtype)[tf.newaxis, :]
-    batch = tf.shape(query)[0]
-    num = tf.shape(candidates)[0]
-    is_positive = tf.equal(tf.range(batch)[:, tf.newaxis], tf.range(num)[tf.newaxis, :])
-    masked = tf.zeros_like(is_positive)
-    if remove_accidental_hits:
-        same = tf.equal(positive_ids[:, tf.newaxis], candidate_ids[tf.newaxis, :])
-        masked = tf.logical_and(same, tf.logical_not(is_positive))
+    masked = (accidental_hits(positive_ids, candidate_ids) if remove_accidental_hits
+              else tf.zeros(tf.shape(logits), tf.bool))
     if candidate_valid is not None:
         masked = tf.logical_or(masked, tf.logical_not(candidate_valid)[tf.newaxis, :])
     return tf.where(masked, tf.cast(MASKED_LOGIT, logits.dtype), logits)
@@ -138,10 +140,7 @@ def sampled_softmax_loss(query: tf.Tensor, candidates: tf.Tensor, *, positive_id
     fresh_item_softmax = fresh_item_softmax and num_fresh is not None
     bias = tf.zeros([num], tf.float32) if candidate_bias is None else tf.cast(candidate_bias, tf.float32)
     weights = tf.ones([batch], tf.float32) if sample_weight is None else tf.cast(sample_weight, tf.float32)
-    hits = None
-    if remove_accidental_hits:
-        same = tf.equal(positive_ids[:, tf.newaxis], candidate_ids[tf.newaxis, :])
-        hits = tf.linalg.set_diag(same, tf.zeros([batch], tf.bool))
+    hits = accidental_hits(positive_ids, candidate_ids) if remove_accidental_hits else None
 
     @tf.custom_gradient
     def fused(q, c):
