@@ -116,7 +116,8 @@ def cmd_run(args) -> None:
     conn.close()
     result: Dict[str, Any] = {
         "url": args.url, "endpoint": args.endpoint, "k": args.k, "users": len(users),
-        "server": {k: models.get(k) for k in ("version", "models", "stages", "num_items", "index", "config")},
+        "server": {k: models.get(k) for k in ("version", "models", "stages", "num_items", "index", "config",
+                                             "batching")},
         "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}, "levels": []}
     for c in args.concurrency:
         level = run_level(args.url, args.endpoint, bodies, c, args.duration, args.warmup)

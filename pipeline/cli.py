@@ -84,8 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-ranker", action="store_true", help="skip the ranker even when exported")
     sv.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default: %(default)s)")
     sv.add_argument("--max-body-bytes", type=int, default=65536, help="(default: %(default)s)")
+    sv.add_argument("--max-batch-size", type=int, default=16,
+                    help="concurrent requests answered by one batched cascade call; 1 = no batching "
+                         "(default: %(default)s)")
+    sv.add_argument("--batch-workers", type=int, default=1,
+                    help="threads computing batches (default: %(default)s)")
+    sv.add_argument("--batch-wait-ms", type=float, default=0.0,
+                    help="how long a batch waits for more requests after its first; 0 = only those already "
+                         "waiting (default: %(default)s)")
     sv.add_argument("--max-concurrent", type=int, default=0,
-                    help="cascades computed at once; more requests wait their turn (default: 0 = no limit)")
+                    help="with --max-batch-size 1: cascades computed at once; more requests wait their turn "
+                         "(default: 0 = no limit)")
     sv.add_argument("--tf-threads", type=int, default=0,
                     help="TensorFlow threads per operation (intra-op); 0 = TensorFlow's default, one per core")
     sv.add_argument("--access-log", action="store_true", help="log every request")
@@ -134,7 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                           file=sys.stderr)
                     return EXIT_USAGE
             metrics = run(config, args.workdir, from_stage=args.from_stage, only_stage=args.only_stage)
-            keys = sorted(k for k in metrics if k.startswith(("retrieval.", "index.", "baseline.", "ranker.", "preranker.")))
+            keys = sorted(k for k in metrics
+                          if k.startswith(("retrieval.", "index.", "baseline.", "ranker.", "preranker.")))
             print(json.dumps({k: round(metrics[k], 4) for k in keys} | {
                 "workdir": os.path.abspath(args.workdir), "seconds": metrics["total_seconds"],
                 "version": metrics["export_version"], "promoted": metrics["promotion"]["promote"],
@@ -197,6 +207,7 @@ def _serve(args) -> int:
         config = ServiceConfig(
             workdir=args.workdir, version=args.version, follow=args.follow, poll_interval=args.poll_interval,
             max_k=args.max_k, max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
+            max_batch_size=args.max_batch_size, batch_workers=args.batch_workers, batch_wait_ms=args.batch_wait_ms,
             cascade=CascadeConfig(retrieval_candidates=args.retrieval_candidates,
                                   preranker_candidates=args.preranker_candidates,
                                   use_preranker=not args.no_preranker, use_ranker=not args.no_ranker))

@@ -404,7 +404,9 @@ def stage_export(model, workdir: str, version: int) -> Dict[str, str]:
 
 
 def export_ranker_version(model, workdir: str, version: int, name: str = "ranker") -> str:
-    """Writes a ranker's (or pre-ranker's) SavedModel to ``export/<name>/<version>`` atomically."""
+    """Writes a ranker's (or pre-ranker's) SavedModel to ``export/<name>/<version>`` atomically,
+    with its one-user (``serving_default``) and several-user (``score_users``) signatures."""
+    from models.ranking.models import scoring_signatures
     from models.tf_compat import tf
     from serving import exports
 
@@ -412,7 +414,7 @@ def export_ranker_version(model, workdir: str, version: int, name: str = "ranker
     path = exports.version_path(workdir, name, version)
     module = tf.Module()
     module.model = model  # the lookups' tables and the variables travel with the signature
-    _export_saved_model(module, path, {"serving_default": model.serving_function()})
+    _export_saved_model(module, path, scoring_signatures(model))
     return path
 
 

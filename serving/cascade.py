@@ -12,8 +12,15 @@ probability after a ranker).
 
 The pre-ranker and ranker are SavedModels whose ``serving_default`` signature takes
 schema features by name — user features with batch 1 (``[1]`` string, ``[1, L]``
-string, ``[1]`` float32; the one user is broadcast to every candidate), item features
+string, ``[1]`` float32; the one user is broadcast to every candidate — or N rows, one
+per candidate, which scores the candidates of several users in one call), item features
 ``[N]`` / ``[N, L]`` / ``[N]`` — and returns ``{"scores": [N], ...}``.
+
+Queries are answered in batches: `Cascade.prepare` validates one query and looks up
+its user; `Cascade.answer` runs a list of prepared queries through one query-tower
+call, one index search and one call per scoring stage (the candidates of all users
+concatenated, each row carrying its user's features). `recommend` and `retrieve` are
+batches of one; the HTTP service batches concurrent requests (`serving.batching`).
 
 A `Cascade` is immutable once loaded and safe to call from many threads at once;
 `Cascade.load` reuses the parts of a previous cascade that did not change, which
@@ -26,12 +33,13 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from models import data_layout as layout
-from models.features import OOV_TOKEN, Kind, Schema, normalize_value, padded_batch
+from models.features import ITEM_ID, OOV_TOKEN, Kind, Schema, normalize_value, padded_batch
+from models.signatures import MULTI_USER_SIGNATURE, USER_INDEX
 from models.tf_compat import tf
 from serving import exports
 from serving.index import LoadedIndex, load_index
@@ -99,13 +107,34 @@ class CandidateScorer:
                              f"Received outputs {sorted(self._fn.structured_outputs)}")
         self.user_inputs = sorted(n for n in inputs if known[n] == "user")
         self.item_inputs = sorted(n for n in inputs if known[n] == "item")
+        # Exports since the several-user signature score a batch of users in one call;
+        # older ones get each candidate's user row (the same scores, more lookups).
+        self._multi = self._module.signatures.get(MULTI_USER_SIGNATURE)
+        if self._multi is not None and set(self._multi.structured_input_signature[1]) != set(inputs) | {USER_INDEX}:
+            raise ValueError(f"{name} export {path}: the `{MULTI_USER_SIGNATURE}` signature takes "
+                             f"{sorted(self._multi.structured_input_signature[1])}, not the inputs of "
+                             f"`serving_default` plus {USER_INDEX!r}")
 
-    def score(self, user_tensors: Mapping[str, Any], item_features: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``[N]`` scores; `user_tensors` have batch 1, `item_features` N rows."""
-        args = {n: user_tensors[n] for n in self.user_inputs}
-        args.update({n: tf.constant(item_features[n]) for n in self.item_inputs})
-        scores = self._fn(**args)["scores"].numpy().reshape(-1)
-        n = len(next(iter(item_features.values())))
+    def score(self, user_tensors: Mapping[str, Any], item_features: Mapping[str, Any],
+              user_index: Optional[np.ndarray] = None) -> np.ndarray:
+        """``[N]`` scores of N candidates: `item_features` have N rows, `user_tensors`
+        batch 1 (one user, broadcast) or N (each candidate's own user); with
+        `user_index` ``[N]``, `user_tensors` hold U users and candidate i is scored for
+        user ``user_index[i]``."""
+        args = {n: tf.convert_to_tensor(item_features[n]) for n in self.item_inputs}
+        if user_index is None:
+            args.update({n: user_tensors[n] for n in self.user_inputs})
+            fn = self._fn
+        elif self._multi is not None:
+            args.update({n: user_tensors[n] for n in self.user_inputs})
+            args[USER_INDEX] = tf.constant(np.asarray(user_index, dtype=np.int32))
+            fn = self._multi
+        else:
+            index = tf.constant(np.asarray(user_index, dtype=np.int32))
+            args.update({n: tf.gather(user_tensors[n], index) for n in self.user_inputs})
+            fn = self._fn
+        scores = fn(**args)["scores"].numpy().reshape(-1)
+        n = int(next(iter(item_features.values())).shape[0])
         if scores.shape[0] != n:
             raise ValueError(f"{self.name} {self.path} returned {scores.shape[0]} scores for {n} candidates")
         return scores
@@ -126,6 +155,39 @@ class QueryTower:
         if missing:
             raise ValueError(f"the query tower {self.path} needs user features {missing}")
         return self._fn(**{n: user_tensors[n] for n in self.inputs})["embedding"].numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedQuery:
+    """A validated query with its user looked up (`Cascade.prepare`), ready to answer
+    alone or in a batch (`Cascade.answer`).
+
+    Attributes:
+      user_id: as asked (None for a features-only query).
+      row: the user's tower input row (stored features, overridden by the request's).
+      known: the user id is one of the data's users.
+      seen: items left out (the user's training items and the request's own history;
+        empty with ``include_seen``).
+      k, n_retrieval, n_pre: items returned, taken from the index, kept by the pre-ranker.
+      stages: the stages the query may run (``(RETRIEVAL,)`` for `Cascade.retrieve`).
+      timings, explain: what the answer carries besides the items.
+      started, prepared: ``time.perf_counter()`` when preparation started and ended.
+      user_ms: milliseconds spent preparing.
+    """
+
+    user_id: Optional[str]
+    row: Dict[str, Any]
+    known: bool
+    seen: FrozenSet[str]
+    k: int
+    n_retrieval: int
+    n_pre: int
+    stages: Tuple[str, ...]
+    timings: bool
+    explain: bool
+    started: float
+    prepared: float
+    user_ms: float
 
 
 def data_files_signature(data_dir: str) -> Tuple:
@@ -166,6 +228,7 @@ class Cascade:
         self.data_signature = data_signature
         self.loaded_at = time.time()
         self._index_ids = index.item_ids()
+        self._index_id_tensor = tf.constant(self._index_ids.astype(object)) if items is not None else None
         self._item_positions = items.positions(self._index_ids) if items is not None else None
         if self._item_positions is not None and np.any(self._item_positions < 0):
             log.warning("%d indexed items are missing from the item table; they are ranked with OOV features",
@@ -299,9 +362,50 @@ class Cascade:
                     own_history = list(row[name])
         return row, known, own_history
 
-    def _run(self, user_id, features, k, include_seen, allow_unknown, timings, explain, stages,
-             retrieval_candidates, preranker_candidates) -> Dict[str, Any]:
+    def prepare(self, user_id: Optional[str] = None, features: Optional[Mapping[str, Any]] = None, k: int = 10,
+                include_seen: bool = False, allow_unknown: bool = False, timings: bool = False,
+                explain: bool = False, retrieval_only: bool = False, retrieval_candidates: Optional[int] = None,
+                preranker_candidates: Optional[int] = None) -> "PreparedQuery":
+        """Validates a query and looks up its user (arguments as in `recommend`).
+
+        The checks that can fail on the request's own values happen here, so that a
+        batch of prepared queries (`answer`) fails only on a fault of the models.
+        """
         t0 = time.perf_counter()
+        k = _positive_int("k", k)
+        if retrieval_only:
+            n_retrieval, n_pre, stages = k, k, (RETRIEVAL,)
+        else:
+            n_retrieval = max(k, _positive_int("retrieval_candidates", retrieval_candidates or
+                                               self.config.retrieval_candidates))
+            n_pre = max(k, _positive_int("preranker_candidates", preranker_candidates or
+                                         self.config.preranker_candidates))
+            stages = STAGES
+        row, known, own_history = self._user_row(user_id, features, allow_unknown)
+        seen = set()
+        if not include_seen:
+            if known:
+                seen.update(self.users.seen(user_id))
+            seen.update(own_history)
+        now = time.perf_counter()
+        return PreparedQuery(user_id=user_id, row=row, known=known, seen=frozenset(seen), k=k,
+                             n_retrieval=n_retrieval, n_pre=n_pre, stages=stages, timings=bool(timings),
+                             explain=bool(explain), started=t0, prepared=now,
+                             user_ms=round(1e3 * (now - t0), 3))
+
+    def answer(self, queries: Sequence["PreparedQuery"]) -> List[Dict[str, Any]]:
+        """Answers prepared queries together: one query-tower call, one index search and
+        one call per scoring stage for the whole batch.
+
+        Each answer is the one the query gets alone, except that the index is searched
+        once, as deep as the deepest query of the batch needs: exact search returns the
+        same items, ScaNN re-scores at least as many candidates (its recall can only
+        rise). Stage timings are those of the batch; ``batch_size`` says how many
+        queries shared it.
+        """
+        if not queries:
+            return []
+        t_start = time.perf_counter()
         clock: Dict[str, float] = {}
 
         def lap(name, start):
@@ -309,80 +413,103 @@ class Cascade:
             clock[name] = round(1e3 * (now - start), 3)
             return now
 
-        k = _positive_int("k", k)
-        n_retrieval = max(k, _positive_int("retrieval_candidates", retrieval_candidates or
-                                           self.config.retrieval_candidates))
-        n_pre = max(k, _positive_int("preranker_candidates", preranker_candidates or
-                                     self.config.preranker_candidates))
-        row, known, own_history = self._user_row(user_id, features, allow_unknown)
-        user_batch = padded_batch(self.schema, "user", [row])
+        b = len(queries)
+        user_batch = padded_batch(self.schema, "user", [q.row for q in queries])
         user_tensors = {n: tf.constant(v) for n, v in user_batch.items()}
-        t = lap("user_features", t0)
-        query = self.query_tower(user_tensors)
-        t = lap("query_tower", t)
+        embeddings = self.query_tower(user_tensors)
+        t = lap("query_tower", t_start)
 
-        seen = set()
-        if not include_seen:
-            if known:
-                seen.update(self.users.seen(user_id))
-            seen.update(own_history)
-        fetch = min(self.index.num_items, n_retrieval + len(seen))
-        scores, indices = self.index.search_indices(query, fetch)
-        # ScaNN pads with NaN scores when the partitions searched hold fewer than `fetch` points.
-        valid = np.isfinite(scores[0])
-        scores, indices = scores[0][valid], indices[0][valid]
+        fetch = [min(self.index.num_items, q.n_retrieval + len(q.seen)) for q in queries]
+        all_scores, all_indices = self.index.search_indices(embeddings, max(fetch))
         t = lap("index", t)
-        keep, taken = [], set(seen)
-        ids = self._index_ids[indices]
-        for j, item_id in enumerate(ids):
-            if item_id in taken:
-                continue
-            taken.add(item_id)
-            keep.append(j)
-            if len(keep) == n_retrieval:
-                break
-        keep = np.asarray(keep, dtype=np.int64)
-        cand_ids, cand_index = ids[keep], indices[keep]
-        stage_scores: Dict[str, np.ndarray] = {RETRIEVAL: scores[keep].astype(np.float64)}
-        counts = {RETRIEVAL: int(len(keep))}
-        ran = [RETRIEVAL]
+
+        # Per query: drop padding (ScaNN pads with NaN scores when the partitions searched
+        # hold fewer points), keep its own depth, drop seen items and repeats.
+        cand_index: List[np.ndarray] = []
+        cand_ids: List[np.ndarray] = []
+        stage_scores: List[Dict[str, np.ndarray]] = []
+        for j, q in enumerate(queries):
+            scores, indices = all_scores[j][:fetch[j]], all_indices[j][:fetch[j]]
+            valid = np.isfinite(scores)
+            scores, indices = scores[valid], indices[valid]
+            ids = self._index_ids[indices]
+            keep = np.arange(len(ids)) if not q.seen else np.flatnonzero(~np.isin(ids, list(q.seen)))
+            _, first = np.unique(indices[keep], return_index=True)
+            if len(first) < len(keep):
+                keep = keep[np.sort(first)]
+            keep = keep[:q.n_retrieval]
+            cand_index.append(indices[keep])
+            cand_ids.append(ids[keep])
+            stage_scores.append({RETRIEVAL: scores[keep].astype(np.float64)})
+        counts = [{RETRIEVAL: len(c)} for c in cand_ids]
+        ran = [[RETRIEVAL] for _ in queries]
         t = lap("filter", t)
 
-        scorers = [(name, scorer, limit) for name, scorer, limit in
-                   ((exports.PRERANKER, self.preranker, n_pre), (exports.RANKER, self.ranker, k))
-                   if scorer is not None and name in stages]
-        if scorers and len(keep):
-            item_feats = self.items.features_at(self._item_positions[cand_index], cand_ids)
-            t = lap("item_features", t)
-            for name, scorer, limit in scorers:
-                s = scorer.score(user_tensors, item_feats).astype(np.float64)
-                order = np.argsort(-s, kind="stable")[:limit]
-                cand_ids = cand_ids[order]
-                item_feats = {f: v[order] for f, v in item_feats.items()}
-                stage_scores = {st: v[order] for st, v in stage_scores.items()}
-                stage_scores[name] = s[order]
-                counts[name] = int(len(order))
-                ran.append(name)
-                t = lap(name, t)
-        final = stage_scores[ran[-1]]
-        items = []
-        for j in range(min(k, len(cand_ids))):
-            item = {"item_id": str(cand_ids[j]), "score": float(final[j])}
-            if explain:
-                item["stage_scores"] = {st: float(v[j]) for st, v in stage_scores.items()}
-            items.append(item)
-        out: Dict[str, Any] = {
-            "user_id": user_id, "items": items, "version": self.version, "cold_start": not known,
-            "stages": ran, "skipped_stages": [s for s in STAGES if s not in ran],
-            "models": {m: v for m, v in self.models.items() if m in (exports.QUERY_TOWER, exports.INDEX) or
-                       m in ran},
-        }
-        if explain:
-            out["candidates"] = counts
-            out["seen_excluded"] = len(seen)
-        if timings or explain:
-            clock["total"] = round(1e3 * (time.perf_counter() - t0), 3)
-            out["timings_ms"] = clock
+        scorers = [(name, scorer, [q.n_pre if name == exports.PRERANKER else q.k for q in queries])
+                   for name, scorer in ((exports.PRERANKER, self.preranker), (exports.RANKER, self.ranker))
+                   if scorer is not None]
+        gather_ms = 0.0
+        for name, scorer, limits in scorers:
+            group = [j for j, q in enumerate(queries) if len(cand_ids[j]) and name in q.stages]
+            if not group:
+                continue
+            # The candidates' features, only those this model takes, gathered from the
+            # item table (ids from the index, so that items missing from the table keep theirs).
+            t_gather = time.perf_counter()
+            index = np.concatenate([cand_index[j] for j in group])
+            ids = tf.gather(self._index_id_tensor, index) if ITEM_ID in scorer.item_inputs else None
+            feats = self.items.tensors_at(self._item_positions[index], ids, names=scorer.item_inputs)
+            gathered = time.perf_counter() - t_gather
+            gather_ms += 1e3 * gathered
+            t += gathered  # the stage's own time leaves the gathering out
+            sizes = [len(cand_ids[j]) for j in group]
+            if len(group) == 1:  # one user: its batch-1 row is broadcast by the model
+                users = {n: v[group[0]:group[0] + 1] for n, v in user_tensors.items()}
+                owner = None
+            else:
+                users = user_tensors if len(group) == b else {
+                    n: tf.gather(v, np.asarray(group)) for n, v in user_tensors.items()}
+                owner = np.repeat(np.arange(len(group)), sizes)
+            s_all = scorer.score(users, feats, owner).astype(np.float64)
+            for j, s in zip(group, np.split(s_all, np.cumsum(sizes)[:-1])):
+                order = np.argsort(-s, kind="stable")[:limits[j]]
+                cand_index[j] = cand_index[j][order]
+                cand_ids[j] = cand_ids[j][order]
+                stage_scores[j] = {st: v[order] for st, v in stage_scores[j].items()}
+                stage_scores[j][name] = s[order]
+                counts[j][name] = int(len(order))
+                ran[j].append(name)
+            t = lap(name, t)
+        if any(len(r) > 1 for r in ran):
+            clock["item_features"] = round(gather_ms, 3)
+
+        end = time.perf_counter()
+        out = []
+        for j, q in enumerate(queries):
+            final = stage_scores[j][ran[j][-1]]
+            items = []
+            for i in range(min(q.k, len(cand_ids[j]))):
+                item = {"item_id": str(cand_ids[j][i]), "score": float(final[i])}
+                if q.explain:
+                    item["stage_scores"] = {st: float(v[i]) for st, v in stage_scores[j].items()}
+                items.append(item)
+            answer: Dict[str, Any] = {
+                "user_id": q.user_id, "items": items, "version": self.version, "cold_start": not q.known,
+                "stages": ran[j], "skipped_stages": [s for s in STAGES if s not in ran[j]],
+                "models": {m: v for m, v in self.models.items()
+                           if m in (exports.QUERY_TOWER, exports.INDEX) or m in ran[j]},
+            }
+            if q.explain:
+                answer["candidates"] = counts[j]
+                answer["seen_excluded"] = len(q.seen)
+            if q.timings or q.explain:
+                timing = {"user_features": q.user_ms, "wait": round(1e3 * max(0.0, t_start - q.prepared), 3)}
+                timing.update({k: v for k, v in clock.items() if k in ("query_tower", "index", "filter")
+                               or k in ran[j] or (k == "item_features" and len(ran[j]) > 1)})
+                timing["total"] = round(1e3 * (end - q.started), 3)
+                answer["timings_ms"] = timing
+                answer["batch_size"] = b
+            out.append(answer)
         return out
 
     def recommend(self, user_id: Optional[str] = None, features: Optional[Mapping[str, Any]] = None, k: int = 10,
@@ -400,28 +527,34 @@ class Cascade:
             sent in `features`); by default they are removed before ranking.
           allow_unknown: answer an unknown id without features as a cold-start user
             (OOV features, empty history).
-          timings: add ``timings_ms`` per stage.
+          timings: add ``timings_ms``: ``user_features`` (this query's lookup), ``wait``
+            (queued for a batch), the stages of its batch (``query_tower``, ``index``,
+            ``filter``, ``item_features``, ``preranker``, ``ranker``) and ``total``; and
+            ``batch_size``.
           explain: add per-item ``stage_scores``, per-stage candidate counts and timings.
           retrieval_candidates, preranker_candidates: override the stage sizes (each at
             least k).
 
         Returns:
           ``{"user_id", "items": [{"item_id", "score"}], "version", "cold_start", "stages",
-          "skipped_stages", "models"[, "timings_ms", "candidates"]}``.
+          "skipped_stages", "models"[, "timings_ms", "batch_size", "candidates",
+          "seen_excluded"]}``.
 
         Raises:
           UnknownUserError: unknown `user_id`, no `features`, `allow_unknown` False.
           ValueError, TypeError: a bad argument or feature value (the message names it).
         """
-        return self._run(user_id, features, k, include_seen, allow_unknown, timings, explain, STAGES,
-                         retrieval_candidates, preranker_candidates)
+        return self.answer([self.prepare(user_id, features, k, include_seen, allow_unknown, timings, explain,
+                                         retrieval_candidates=retrieval_candidates,
+                                         preranker_candidates=preranker_candidates)])[0]
 
     def retrieve(self, user_id: Optional[str] = None, features: Optional[Mapping[str, Any]] = None, k: int = 10,
                  include_seen: bool = False, allow_unknown: bool = False, timings: bool = False,
                  explain: bool = False) -> Dict[str, Any]:
         """The k best items of the retrieval stage alone (arguments as in `recommend`)."""
-        return self._run(user_id, features, k, include_seen, allow_unknown, timings, explain, (RETRIEVAL,),
-                         k, None)
+        return self.answer([self.prepare(user_id, features, k, include_seen, allow_unknown, timings, explain,
+                                         retrieval_only=True)])[0]
 
 
-__all__ = ["Cascade", "CascadeConfig", "CandidateScorer", "QueryTower", "STAGES", "RETRIEVAL", "UnknownUserError"]
+__all__ = ["Cascade", "CascadeConfig", "CandidateScorer", "PreparedQuery", "QueryTower", "STAGES", "RETRIEVAL",
+           "UnknownUserError"]

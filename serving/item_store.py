@@ -3,13 +3,14 @@
 The item table is read once into the tower/ranker input layout of
 `models.features.padded_batch` and kept dictionary-encoded (one int32 code per cell
 and one small vocabulary per feature), so a batch of N candidates is a few numpy
-gathers rather than N Python rows.
+gathers rather than N Python rows (`features_at`: numpy; `tensors_at`: TensorFlow
+string tensors, for the scoring models, with no per-string Python work).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,16 @@ class ItemStore:
                 codes, uniques = pd.factorize(column.ravel())
                 self._codes[f.name] = codes.astype(np.int32).reshape(column.shape)
                 self._vocab[f.name] = np.asarray(uniques, dtype=object)
+        self._vocab_tensors = None  # string tensors of the vocabularies, made on first use
+
+    def _checked(self, positions) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.ndim != 1:
+            raise ValueError(f"`positions` should be 1-D. Received shape {positions.shape}")
+        if len(positions) and (positions.max() >= len(self) or positions.min() < -1):
+            raise ValueError(f"`positions` should be in [-1, {len(self)}). "
+                             f"Received values in [{positions.min()}, {positions.max()}]")
+        return positions
 
     def _placeholder_row(self) -> dict:
         row = {}
@@ -85,12 +96,7 @@ class ItemStore:
         float32. `item_ids`, when given, replace the ``item_id`` column (so missing
         items keep their own id).
         """
-        positions = np.asarray(positions, dtype=np.int64)
-        if positions.ndim != 1:
-            raise ValueError(f"`positions` should be 1-D. Received shape {positions.shape}")
-        if len(positions) and (positions.max() >= len(self) or positions.min() < -1):
-            raise ValueError(f"`positions` should be in [-1, {len(self)}). "
-                             f"Received values in [{positions.min()}, {positions.max()}]")
+        positions = self._checked(positions)
         out: Dict[str, np.ndarray] = {}
         for f in self.schema.item_features:
             if f.kind == Kind.NUMERIC:
@@ -101,6 +107,40 @@ class ItemStore:
             if len(item_ids) != len(positions):
                 raise ValueError(f"`item_ids` has {len(item_ids)} entries for {len(positions)} positions")
             out[ITEM_ID] = np.asarray([str(i) for i in item_ids], dtype=object)
+        return out
+
+    def tensors_at(self, positions: np.ndarray, item_ids: Any = None,
+                   names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """`features_at` as TensorFlow tensors, gathered without Python strings.
+
+        Each categorical or multi-valued feature is a gather of its int codes (numpy)
+        followed by a gather of its small string vocabulary (TensorFlow), so N
+        candidates cost no per-string Python work. `item_ids` (a ``[N]`` string
+        tensor or sequence), when given, replace the ``item_id`` column; `names` limits
+        the features gathered (default: all).
+        """
+        from models.tf_compat import tf
+
+        positions = self._checked(positions)
+        if self._vocab_tensors is None:
+            self._vocab_tensors = {n: tf.constant(v.astype(str).astype(object)) for n, v in self._vocab.items()}
+        wanted = None if names is None else set(names)
+        if wanted is not None and wanted - {f.name for f in self.schema.item_features}:
+            raise ValueError(f"unknown item feature(s) {sorted(wanted - {f.name for f in self.schema.item_features})}"
+                             f"; the schema's item features are {[f.name for f in self.schema.item_features]}")
+        out: Dict[str, Any] = {}
+        for f in self.schema.item_features:
+            if wanted is not None and f.name not in wanted:
+                continue
+            if f.kind == Kind.NUMERIC:
+                out[f.name] = tf.constant(self._numeric[f.name][positions])
+            elif f.name == ITEM_ID and item_ids is not None:
+                ids = tf.convert_to_tensor(item_ids, dtype=tf.string) if not tf.is_tensor(item_ids) else item_ids
+                if ids.shape.rank != 1 or ids.shape[0] != len(positions):
+                    raise ValueError(f"`item_ids` should hold {len(positions)} ids. Received shape {ids.shape}")
+                out[f.name] = ids
+            else:
+                out[f.name] = tf.gather(self._vocab_tensors[f.name], self._codes[f.name][positions])
         return out
 
     def features(self, item_ids: Sequence[str]) -> Dict[str, np.ndarray]:

@@ -18,6 +18,11 @@ new cascade next to the old one — reusing the unchanged parts — and swaps on
 reference. A request holds the cascade it started with, so none is dropped or sees a
 mix of versions. TensorFlow calls block, so the endpoints are plain ``def`` functions,
 which FastAPI runs in its thread pool.
+
+Concurrent requests are answered in batches (`ServiceConfig.max_batch_size`): a
+request thread validates its query (`Cascade.prepare`, so a bad request fails alone)
+and hands it to a `MicroBatcher`, whose worker runs every waiting query of the same
+cascade through one batched `Cascade.answer`.
 """
 
 import contextlib
@@ -29,6 +34,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from serving import exports
+from serving.batching import BatcherClosedError, MicroBatcher
 from serving.cascade import DATA_DIR, Cascade, CascadeConfig, data_files_signature
 from serving.user_store import UnknownUserError
 
@@ -52,9 +58,15 @@ class ServiceConfig:
       max_body_bytes: larger request bodies are refused with 413.
       max_list_length: the longest list a multi-valued or sequence feature may carry.
       cascade: stage sizes and which optional stages run.
-      max_concurrent: cascades computed at once (0 = no limit); requests beyond it
-        wait their turn. On a small CPU, a few cascades at a time finish sooner than
-        many fighting over the cores.
+      max_batch_size: concurrent requests answered together by one batched cascade
+        call (`serving.batching`): one query-tower call, one index search and one call
+        per scoring stage for the batch. 1 = every request computed alone.
+      batch_workers: threads computing batches (with batching on).
+      batch_wait_ms: how long a batch waits for more requests after its first (0 =
+        take only the requests already waiting, adding no latency).
+      max_concurrent: with batching off, cascades computed at once (0 = no limit);
+        requests beyond it wait their turn. With batching on, `batch_workers` bounds
+        the cascades computed at once.
     """
 
     workdir: str
@@ -65,6 +77,9 @@ class ServiceConfig:
     max_body_bytes: int = 64 * 1024
     max_list_length: int = 1000
     cascade: CascadeConfig = CascadeConfig()
+    max_batch_size: int = 16
+    batch_workers: int = 1
+    batch_wait_ms: float = 0.0
     max_concurrent: int = 0
 
     def __post_init__(self):
@@ -74,11 +89,17 @@ class ServiceConfig:
             raise ValueError(f"`poll_interval` should be >= 0. Received: poll_interval={self.poll_interval}")
         if self.version is not None and self.version < 1:
             raise ValueError(f"`version` should be a positive integer. Received: version={self.version}")
-        for name in ("max_k", "max_body_bytes", "max_list_length"):
+        for name in ("max_k", "max_body_bytes", "max_list_length", "max_batch_size", "batch_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` should be a positive integer. Received: {name}={getattr(self, name)}")
         if self.max_concurrent < 0:
             raise ValueError(f"`max_concurrent` should be >= 0 (0 = no limit). Received: {self.max_concurrent}")
+        if self.max_concurrent and self.max_batch_size > 1:
+            raise ValueError(f"`max_concurrent` applies when batching is off (max_batch_size=1); with batching, "
+                             f"`batch_workers` bounds the cascades computed at once. Received: "
+                             f"max_concurrent={self.max_concurrent}, max_batch_size={self.max_batch_size}")
+        if not self.batch_wait_ms >= 0:
+            raise ValueError(f"`batch_wait_ms` should be >= 0. Received: batch_wait_ms={self.batch_wait_ms}")
         if self.max_k > self.cascade.retrieval_candidates:
             raise ValueError(f"`max_k` should not exceed the retrieval candidates. Received: max_k={self.max_k}, "
                              f"retrieval_candidates={self.cascade.retrieval_candidates}")
@@ -269,6 +290,7 @@ def _response_models():
         candidates: Optional[Dict[str, int]] = None
         seen_excluded: Optional[int] = None
         timings_ms: Optional[Dict[str, float]] = None
+        batch_size: Optional[int] = None
 
     class Problem(BaseModel):
         detail: Any
@@ -363,6 +385,26 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
     RecommendRequest, RetrieveRequest = _request_models(schema, config)
     Recommendations, Problem = _response_models()
 
+    batching: Dict[str, Optional[MicroBatcher]] = {"batcher": None}
+    batching_lock = threading.Lock()
+
+    def batcher() -> Optional[MicroBatcher]:
+        """The batcher (started on first use, and again after a lifespan closed it)."""
+        if config.max_batch_size == 1:
+            return None
+        with batching_lock:
+            if batching["batcher"] is None:
+                batching["batcher"] = MicroBatcher(
+                    lambda cascade, queries: cascade.answer(queries), max_batch_size=config.max_batch_size,
+                    workers=config.batch_workers, max_wait_ms=config.batch_wait_ms)
+            return batching["batcher"]
+
+    def close_batcher() -> None:
+        with batching_lock:
+            closing, batching["batcher"] = batching["batcher"], None
+        if closing is not None:
+            closing.close()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         import anyio
@@ -376,6 +418,7 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
             yield
         finally:
             watcher.stop()
+            close_batcher()
 
     app = FastAPI(title="recfunnel", version="1", lifespan=lifespan,
                   description="Recommendations from a recfunnel workdir: retrieval (two-tower + ScaNN) → "
@@ -405,13 +448,21 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
         features = request.features
         if features is not None and not isinstance(features, dict):
             features = features.model_dump(exclude_none=True)
-        call = cascade.retrieve if retrieval_only else cascade.recommend
         gate = slots if slots is not None else contextlib.nullcontext()
-        kwargs = dict(user_id=request.user_id, features=features, k=request.k, include_seen=request.include_seen,
-                      allow_unknown=request.cold_start, timings=request.timings, explain=request.explain)
         try:
-            with gate:
-                out = call(**kwargs)
+            query = cascade.prepare(request.user_id, features, k=request.k, include_seen=request.include_seen,
+                                    allow_unknown=request.cold_start, timings=request.timings,
+                                    explain=request.explain, retrieval_only=retrieval_only)
+            out = None
+            runner = batcher()
+            if runner is not None:
+                try:
+                    out = runner.submit(query, key=cascade)
+                except BatcherClosedError:  # shutting down: answer this one alone
+                    out = None
+            if out is None:
+                with gate:
+                    out = cascade.answer([query])[0]
         except UnknownUserError as e:
             return JSONResponse(status_code=404, content={
                 "detail": f"{e}; send the user's `features` or set `cold_start` to answer as a new user"})
@@ -429,9 +480,14 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
     def retrieve(request: RetrieveRequest):
         return _answer(request, retrieval_only=True)
 
-    @app.get("/v1/models", summary="Loaded model versions, stages and reload status")
+    @app.get("/v1/models", summary="Loaded model versions, stages, reload and batching status")
     def models() -> Dict[str, Any]:
-        return watcher.status()
+        out = watcher.status()
+        runner = batcher()
+        out["batching"] = ({"max_batch_size": config.max_batch_size, "workers": config.batch_workers,
+                            "wait_ms": config.batch_wait_ms, **runner.stats()} if runner is not None
+                           else {"max_batch_size": 1})
+        return out
 
     @app.get("/healthz", summary="Liveness: the process is up")
     def healthz() -> Dict[str, str]:

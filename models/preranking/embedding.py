@@ -83,9 +83,11 @@ class FeatureEmbedding(keras.layers.Layer):
             raise ValueError(f"The pre-ranker needs the features {missing} (inputs have {sorted(inputs)}).")
         return [self.embed_one(n, inputs[n]) for n in self.features]
 
-    def candidate_blocks(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any]) -> List[tf.Tensor]:
+    def candidate_blocks(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],
+                         user_index=None) -> List[tf.Tensor]:
         """Blocks ``[N, d_i]`` for N candidates of one user: user features (batch 1 or N)
-        are embedded once and broadcast to the N rows."""
+        are embedded once and broadcast to the N rows. With `user_index` ``[N]``, the
+        user features hold U users, each embedded once and gathered for its candidates."""
         item_names = [n for n in self.features if self.schema.feature(n).side == "item"]
         if not item_names:
             raise ValueError(f"scoring candidates needs an item feature; the features are {self.features}")
@@ -96,7 +98,10 @@ class FeatureEmbedding(keras.layers.Layer):
                 out.append(self.embed_one(name, item_features[name]))
             else:
                 block = self.embed_one(name, user_features[name])
-                out.append(tf.broadcast_to(block, tf.stack([n, tf.shape(block)[1]])))
+                if user_index is not None:
+                    out.append(tf.gather(block, user_index))
+                else:
+                    out.append(tf.broadcast_to(block, tf.stack([n, tf.shape(block)[1]])))
         return out
 
     def get_config(self):

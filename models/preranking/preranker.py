@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from models.features import Schema
 from models.preranking.embedding import FeatureEmbedding
-from models.ranking.models import candidate_scoring_function
+from models.ranking.models import candidate_scoring_function, multi_user_scoring_function, scoring_signatures
 from models.tf_compat import keras, tf
 
 
@@ -59,9 +59,11 @@ class PreRanker(keras.Model):
     def call(self, inputs, training=False):
         return tf.squeeze(self.mlp(tf.concat(self.embedding(inputs), axis=-1), training=training), axis=-1)
 
-    def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any]) -> tf.Tensor:
-        """Logits ``[N]`` of N candidates for one user (user tensors with batch 1 or N)."""
-        blocks = self.embedding.candidate_blocks(user_features, item_features)
+    def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],
+                         user_index=None) -> tf.Tensor:
+        """Logits ``[N]`` of N candidates for one user (user tensors with batch 1 or N), or
+        with `user_index` ``[N]`` for several users (user tensors with U rows)."""
+        blocks = self.embedding.candidate_blocks(user_features, item_features, user_index)
         return tf.squeeze(self.mlp(tf.concat(blocks, axis=-1), training=False), axis=-1)
 
     def tensor_specs(self):
@@ -73,6 +75,10 @@ class PreRanker(keras.Model):
     def serving_function(self):
         """Concrete function of the ``serving_default`` signature (module docstring)."""
         return candidate_scoring_function(self, *self.tensor_specs())
+
+    def multi_user_function(self):
+        """Concrete function of the ``score_users`` signature (several users per call)."""
+        return multi_user_scoring_function(self, *self.tensor_specs())
 
     def get_config(self):
         emb = self.embedding.get_config()
@@ -89,12 +95,13 @@ def export_preranker(model: PreRanker, path: str) -> str:
     """Writes a SavedModel whose ``serving_default`` scores N candidates of one user.
 
     Signature inputs: the model's selected features by name (user ``[1]``/``[1, L]``,
-    item ``[N]``/``[N, L]``); outputs ``scores`` ``[N]`` and ``logits`` ``[N]``.
+    item ``[N]``/``[N, L]``); outputs ``scores`` ``[N]`` and ``logits`` ``[N]``. The
+    ``score_users`` signature also takes ``user_index`` ``[N]`` int32, with U user rows.
     """
-    signature = model.serving_function()
+    signatures = scoring_signatures(model)
     module = tf.Module()
     module.model = model  # the lookups' tables and the variables travel with the signature
-    tf.saved_model.save(module, path, signatures={"serving_default": signature})
+    tf.saved_model.save(module, path, signatures=signatures)
     return path
 
 

@@ -34,7 +34,9 @@ user (user features unbatched or with batch 1; string lookups run once for the u
 whose ids are broadcast to the N rows); `export_ranker(model, path)` writes a SavedModel
 whose ``serving_default`` signature takes every feature by name — user features
 ``[1]`` / ``[1, L]`` (or N rows, one per candidate), item features ``[N]`` / ``[N, L]`` — and
-returns ``{"scores": [N] click probabilities, "logits": [N]}``.
+returns ``{"scores": [N] click probabilities, "logits": [N]}``; its ``score_users``
+signature scores the candidates of several users in one call (user features with U
+rows, plus ``user_index`` ``[N]`` int32: each candidate's user row).
 
 References:
   Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018.
@@ -51,6 +53,7 @@ import numpy as np
 
 from models.features import ITEM_ID, PAD_TOKEN, USER_ID, Feature, Kind, Schema, pad_values
 from models.ranking.co_action import (ORDER_COMBINATIONS, SEQUENCE_POOLINGS, CoActionUnit)
+from models.signatures import MULTI_USER_SIGNATURE, SERVING_DEFAULT, USER_INDEX
 from models.tf_compat import keras, tf
 from models.towers import make_lookup
 
@@ -173,6 +176,33 @@ def candidate_scoring_function(model, user_specs: Mapping[str, Any], item_specs:
         return {"scores": tf.sigmoid(logits), "logits": logits}
 
     return score_candidates.get_concrete_function(**user_specs, **item_specs)
+
+
+def multi_user_scoring_function(model, user_specs: Mapping[str, Any], item_specs: Mapping[str, Any]):
+    """The ``score_users`` concrete function: the candidates of U users in one call.
+
+    User features have U rows, item features N rows, and ``user_index`` ``[N]`` int32
+    names each candidate's user (a row of the user features). Each user's features
+    are looked up and embedded once, then gathered for its candidates, so a batch of
+    users costs little more than their candidates. Outputs as `serving_default`.
+    """
+    if USER_INDEX in user_specs or USER_INDEX in item_specs:
+        raise ValueError(f"A feature may not be named {USER_INDEX!r}: the {MULTI_USER_SIGNATURE} signature "
+                         f"uses that input name")
+
+    @tf.function
+    def score_users(**features):
+        logits = model.candidate_logits({k: features[k] for k in user_specs},
+                                        {k: features[k] for k in item_specs}, user_index=features[USER_INDEX])
+        return {"scores": tf.sigmoid(logits), "logits": logits}
+
+    return score_users.get_concrete_function(
+        **user_specs, **item_specs, **{USER_INDEX: tf.TensorSpec([None], tf.int32, name=USER_INDEX)})
+
+
+def scoring_signatures(model) -> Dict[str, Any]:
+    """``{"serving_default": one user, "score_users": many users}`` of a ranker or pre-ranker."""
+    return {SERVING_DEFAULT: model.serving_function(), MULTI_USER_SIGNATURE: model.multi_user_function()}
 
 
 def coaction_features(schema: Schema, config: RankingConfig) -> Tuple[List[str], List[str]]:
@@ -437,11 +467,17 @@ class RankingModel(keras.Model):
     def call(self, inputs, training=False):
         return self.logits_from_ids(self.lookup(inputs), training=training)
 
-    def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any]) -> tf.Tensor:
-        """Logits ``[N]`` of N candidates for one user (user tensors with batch 1 or N)."""
+    def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],
+                         user_index=None) -> tf.Tensor:
+        """Logits ``[N]`` of N candidates: of one user (user tensors with batch 1 or N), or
+        with `user_index` ``[N]``, of several users (user tensors with U rows, candidate i
+        belonging to row ``user_index[i]``)."""
         items = self.lookup(item_features, "item")
         n = tf.shape(items[ITEM_ID])[0]
-        user = {k: _broadcast_rows(v, n) for k, v in self.lookup(user_features, "user").items()}
+        if user_index is None:
+            user = {k: _broadcast_rows(v, n) for k, v in self.lookup(user_features, "user").items()}
+        else:
+            user = {k: tf.gather(v, user_index) for k, v in self.lookup(user_features, "user").items()}
         return self.logits_from_ids({**user, **items}, training=False)
 
     def score_candidates(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any]) -> tf.Tensor:
@@ -466,6 +502,11 @@ class RankingModel(keras.Model):
     def serving_function(self):
         """Concrete function for the ``serving_default`` signature (see the module docstring)."""
         return candidate_scoring_function(self, self.schema.tensor_specs("user"), self.schema.tensor_specs("item"))
+
+    def multi_user_function(self):
+        """Concrete function for the ``score_users`` signature (`multi_user_scoring_function`)."""
+        return multi_user_scoring_function(self, self.schema.tensor_specs("user"),
+                                           self.schema.tensor_specs("item"))
 
     # -- accounting / config -------------------------------------------------------
     def coaction_parameter_count(self) -> int:
@@ -616,11 +657,13 @@ def export_ranker(model: RankingModel, path: str) -> str:
     Signature inputs, one per schema feature, named by the feature: user features
     ``[1]`` string / ``[1, L]`` string / ``[1]`` float32 (one user, broadcast to every
     candidate; N rows are accepted too), item features ``[N]`` / ``[N, L]`` / ``[N]``.
-    Outputs: ``scores`` ``[N]`` click probabilities, ``logits`` ``[N]``.
+    Outputs: ``scores`` ``[N]`` click probabilities, ``logits`` ``[N]``. A second
+    signature, ``score_users``, takes user features with U rows and ``user_index``
+    ``[N]`` int32 (`multi_user_scoring_function`).
     """
-    signature = model.serving_function()
+    signatures = scoring_signatures(model)
     module = tf.Module()
     # The lookups' tables and the variables travel with the signature.
     module.model = model
-    tf.saved_model.save(module, path, signatures={"serving_default": signature})
+    tf.saved_model.save(module, path, signatures=signatures)
     return path

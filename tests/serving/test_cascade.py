@@ -141,7 +141,7 @@ def test_stage_sizes_and_cold_start(ranked_workdir, users_with_history):
     assert cold["cold_start"] is True and len(cold["items"]) == 4
     only = cascade.retrieve(user, k=4, timings=True)
     assert only["stages"] == ["retrieval"] and only["skipped_stages"] == ["preranker", "ranker"]
-    assert set(only["timings_ms"]) == {"user_features", "query_tower", "index", "filter", "total"}
+    assert set(only["timings_ms"]) == {"user_features", "wait", "query_tower", "index", "filter", "total"}
     assert [i["item_id"] for i in only["items"]] == [
         i["item_id"] for i in Cascade.load(ranked_workdir, config=CascadeConfig(
             use_preranker=False, use_ranker=False)).recommend(user, k=4)["items"]]
@@ -250,8 +250,60 @@ print(json.dumps([c.recommend(u, k=5)["items"] for u in {users!r}]))
                                rtol=1e-6)
 
 
-def test_cascade_runs_the_ranking_models_export(copy_workdir, base_workdir, users_with_history):
-    """The real ranker export (`models.ranking.export_ranker`) fits the cascade's scorer contract."""
+def _assert_same_answers(batched, alone):
+    for b, a in zip(batched, alone):
+        assert [i["item_id"] for i in b["items"]] == [i["item_id"] for i in a["items"]]
+        np.testing.assert_allclose([i["score"] for i in b["items"]], [i["score"] for i in a["items"]],
+                                   rtol=1e-5, atol=1e-6)
+        rest = ("items", "timings_ms", "batch_size")
+        assert {k: v for k, v in b.items() if k not in rest} == {k: v for k, v in a.items() if k not in rest}
+        assert b.get("batch_size", len(batched)) == len(batched) and a.get("batch_size", 1) == 1
+
+
+def test_a_batch_answers_each_query_as_it_is_answered_alone(ranked_workdir, users_with_history):
+    cascade = Cascade.load(ranked_workdir, config=CascadeConfig(retrieval_candidates=60, preranker_candidates=20))
+    u0, u1, u2, u3 = users_with_history
+    history = UserStore(os.path.join(ranked_workdir, "data")).seen(u1)
+    asks = [dict(user_id=u0, k=5), dict(user_id=u1, k=8, include_seen=True),
+            dict(user_id=u2, k=3, retrieval_only=True), dict(user_id=u3, k=4, retrieval_candidates=30,
+                                                             preranker_candidates=10),
+            dict(features={"history": history, "age": "25-34"}, k=6),
+            dict(user_id="nobody", k=5, allow_unknown=True), dict(user_id=u0, k=5)]
+    queries = [cascade.prepare(timings=True, explain=True, **a) for a in asks]
+    batched = cascade.answer(queries)
+    alone = [cascade.answer([q])[0] for q in queries]
+    _assert_same_answers(batched, alone)
+    assert [b["stages"] for b in batched[:3]] == [["retrieval", "preranker", "ranker"]] * 2 + [["retrieval"]]
+    assert batched[3]["candidates"] == {"retrieval": 30, "preranker": 10, "ranker": 4}
+    assert batched[5]["cold_start"] and not batched[0]["cold_start"]
+    store = UserStore(os.path.join(ranked_workdir, "data"))
+    assert not {i["item_id"] for i in batched[0]["items"]} & set(store.seen(u0))
+    assert not {i["item_id"] for i in batched[4]["items"]} & set(history)
+    assert batched[1]["seen_excluded"] == 0 and batched[4]["seen_excluded"] == len(set(history))
+    assert {"user_features", "wait", "query_tower", "index", "filter", "item_features", "preranker", "ranker",
+            "total"} == set(batched[0]["timings_ms"])
+    assert set(batched[2]["timings_ms"]) == {"user_features", "wait", "query_tower", "index", "filter", "total"}
+    # recommend() and retrieve() are batches of one.
+    assert cascade.recommend(u0, k=5)["items"] == [
+        {"item_id": i["item_id"], "score": i["score"]} for i in alone[0]["items"]]
+    assert cascade.answer([]) == []
+
+
+def test_a_batch_with_nothing_to_rank_and_a_tiny_corpus(ranked_workdir, users_with_history):
+    """Queries whose candidates run out (k beyond the corpus left) batch with full ones."""
+    cascade = Cascade.load(ranked_workdir, config=CascadeConfig(retrieval_candidates=200, preranker_candidates=150))
+    queries = [cascade.prepare(u, k=200) for u in users_with_history[:2]] + [
+        cascade.prepare(users_with_history[2], k=2)]
+    batched = cascade.answer(queries)
+    _assert_same_answers(batched, [cascade.answer([q])[0] for q in queries])
+    seen = UserStore(os.path.join(ranked_workdir, "data")).seen(users_with_history[0])
+    assert len(batched[0]["items"]) == 200 - len(set(seen))
+
+
+@pytest.mark.parametrize("model_type", ["dnn", "can"])
+def test_cascade_runs_the_ranking_models_export(copy_workdir, base_workdir, users_with_history, model_type):
+    """The real ranker export (`models.ranking.export_ranker`) fits the cascade's scorer contract,
+    one user or a batch of users per call."""
     ranking = pytest.importorskip("models.ranking")
     import pandas as pd
 
@@ -263,7 +315,7 @@ def test_cascade_runs_the_ranking_models_export(copy_workdir, base_workdir, user
                                                                                            "gender", "region")}
     columns.update({c: items[c].tolist() for c in items.columns})
     columns["history"] = pd.read_parquet(os.path.join(data, "user_history.parquet"))["history"].tolist()
-    model = ranking.build_ranker("dnn", schema, ranking.build_vocabularies(schema, columns))
+    model = ranking.build_ranker(model_type, schema, ranking.build_vocabularies(schema, columns))
     store = UserStore(data)
     user = users_with_history[0]
     import pyarrow.parquet as pq
@@ -282,3 +334,5 @@ def test_cascade_runs_the_ranking_models_export(copy_workdir, base_workdir, user
     order = np.argsort(-direct, kind="stable")[:5]
     assert [i["item_id"] for i in out["items"]] == [retrieved[j]["item_id"] for j in order]
     np.testing.assert_allclose([i["score"] for i in out["items"]], direct[order], rtol=1e-5)
+    queries = [cascade.prepare(u, k=5) for u in users_with_history]
+    _assert_same_answers(cascade.answer(queries), [cascade.answer([q])[0] for q in queries])

@@ -68,3 +68,27 @@ def test_duplicate_item_ids_are_refused(tmp_path, tiny_data_dir):
     pd.concat([df, df.iloc[:2]]).to_parquet(os.path.join(d, "items.parquet"), index=False)
     with pytest.raises(ValueError, match="repeats item ids"):
         ItemStore(d)
+
+
+def test_tensors_at_equal_features_at(store, tiny_data_dir):
+    positions = np.array([3, -1, 0, 199, 3, 57])
+    ids = [f"id{i}" for i in range(len(positions))]
+    for given in (None, ids):
+        want = store.features_at(positions, given)
+        got = store.tensors_at(positions, given)
+        assert sorted(got) == sorted(want)
+        for name, value in want.items():
+            t = got[name].numpy()
+            t = t.astype(str) if t.dtype == object else t
+            np.testing.assert_array_equal(t, value.astype(str) if value.dtype == object else value, err_msg=name)
+    with pytest.raises(ValueError, match="should be in"):
+        store.tensors_at(np.array([len(store)]))
+    with pytest.raises(ValueError, match="should hold 6 ids"):
+        store.tensors_at(positions, ids[:2])
+
+
+def test_tensors_at_gathers_only_the_named_features(store):
+    got = store.tensors_at(np.array([0, 1]), names=["tags", ITEM_ID])
+    assert sorted(got) == sorted(["tags", ITEM_ID]) and got["tags"].shape[0] == 2
+    with pytest.raises(ValueError, match=r"unknown item feature\(s\) \['nope'\]"):
+        store.tensors_at(np.array([0]), names=["nope"])

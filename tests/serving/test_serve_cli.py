@@ -75,5 +75,9 @@ def test_serve_usage_errors_exit_2(tmp_path, ranked_workdir):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--max-concurrent", "-1")
     assert proc.returncode == 2 and "`max_concurrent` should be >= 0" in proc.stderr
+    proc = recfunnel("serve", "--workdir", ranked_workdir, "--max-concurrent", "2")
+    assert proc.returncode == 2 and "`max_concurrent` applies when batching is off (max_batch_size=1)" in proc.stderr
+    proc = recfunnel("serve", "--workdir", ranked_workdir, "--max-batch-size", "0")
+    assert proc.returncode == 2 and "`max_batch_size` should be a positive integer" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--tf-threads", "-2")
     assert proc.returncode == 2 and "--tf-threads should be >= 0" in proc.stderr

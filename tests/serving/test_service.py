@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -233,41 +234,77 @@ def test_which_version_the_watcher_follows(copy_workdir, base_workdir, publish):
         ServiceConfig(w, max_k=2000)
 
 
-def test_max_concurrent_bounds_the_cascades_computed_at_once(ranked_workdir, monkeypatch):
-    with pytest.raises(ValueError, match="max_concurrent"):
-        ServiceConfig(ranked_workdir, max_concurrent=-1)
-    running, peak, lock = [0], [0], threading.Lock()
-    original = Cascade.recommend
+def _tracked_answer(monkeypatch, delay=0.02):
+    """Patches `Cascade.answer` to record (calls running at once, batch sizes)."""
+    running, peak, sizes, lock = [0], [0], [], threading.Lock()
+    original = Cascade.answer
 
-    def tracked(self, *args, **kwargs):
+    def tracked(self, queries):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
+            sizes.append(len(queries))
         try:
-            time.sleep(0.02)
-            return original(self, *args, **kwargs)
+            time.sleep(delay)
+            return original(self, queries)
         finally:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(Cascade, "recommend", tracked)
+    monkeypatch.setattr(Cascade, "answer", tracked)
+    return peak, sizes
+
+
+def _ask_concurrently(app, users, repeat=2, k=3):
+    answers = []
+    with TestClient(app) as c:
+        def ask(u):
+            r = c.post("/v1/recommend", json={"user_id": u, "k": k})
+            answers.append((u, r.status_code, r.json()))
+
+        threads = [threading.Thread(target=ask, args=(u,)) for u in users for _ in range(repeat)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        stats = c.get("/v1/models").json()["batching"]
+    return answers, stats
+
+
+def test_max_concurrent_bounds_the_cascades_computed_at_once(ranked_workdir, monkeypatch):
+    for bad in (dict(max_concurrent=-1), dict(max_concurrent=2), dict(max_batch_size=0), dict(batch_workers=0),
+                dict(batch_wait_ms=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServiceConfig(ranked_workdir, **bad)
+    peak, sizes = _tracked_answer(monkeypatch)
     users = UserStore(os.path.join(ranked_workdir, "data")).user_ids()[:8]
     for limit, bounded in ((2, True), (0, False)):
         peak[0] = 0
-        app = create_app(ServiceConfig(ranked_workdir, poll_interval=0, max_concurrent=limit,
+        app = create_app(ServiceConfig(ranked_workdir, poll_interval=0, max_concurrent=limit, max_batch_size=1,
                                        cascade=CascadeConfig(retrieval_candidates=100, preranker_candidates=50)))
-        answers = []
-        with TestClient(app) as c:
-            def ask(u):
-                answers.append(c.post("/v1/recommend", json={"user_id": u, "k": 3}).status_code)
-
-            threads = [threading.Thread(target=ask, args=(u,)) for u in users for _ in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=60)
-        assert answers == [200] * len(threads)
+        answers, stats = _ask_concurrently(app, users)
+        assert [a[1] for a in answers] == [200] * 16 and stats == {"max_batch_size": 1}
         if bounded:
             assert peak[0] == limit  # never more, and the requests did overlap
         else:
             assert peak[0] > 2
+    assert set(sizes) == {1}
+
+
+def test_concurrent_requests_are_batched_with_the_answers_they_get_alone(ranked_workdir, monkeypatch):
+    peak, sizes = _tracked_answer(monkeypatch, delay=0.05)
+    users = UserStore(os.path.join(ranked_workdir, "data")).user_ids()[:8]
+    config = CascadeConfig(retrieval_candidates=100, preranker_candidates=50)
+    app = create_app(ServiceConfig(ranked_workdir, poll_interval=0, max_batch_size=4, cascade=config))
+    answers, stats = _ask_concurrently(app, users, k=5)
+    assert [a[1] for a in answers] == [200] * 16
+    # One worker: one batch at a time, at most 4 queries, and the waiting requests did share batches.
+    assert peak[0] == 1 and max(sizes) == 4 and len(sizes) < 16
+    assert stats["max_batch_size"] == 4 and stats["items"] == 16 and stats["largest_batch"] == 4
+    assert stats["batches"] == len(sizes) - 2  # the load's warm-up queries do not go through the batcher
+    direct = Cascade.load(ranked_workdir, config=config)
+    for user, _, out in answers:
+        alone = direct.recommend(user, k=5)
+        assert [i["item_id"] for i in out["items"]] == [i["item_id"] for i in alone["items"]]
+        np.testing.assert_allclose([i["score"] for i in out["items"]], [i["score"] for i in alone["items"]],
+                                   rtol=1e-5, atol=1e-6)

@@ -91,3 +91,20 @@ def test_export_is_accepted_by_the_serving_cascade_scorer(tmp_path):
     user_tensors = {k: tf.constant(b[k][:1]) for k in (USER_ID, "age", HISTORY)}
     scores = scorer.score(user_tensors, {k: b[k] for k in (ITEM_ID, "category", "tags", "price")})
     assert scores.shape == (4,) and np.all((scores > 0) & (scores < 1))
+
+
+def test_several_users_in_one_call_score_as_each_user_alone(tmp_path):
+    from serving.cascade import CandidateScorer
+
+    model = _model()
+    path = export_preranker(model, str(tmp_path / "preranker"))
+    scorer = CandidateScorer(path, SCHEMA, "preranker")
+    b = batch()
+    users = {k: tf.constant(b[k]) for k in (USER_ID, "age", HISTORY)}  # 4 users
+    items = {k: b[k] for k in (ITEM_ID, "category", "tags", "price")}
+    owner = np.array([3, 0, 3, 1], np.int32)
+    alone = np.array([scorer.score({k: v[o:o + 1] for k, v in users.items()},
+                                   {k: v[i:i + 1] for k, v in items.items()})[0] for i, o in enumerate(owner)])
+    np.testing.assert_allclose(scorer.score(users, items, owner), alone, rtol=1e-5)  # the score_users signature
+    scorer._multi = None  # an export without it: each candidate gets its user's row
+    np.testing.assert_allclose(scorer.score(users, items, owner), alone, rtol=1e-5)

@@ -194,3 +194,27 @@ print(json.dumps({{k: v.numpy().tolist() for k, v in out.items()}}))
     np.testing.assert_allclose(got["scores"], want, rtol=1e-6)
     np.testing.assert_allclose(got["logits"], np.log(want / (1 - want)), rtol=1e-4, atol=1e-5)
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_several_users_in_one_call_score_as_each_user_alone(model_type, tmp_path):
+    """`candidate_logits(..., user_index)` and the exported ``score_users`` signature give
+    every candidate the score it gets in its own user's one-user call."""
+    model = build_ranker(model_type, SCHEMA, VOCABS, CONFIG)
+    batch = _batch()
+    model(_tensors(batch))
+    users = {k: batch[k] for k in (USER_ID, "age", HISTORY)}  # 3 users
+    items = {k: np.concatenate([batch[k], batch[k][::-1]]) for k in (ITEM_ID, "category", "tags", "price")}
+    owner = np.array([2, 0, 0, 1, 2, 0], np.int32)  # any order, repeats, every user
+    alone = np.array([model.candidate_logits({k: v[o:o + 1] for k, v in _tensors(users).items()},
+                                             {k: v[i:i + 1] for k, v in _tensors(items).items()}).numpy()[0]
+                      for i, o in enumerate(owner)])
+    together = model.candidate_logits(_tensors(users), _tensors(items), user_index=tf.constant(owner)).numpy()
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    path = str(tmp_path / "ranker")
+    export_ranker(model, path)
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {"serving_default", "score_users"}
+    out = loaded.signatures["score_users"](**_tensors(users), **_tensors(items), user_index=tf.constant(owner))
+    np.testing.assert_allclose(out["logits"].numpy(), alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["scores"].numpy(), 1 / (1 + np.exp(-alone)), rtol=1e-5)
