@@ -10,12 +10,16 @@
     python benchmarks/serving_load.py run --url http://127.0.0.1:8500 --workdir runs/demo-1m \\
         --concurrency 1 8 16 --duration 60 --out load.json
 
+    # the cascade's cost per query, in process, by batch size (no HTTP)
+    python benchmarks/serving_load.py batch-cost --workdir runs/demo-1m --batch-sizes 1 4 8 16
+
 ``run`` keeps `concurrency` requests in flight (closed loop: each client thread sends
 its next request when the previous one is answered, over one keep-alive connection)
 for `duration` seconds per level, after a short warm-up, with user ids drawn (seeded)
 from the workdir's users. It reports per level: completed requests/s, latency p50 /
 p90 / p99 / max, and errors (non-200 answers or transport failures, with the first
-few messages), plus the machine's load average before and after.
+few messages), the server's batches during the level and their mean size (when it
+batches requests), plus the machine's load average before and after.
 
 ``prepare`` copies a workdir's data and the served version's towers, grows the item
 table to `num_items` (the original items plus synthetic ones whose features are drawn
@@ -106,6 +110,14 @@ def run_level(url: str, path: str, bodies: List[bytes], concurrency: int, durati
     return out
 
 
+def _finish(result: Dict[str, Any], out: str) -> None:
+    """Records the load average at the end and writes the result to `out` (if given)."""
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def cmd_run(args) -> None:
     users = _user_ids(args.workdir, args.users, args.seed)
     bodies = [json.dumps({"user_id": u, "k": args.k}).encode() for u in users]
@@ -119,15 +131,55 @@ def cmd_run(args) -> None:
         "server": {k: models.get(k) for k in ("version", "models", "stages", "num_items", "index", "config",
                                              "batching")},
         "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}, "levels": []}
+    def batching() -> Dict[str, Any]:
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=30)
+        conn.request("GET", "/v1/models")
+        out = json.loads(conn.getresponse().read()).get("batching") or {}
+        conn.close()
+        return out
+
     for c in args.concurrency:
+        before = batching()
         level = run_level(args.url, args.endpoint, bodies, c, args.duration, args.warmup)
+        after = batching()
+        if "batches" in after:  # the server's batches during this level (warm-up included)
+            batches, items = after["batches"] - before["batches"], after["items"] - before["items"]
+            level["batches"] = batches
+            level["mean_batch"] = round(items / batches, 2) if batches else 0.0
         level["load_avg_after"] = os.getloadavg()
         result["levels"].append(level)
         print(json.dumps(level), flush=True)
-    result["machine"]["load_avg_end"] = os.getloadavg()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    _finish(result, args.out)
+
+
+# -- batch cost ----------------------------------------------------------------------------
+def cmd_batch_cost(args) -> None:
+    """Milliseconds per query of `Cascade.answer` on batches of distinct users, in process."""
+    sys.path.insert(0, REPO)
+    from serving.cascade import Cascade
+
+    cascade = Cascade.load(args.workdir)
+    cascade.warm_up()
+    users = _user_ids(args.workdir, max(args.batch_sizes) * args.repeats, args.seed)
+    result: Dict[str, Any] = {"workdir": os.path.abspath(args.workdir), "stages": cascade.stages,
+                              "num_items": cascade.index.num_items, "k": args.k,
+                              "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}, "batches": []}
+    for size in args.batch_sizes:
+        seconds, stages = [], []
+        for r in range(args.repeats):
+            queries = [cascade.prepare(u, k=args.k, timings=True)
+                       for u in (users[(r * size + i) % len(users)] for i in range(size))]
+            start = time.perf_counter()
+            answers = cascade.answer(queries)
+            seconds.append(time.perf_counter() - start)
+            stages.append(answers[0]["timings_ms"])
+        keys = [k for k in stages[0] if k not in ("user_features", "wait", "total")]
+        row = {"batch_size": size, "ms_per_batch": round(1e3 * float(np.median(seconds)), 2),
+               "ms_per_query": round(1e3 * float(np.median(seconds)) / size, 2),
+               "stage_ms_per_batch": {k: round(float(np.median([t[k] for t in stages])), 2) for k in keys}}
+        result["batches"].append(row)
+        print(json.dumps(row), flush=True)
+    _finish(result, args.out)
 
 
 # -- prepare -------------------------------------------------------------------------------
@@ -229,11 +281,15 @@ def main() -> None:
     pr.add_argument("--num-items", type=int, default=1_000_000)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--no-rankers", action="store_true", help="do not copy the pre-ranker and ranker")
+    bc = sub.add_parser("batch-cost", help="the cascade's cost per query by batch size, in process")
+    bc.add_argument("--workdir", required=True)
+    bc.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    bc.add_argument("--repeats", type=int, default=30, help="batches timed per size (default: %(default)s)")
+    bc.add_argument("-k", type=int, default=10)
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--out")
     args = p.parse_args()
-    if args.command == "run":
-        cmd_run(args)
-    else:
-        cmd_prepare(args)
+    {"run": cmd_run, "prepare": cmd_prepare, "batch-cost": cmd_batch_cost}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-size", type=int, default=16,
                     help="concurrent requests answered by one batched cascade call; 1 = no batching "
                          "(default: %(default)s)")
-    sv.add_argument("--batch-workers", type=int, default=1,
+    sv.add_argument("--batch-workers", type=int, default=2,
                     help="threads computing batches (default: %(default)s)")
     sv.add_argument("--batch-wait-ms", type=float, default=0.0,
                     help="how long a batch waits for more requests after its first; 0 = only those already "

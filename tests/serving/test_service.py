@@ -295,7 +295,8 @@ def test_concurrent_requests_are_batched_with_the_answers_they_get_alone(ranked_
     peak, sizes = _tracked_answer(monkeypatch, delay=0.05)
     users = UserStore(os.path.join(ranked_workdir, "data")).user_ids()[:8]
     config = CascadeConfig(retrieval_candidates=100, preranker_candidates=50)
-    app = create_app(ServiceConfig(ranked_workdir, poll_interval=0, max_batch_size=4, cascade=config))
+    app = create_app(ServiceConfig(ranked_workdir, poll_interval=0, max_batch_size=4, batch_workers=1,
+                                   cascade=config))
     answers, stats = _ask_concurrently(app, users, k=5)
     assert [a[1] for a in answers] == [200] * 16
     # One worker: one batch at a time, at most 4 queries, and the waiting requests did share batches.

@@ -186,12 +186,16 @@ from models.tf_compat import tf
 fn = tf.saved_model.load({path!r}).signatures["serving_default"]
 inputs = json.loads({json.dumps(json.dumps(inputs))})
 out = fn(**{{k: tf.constant(v, tf.float32 if k == "price" else tf.string) for k, v in inputs.items()}})
-print(json.dumps({{k: v.numpy().tolist() for k, v in out.items()}}))
+many = tf.saved_model.load({path!r}).signatures["score_users"](
+    **{{k: tf.constant(v, tf.float32 if k == "price" else tf.string) for k, v in inputs.items()}},
+    user_index=tf.zeros([len(inputs["item_id"])], tf.int32))
+print(json.dumps({{**{{k: v.numpy().tolist() for k, v in out.items()}}, "many": many["scores"].numpy().tolist()}}))
 """
     proc = python_subprocess(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(got["scores"], want, rtol=1e-6)
+    np.testing.assert_allclose(got["many"], want, rtol=1e-6)
     np.testing.assert_allclose(got["logits"], np.log(want / (1 - want)), rtol=1e-4, atol=1e-5)
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
 
