@@ -228,7 +228,6 @@ class Cascade:
         self.data_signature = data_signature
         self.loaded_at = time.time()
         self._index_ids = index.item_ids()
-        self._index_id_tensor = tf.constant(self._index_ids.astype(object)) if items is not None else None
         self._item_positions = items.positions(self._index_ids) if items is not None else None
         if self._item_positions is not None and np.any(self._item_positions < 0):
             log.warning("%d indexed items are missing from the item table; they are ranked with OOV features",
@@ -457,7 +456,7 @@ class Cascade:
             # item table (ids from the index, so that items missing from the table keep theirs).
             t_gather = time.perf_counter()
             index = np.concatenate([cand_index[j] for j in group])
-            ids = tf.gather(self._index_id_tensor, index) if ITEM_ID in scorer.item_inputs else None
+            ids = self.index.item_ids_at(index) if ITEM_ID in scorer.item_inputs else None
             feats = self.items.tensors_at(self._item_positions[index], ids, names=scorer.item_inputs)
             gathered = time.perf_counter() - t_gather
             gather_ms += 1e3 * gathered

@@ -442,6 +442,11 @@ class LoadedIndex:
         """``[N]`` the indexed item ids (str), in the order of the returned ``indices``."""
         return self._module.item_ids.numpy().astype(str)
 
+    def item_ids_at(self, indices: np.ndarray):
+        """``[N]`` string tensor of the item ids at `indices` (positions in `item_ids()`),
+        gathered from the index's own id table."""
+        return tf.gather(self._module.item_ids, np.asarray(indices))
+
     def _run(self, queries: np.ndarray, k: int):
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.manifest["embedding_dim"]:

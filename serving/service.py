@@ -455,13 +455,12 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
             query = cascade.prepare(request.user_id, features, k=request.k, include_seen=request.include_seen,
                                     allow_unknown=request.cold_start, timings=request.timings,
                                     explain=request.explain, retrieval_only=retrieval_only)
-            out = None
-            runner = batcher()
+            out, runner = None, batcher()
             if runner is not None:
                 try:
                     out = runner.submit(query, key=cascade)
                 except BatcherClosedError:  # shutting down: answer this one alone
-                    out = None
+                    pass
             if out is None:
                 with gate:
                     out = cascade.answer([query])[0]

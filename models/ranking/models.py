@@ -474,10 +474,11 @@ class RankingModel(keras.Model):
         belonging to row ``user_index[i]``)."""
         items = self.lookup(item_features, "item")
         n = tf.shape(items[ITEM_ID])[0]
+        user = self.lookup(user_features, "user")
         if user_index is None:
-            user = {k: _broadcast_rows(v, n) for k, v in self.lookup(user_features, "user").items()}
+            user = {k: _broadcast_rows(v, n) for k, v in user.items()}
         else:
-            user = {k: tf.gather(v, user_index) for k, v in self.lookup(user_features, "user").items()}
+            user = {k: tf.gather(v, user_index) for k, v in user.items()}
         return self.logits_from_ids({**user, **items}, training=False)
 
     def score_candidates(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any]) -> tf.Tensor:
