@@ -38,11 +38,14 @@ Layout of ``P_induction`` (outermost first): feed j (if combination independent)
 order c (if order independent) → layer i → ``w_i`` (row-major ``[d_{i-1}, d_i]``) then
 ``b_i``.
 
-Cost: the micro-MLPs differ per example, so each layer is a batched matmul of tiny
-matrices whose count, not size, dominates on CPU. `co_action` therefore accepts I
-induction features at once (``[B, I, K]``) and stacks the orders as extra rows, and
-`co_action_feeds` stacks every feed sharing one induction slice, so that one batched
-matmul per layer serves all (induction, feed, order) combinations.
+Cost: the micro-MLPs differ per example, so a literal implementation is one tiny matmul
+per (example, induction feature, layer), whose count, not size, dominates on CPU.
+`co_action_feeds` computes the same values with few large operations: the rows of every
+feed, position and order are stacked, the first layer of all I induction features is one
+``[rows, D + 1] × [D + 1, I·d_1]`` matmul per example (bias folded in), pooling is a matmul
+with the positions' weights, and the last (linear) layer runs after pooling, on one row
+per (feed, order) instead of one per position. `split_induction` and `micro_mlp` keep the
+literal per-row form.
 
 References:
   Bian, Wang, Zhou et al., "CAN: Feature Co-Action for Click-Through Rate Prediction",
@@ -201,48 +204,10 @@ def co_action(p_induction: tf.Tensor, p_feed: tf.Tensor, *, input_dim: int, laye
       ``[B, out]`` (or ``[B, I, out]``), ``out = coaction_output_dim(layer_sizes, orders,
       combine_orders)``: per order (order 1 first) the concatenated layer outputs.
     """
-    _check_choice("combine_orders", combine_orders, ORDER_COMBINATIONS)
-    _check_choice("sequence_pooling", sequence_pooling, SEQUENCE_POOLINGS)
-    p_induction = tf.convert_to_tensor(p_induction)
-    p_feed = tf.convert_to_tensor(p_feed)
-    if p_feed.shape[-1] is not None and p_feed.shape[-1] != input_dim:
-        raise ValueError(f"`p_feed` should have input_dim={input_dim} values per position. "
-                         f"Received: shape={p_feed.shape.as_list()}")
-    several = p_induction.shape.rank == 3
-    if p_feed.shape.rank == 3:
-        weights = (tf.ones_like(p_feed[..., 0]) if mask is None else tf.cast(mask, p_feed.dtype))
-        if sequence_pooling == "sum_then_coaction":
-            x, weights = tf.reduce_sum(p_feed * weights[..., tf.newaxis], axis=1, keepdims=True), None
-        else:
-            x = p_feed
-    else:
-        x, weights = p_feed[:, tf.newaxis, :], None  # one position
-    if several:
-        x = x[:, tf.newaxis]  # [B, 1, L, D]: broadcasts over the induction axis
-    length = tf.shape(x)[-2]
-    per_mlp = micro_mlp_param_count(input_dim, layer_sizes, use_bias)
-
-    def pool(out):  # [..., L, width] -> [..., width]
-        if weights is None:
-            return out[..., 0, :]
-        w = weights[:, tf.newaxis, :, tf.newaxis] if several else weights[..., tf.newaxis]
-        return tf.reduce_sum(out * w, axis=-2)
-
-    powers = feed_orders(x, orders)
-    if order_independent:
-        per_order = []
-        for c, h in enumerate(powers):
-            params = split_induction(p_induction[..., c * per_mlp:(c + 1) * per_mlp], input_dim, layer_sizes,
-                                     use_bias)
-            per_order.append(pool(tf.concat(micro_mlp(h, params, activation), axis=-1)))
-    else:
-        # All orders share one MLP: stack them as extra rows, one batched matmul per layer.
-        params = split_induction(p_induction[..., :per_mlp], input_dim, layer_sizes, use_bias)
-        out = tf.concat(micro_mlp(tf.concat(powers, axis=-2), params, activation), axis=-1)  # [..., C*L, width]
-        per_order = [pool(out[..., c * length:(c + 1) * length, :]) for c in range(orders)]
-    if combine_orders == "sum":
-        return tf.add_n(per_order)
-    return tf.concat(per_order, axis=-1)
+    return co_action_feeds(p_induction, [p_feed], [mask], input_dim=input_dim, layer_sizes=layer_sizes,
+                           use_bias=use_bias, activation=activation, orders=orders,
+                           order_independent=order_independent, combine_orders=combine_orders,
+                           sequence_pooling=sequence_pooling)
 
 
 @_plain_python
@@ -254,10 +219,19 @@ def co_action_feeds(p_induction: tf.Tensor, feeds: Sequence[tf.Tensor],
                     sequence_pooling: str = "coaction_then_sum") -> tf.Tensor:
     """Co-actions of several feeds with the same induction slice, in one pass.
 
-    Equals ``concat([co_action(p_induction, feed_j, mask=mask_j, ...) for j], axis=-1)``,
-    but stacks every feed's rows (one per position and order) so that each micro-MLP
-    layer is a single batched matmul: per-example matmuls are tiny, so the number of
-    them, not their size, sets the cost.
+    Equals ``concat([co_action(p_induction, feed_j, mask=mask_j, ...) for j], axis=-1)``:
+    for every feed and order, the micro-MLP's layer outputs, sum-pooled over the feed's
+    positions. Computed with the same result but far fewer operations than one tiny
+    matmul per (example, induction feature) and layer:
+
+    * every feed's positions and orders are stacked as rows ``[B, R, D]``, and the first
+      layer of all I induction features is one ``[R, D + 1] × [D + 1, I·d_1]`` matmul per
+      example (the bias folded in as a column of ones);
+    * the last layer is linear, so it commutes with sum pooling: it runs on the pooled
+      rows (``Σ_r m_r (h_r w + b) = (Σ_r m_r h_r) w + (Σ_r m_r) b``), one row per
+      (feed, order) instead of one per position. Without an activation every layer is
+      linear and the pooled feeds go through the whole micro-MLP;
+    * pooling is a matmul with a ``[B, F·C, R]`` matrix of the positions' weights.
 
     Args:
       p_induction: ``[B, K]`` or ``[B, I, K]`` (as in `co_action`).
@@ -269,60 +243,121 @@ def co_action_feeds(p_induction: tf.Tensor, feeds: Sequence[tf.Tensor],
     """
     _check_choice("combine_orders", combine_orders, ORDER_COMBINATIONS)
     _check_choice("sequence_pooling", sequence_pooling, SEQUENCE_POOLINGS)
+    _check_positive(orders=orders)
+    d, sizes = _check_layer_sizes(input_dim, layer_sizes)
     feeds = [tf.convert_to_tensor(f) for f in feeds]
     masks = list(masks) if masks is not None else [None] * len(feeds)
     if len(masks) != len(feeds):
         raise ValueError(f"`masks` should have one entry per feed ({len(feeds)}). Received: {len(masks)}")
     p_induction = tf.convert_to_tensor(p_induction)
     several = p_induction.shape.rank == 3
-    rows, pools = [], []  # pools: (first row, number of rows, weights [B, L] or None) per feed
-    start = 0
+    p = p_induction if several else p_induction[:, tf.newaxis]  # [B, I, K]
+    per_mlp = micro_mlp_param_count(d, sizes, use_bias)
+    expected = per_mlp * (orders if order_independent else 1)
+    if p.shape[-1] is not None and p.shape[-1] != expected:
+        raise ValueError(f"`p_induction` should have {expected} values per example (Σ(|w_i|+|b_i|) = {per_mlp} "
+                         f"{'per order ' if order_independent else ''}for input_dim={d}, layer_sizes={list(sizes)}, "
+                         f"use_bias={use_bias}). Received: shape={p_induction.shape.as_list()}")
+
+    # Rows [B, R, D] and their pooling weights, one [B, R] row per feed.
+    rows, weights, lengths = [], [], []
     for feed, mask in zip(feeds, masks):
-        if feed.shape[-1] is not None and feed.shape[-1] != input_dim:
-            raise ValueError(f"every feed should have input_dim={input_dim} values per position. "
+        if feed.shape[-1] is not None and feed.shape[-1] != d:
+            raise ValueError(f"every feed should have input_dim={d} values per position. "
                              f"Received: shape={feed.shape.as_list()}")
-        weights = None
         if feed.shape.rank == 3:
-            weights = tf.ones_like(feed[..., 0]) if mask is None else tf.cast(mask, feed.dtype)
+            w = tf.ones_like(feed[..., 0]) if mask is None else tf.cast(mask, feed.dtype)
             if sequence_pooling == "sum_then_coaction":
-                feed, weights = tf.reduce_sum(feed * weights[..., tf.newaxis], axis=1, keepdims=True), None
+                feed = tf.reduce_sum(feed * w[..., tf.newaxis], axis=1, keepdims=True)
+                w = tf.ones_like(feed[..., 0])
         else:
             feed = feed[:, tf.newaxis, :]
-        length = feed.shape[1]
-        if length is None:
+            w = tf.ones_like(feed[..., 0])
+        if feed.shape[1] is None:
             raise ValueError("the sequence length of every feed should be static")
         rows.append(feed)
-        pools.append((start, int(length), weights))
-        start += int(length)
-    x = tf.concat(rows, axis=1)  # [B, R, D]
-    if several:
-        x = x[:, tf.newaxis]
-    total = start
-    per_mlp = micro_mlp_param_count(input_dim, layer_sizes, use_bias)
-
-    def pool(out, first, length, weights):  # rows [first, first + length) of [..., R, width]
-        block = out[..., first:first + length, :]
-        if weights is None:
-            return block[..., 0, :]
-        w = weights[:, tf.newaxis, :, tf.newaxis] if several else weights[..., tf.newaxis]
-        return tf.reduce_sum(block * w, axis=-2)
+        weights.append(w)
+        lengths.append(int(feed.shape[1]))
+    total = sum(lengths)
+    x = tf.concat(rows, axis=1)
+    starts = [sum(lengths[:j]) for j in range(len(lengths))]
+    pool = tf.stack([tf.pad(w, [[0, 0], [s, total - s - n]]) for w, s, n in zip(weights, starts, lengths)],
+                    axis=1)  # [B, F, R]
+    num_feeds = len(feeds)
 
     powers = feed_orders(x, orders)
-    per_order_outputs = []  # per order: [..., R, width]
-    if order_independent:
-        for c, h in enumerate(powers):
-            params = split_induction(p_induction[..., c * per_mlp:(c + 1) * per_mlp], input_dim, layer_sizes,
-                                     use_bias)
-            per_order_outputs.append(tf.concat(micro_mlp(h, params, activation), axis=-1))
+    if order_independent:  # a micro-MLP per order: [B, I, F, C, width]
+        out = tf.stack([_pooled_micro_mlp(h, pool, p[..., c * per_mlp:(c + 1) * per_mlp], d, sizes, use_bias,
+                                          activation) for c, h in enumerate(powers)], axis=3)
+    else:  # the orders as extra rows of one micro-MLP; pooled row (feed j, order c) = j·C + c
+        pool_all = pool
+        if orders > 1:
+            pool_all = tf.reshape(
+                tf.stack([tf.pad(pool, [[0, 0], [0, 0], [c * total, (orders - 1 - c) * total]])
+                          for c in range(orders)], axis=2), [-1, num_feeds * orders, orders * total])
+        out = _pooled_micro_mlp(tf.concat(powers, axis=1), pool_all, p, d, sizes, use_bias, activation)
+        out = tf.reshape(out, tf.concat([tf.shape(out)[:2], [num_feeds, orders, sum(sizes)]], axis=0))
+    if combine_orders == "sum":
+        out = tf.reduce_sum(out, axis=3)
+    out = tf.reshape(out, tf.concat([tf.shape(out)[:2], [-1]], axis=0))
+    out.set_shape([None, None, num_feeds * coaction_output_dim(sizes, orders, combine_orders)])
+    return out if several else out[:, 0]
+
+
+def _pooled_micro_mlp(x: tf.Tensor, pool: tf.Tensor, p: tf.Tensor, d: int, sizes: Tuple[int, ...],
+                      use_bias: bool, activation) -> tf.Tensor:
+    """Pooled outputs of per-example micro-MLPs on shared rows.
+
+    Args:
+      x: ``[B, R, D]`` input rows, shared by the I micro-MLPs of an example.
+      pool: ``[B, Q, R]`` pooling weights (pooled row q = Σ_r pool[q, r] · row r).
+      p: ``[B, I, K]`` the micro-MLPs' parameters (the `split_induction` layout).
+
+    Returns:
+      ``[B, I, Q, Σ layer sizes]``: every layer's output, pooled.
+    """
+    act = keras.activations.get(activation) if activation is not None else None
+    batch, num_rows, num_pooled = tf.shape(p)[0], x.shape[1], pool.shape[1]
+    num_ind = p.shape[1] if p.shape[1] is not None else tf.shape(p)[1]
+    row_layers = len(sizes) - 1 if act is not None else 0  # the rest is linear: computed after pooling
+    fan_in_rows = d + 1 if use_bias else d
+
+    def layer_params(offset, fan_in, size):  # [B, I, fan_in (+1 for the bias row), size]
+        n = (fan_in + 1 if use_bias else fan_in) * size
+        return tf.reshape(p[..., offset:offset + n], [batch, num_ind, n // size, size]), offset + n
+
+    outputs, offset, fan_in = [], 0, d
+    h = None  # row-level activations [B, R, I·fan_in]
+    for i in range(row_layers):
+        size = sizes[i]
+        w, offset = layer_params(offset, fan_in, size)
+        if i == 0:  # one matmul for all I micro-MLPs: [B, R, D+1] × [B, D+1, I·d_1]
+            w = tf.reshape(tf.transpose(w, [0, 2, 1, 3]), [batch, fan_in_rows, num_ind * size])
+            xin = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1) if use_bias else x
+            h = act(tf.matmul(xin, w))
+        else:  # per micro-MLP: [B, I, R, fan_in] × [B, I, fan_in, size]
+            hi = tf.transpose(tf.reshape(h, [batch, num_rows, num_ind, fan_in]), [0, 2, 1, 3])
+            if use_bias:
+                hi = tf.concat([hi, tf.ones_like(hi[..., :1])], axis=-1)
+            hi = act(tf.matmul(hi, w))
+            h = tf.reshape(tf.transpose(hi, [0, 2, 1, 3]), [batch, num_rows, num_ind * size])
+        pooled = tf.matmul(pool, h)  # [B, Q, I·size]
+        outputs.append(tf.transpose(tf.reshape(pooled, [batch, num_pooled, num_ind, size]), [0, 2, 1, 3]))
+        fan_in = size
+    if row_layers:
+        z = outputs[-1]  # [B, I, Q, fan_in]
     else:
-        params = split_induction(p_induction[..., :per_mlp], input_dim, layer_sizes, use_bias)
-        out = tf.concat(micro_mlp(tf.concat(powers, axis=-2), params, activation), axis=-1)
-        per_order_outputs = [out[..., c * total:(c + 1) * total, :] for c in range(orders)]
-    result = []
-    for first, length, weights in pools:
-        per_order = [pool(out, first, length, weights) for out in per_order_outputs]
-        result.append(tf.add_n(per_order) if combine_orders == "sum" else tf.concat(per_order, axis=-1))
-    return tf.concat(result, axis=-1)
+        z = tf.matmul(pool, x)[:, tf.newaxis]  # [B, 1, Q, D], broadcast over I
+    count = tf.reduce_sum(pool, axis=-1)[:, tf.newaxis, :, tf.newaxis]  # [B, 1, Q, 1]: Σ_r pool[q, r]
+    for i in range(row_layers, len(sizes)):
+        size = sizes[i]
+        w, offset = layer_params(offset, fan_in, size)
+        if use_bias:
+            z = tf.concat([z, tf.broadcast_to(count, tf.concat([tf.shape(z)[:-1], [1]], axis=0))], axis=-1)
+        z = tf.matmul(z, w)  # [B, I, Q, size]
+        outputs.append(z)
+        fan_in = size
+    return tf.concat(outputs, axis=-1)
 
 
 def _check_positive(**values) -> None:
