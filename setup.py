@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.7",
     # the HTTP service (`recfunnel serve`)
     "fastapi>=0.110",
-    "uvicorn>=0.29",
+    "uvicorn[standard]>=0.29",  # with httptools and uvloop, uvicorn's C-accelerated HTTP parser and event loop
 ]
 
 EXTRAS_REQUIRE = {

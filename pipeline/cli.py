@@ -89,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     sv.add_argument("--batch-workers", type=int, default=2,
                     help="threads computing batches (default: %(default)s)")
-    sv.add_argument("--batch-wait-ms", type=float, default=0.0,
-                    help="how long a batch waits for more requests after its first; 0 = only those already "
-                         "waiting (default: %(default)s)")
+    sv.add_argument("--batch-wait-ms", type=float, default=4.0,
+                    help="how long a batch may wait for more requests, until it is as large as the previous "
+                         "batch (a batch after a batch of one never waits); 0 = only those already waiting "
+                         "(default: %(default)s)")
     sv.add_argument("--max-concurrent", type=int, default=0,
                     help="with --max-batch-size 1: cascades computed at once; more requests wait their turn "
                          "(default: 0 = no limit)")

@@ -4,8 +4,11 @@
     result = batcher.submit(prepared_query, key=cascade)   # blocks; from many threads
 
 A request thread submits its item and waits. A worker thread takes the oldest waiting
-item and every other item already waiting (up to `max_batch_size`; with `max_wait_ms`
-it also waits that long for more), and makes one call per key (`fn(key, items)`):
+item and every other item already waiting (up to `max_batch_size`; with `max_wait_ms`,
+when the previous batch held n > 1 items — requests are arriving together — it waits up
+to that long until the batch holds n, so that the clients of the last batch, whose next
+requests are on their way, join the next one; a lone client never waits), and makes one
+call per key (`fn(key, items)`):
 items with different keys — queries of two loaded versions during a reload — are never
 mixed. Under light load a batch is one item and nothing waits; under heavy load the
 batches grow, and the per-call costs (a TensorFlow function call, an index search) are
@@ -49,8 +52,10 @@ class MicroBatcher:
       max_batch_size: the most items in one call (1 = every item alone).
       workers: threads making calls; a second worker overlaps one batch's Python work
         with another's TensorFlow work.
-      max_wait_ms: how long a worker waits for more items after the first one of a
-        batch (0 = take only what is already waiting: no added latency).
+      max_wait_ms: how long a worker may wait for more items after the first one of a
+        batch, until the batch is as large as the previous one (0 = take only what is
+        already waiting). Under concurrent load, waiting a few milliseconds lets the
+        requests of the last batch's clients come back and join, so batches stay large.
       name: thread name prefix.
     """
 
@@ -68,6 +73,7 @@ class MicroBatcher:
         self.batches = 0
         self.items = 0
         self.largest_batch = 0
+        self._last_batch = 1  # the size of the batch run last: > 1 means concurrent load
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -105,11 +111,15 @@ class MicroBatcher:
     # -- workers ---------------------------------------------------------------------
     def _collect(self, first: _Pending) -> List[_Pending]:
         batch = [first]
+        crowd = min(self.max_batch_size, self._last_batch)  # the size worth waiting for
         deadline = time.perf_counter() + self.max_wait
         while len(batch) < self.max_batch_size:
             remaining = deadline - time.perf_counter()
             try:
-                nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                if len(batch) < crowd and remaining > 0:
+                    nxt = self._queue.get(timeout=remaining)
+                else:
+                    nxt = self._queue.get_nowait()
             except queue.Empty:
                 break
             if nxt is None:  # a stop marker: put it back for the loop to see after this batch
@@ -130,6 +140,7 @@ class MicroBatcher:
             for group in groups.values():
                 self._run(group)
             with self._lock:
+                self._last_batch = len(batch)
                 self.batches += 1
                 self.items += len(batch)
                 self.largest_batch = max(self.largest_batch, len(batch))

@@ -14,7 +14,11 @@ The pre-ranker and ranker are SavedModels whose ``serving_default`` signature ta
 schema features by name — user features with batch 1 (``[1]`` string, ``[1, L]``
 string, ``[1]`` float32; the one user is broadcast to every candidate — or N rows, one
 per candidate, which scores the candidates of several users in one call), item features
-``[N]`` / ``[N, L]`` / ``[N]`` — and returns ``{"scores": [N], ...}``.
+``[N]`` / ``[N, L]`` / ``[N]`` — and returns ``{"scores": [N], ...}``. Exports with the
+``encode_items`` and ``score_users_encoded`` signatures (`models.signatures`) get every
+indexed item encoded once when the version is loaded (the model's own vocabulary ids,
+int32, about 40 bytes per item per model), and are then called with gathered rows of
+integers: no string is gathered or looked up per candidate. Older exports get strings.
 
 Queries are answered in batches: `Cascade.prepare` validates one query and looks up
 its user; `Cascade.answer` runs a list of prepared queries through one query-tower
@@ -39,11 +43,12 @@ import numpy as np
 
 from models import data_layout as layout
 from models.features import ITEM_ID, OOV_TOKEN, Kind, Schema, normalize_value, padded_batch
-from models.signatures import MULTI_USER_SIGNATURE, USER_INDEX
+from models.signatures import (ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, MULTI_USER_SIGNATURE,
+                               USER_INDEX)
 from models.tf_compat import tf
 from serving import exports
 from serving.index import LoadedIndex, load_index
-from serving.item_store import ItemStore
+from serving.item_store import EncodedItems, ItemStore
 from serving.user_store import UnknownUserError, UserStore
 
 log = logging.getLogger("recfunnel.serving")
@@ -114,15 +119,52 @@ class CandidateScorer:
             raise ValueError(f"{name} export {path}: the `{MULTI_USER_SIGNATURE}` signature takes "
                              f"{sorted(self._multi.structured_input_signature[1])}, not the inputs of "
                              f"`serving_default` plus {USER_INDEX!r}")
+        # Exports since the encoded signatures take items as the model's own ids, encoded
+        # once per loaded version (`encode`), so that no string is handled per candidate.
+        self._encode = self._module.signatures.get(ENCODE_ITEMS_SIGNATURE)
+        self._encoded = self._module.signatures.get(ENCODED_SCORING_SIGNATURE)
+        if (self._encode is None) != (self._encoded is None):
+            raise ValueError(f"{name} export {path} has only one of the signatures "
+                             f"`{ENCODE_ITEMS_SIGNATURE}` and `{ENCODED_SCORING_SIGNATURE}`")
+        if self._encode is not None:
+            if set(self._encode.structured_input_signature[1]) != set(self.item_inputs):
+                raise ValueError(f"{name} export {path}: `{ENCODE_ITEMS_SIGNATURE}` takes "
+                                 f"{sorted(self._encode.structured_input_signature[1])}, not the item inputs "
+                                 f"{self.item_inputs} of `serving_default`")
+            if set(self._encoded.structured_input_signature[1]) != set(inputs) | {USER_INDEX}:
+                raise ValueError(f"{name} export {path}: `{ENCODED_SCORING_SIGNATURE}` takes "
+                                 f"{sorted(self._encoded.structured_input_signature[1])}, not the inputs of "
+                                 f"`serving_default` plus {USER_INDEX!r}")
+
+    @property
+    def encodes_items(self) -> bool:
+        """Whether the export scores items encoded in advance (`encode`, `score(encoded=True)`)."""
+        return self._encode is not None
+
+    def encode(self, item_features: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+        """N items' features (the export's item inputs) → their encoded form, by name:
+        int32 vocabulary ids ``[N]`` / ``[N, L]``, float32 standardized numeric values."""
+        if self._encode is None:
+            raise ValueError(f"{self.name} export {self.path} has no `{ENCODE_ITEMS_SIGNATURE}` signature")
+        out = self._encode(**{n: tf.convert_to_tensor(item_features[n]) for n in self.item_inputs})
+        return {n: out[n].numpy() for n in self.item_inputs}
 
     def score(self, user_tensors: Mapping[str, Any], item_features: Mapping[str, Any],
-              user_index: Optional[np.ndarray] = None) -> np.ndarray:
+              user_index: Optional[np.ndarray] = None, encoded: bool = False) -> np.ndarray:
         """``[N]`` scores of N candidates: `item_features` have N rows, `user_tensors`
         batch 1 (one user, broadcast) or N (each candidate's own user); with
         `user_index` ``[N]``, `user_tensors` hold U users and candidate i is scored for
-        user ``user_index[i]``."""
+        user ``user_index[i]``. With `encoded`, `item_features` come from `encode`."""
+        n = int(next(iter(item_features.values())).shape[0])
         args = {n: tf.convert_to_tensor(item_features[n]) for n in self.item_inputs}
-        if user_index is None:
+        if encoded:
+            if self._encoded is None:
+                raise ValueError(f"{self.name} export {self.path} has no `{ENCODED_SCORING_SIGNATURE}` signature")
+            args.update({n: user_tensors[n] for n in self.user_inputs})
+            index = np.zeros(n, np.int32) if user_index is None else np.asarray(user_index, dtype=np.int32)
+            args[USER_INDEX] = tf.constant(index)
+            fn = self._encoded
+        elif user_index is None:
             args.update({n: user_tensors[n] for n in self.user_inputs})
             fn = self._fn
         elif self._multi is not None:
@@ -134,7 +176,6 @@ class CandidateScorer:
             args.update({n: tf.gather(user_tensors[n], index) for n in self.user_inputs})
             fn = self._fn
         scores = fn(**args)["scores"].numpy().reshape(-1)
-        n = int(next(iter(item_features.values())).shape[0])
         if scores.shape[0] != n:
             raise ValueError(f"{self.name} {self.path} returned {scores.shape[0]} scores for {n} candidates")
         return scores
@@ -218,7 +259,7 @@ class Cascade:
     def __init__(self, *, workdir: str, version: int, schema: Schema, query_tower: QueryTower, index: LoadedIndex,
                  users: UserStore, items: Optional[ItemStore], preranker: Optional[CandidateScorer],
                  ranker: Optional[CandidateScorer], models: Dict[str, Optional[int]], config: CascadeConfig,
-                 data_signature: Tuple = ()):
+                 data_signature: Tuple = (), encoded_items: Optional[Mapping[str, EncodedItems]] = None):
         if (preranker is not None or ranker is not None) and items is None:
             raise ValueError("an ItemStore is needed to run a pre-ranker or ranker")
         self.workdir, self.version, self.schema, self.config = workdir, int(version), schema, config
@@ -234,6 +275,29 @@ class Cascade:
                         int(np.sum(self._item_positions < 0)))
         self.stages = [RETRIEVAL] + [n for n, m in ((exports.PRERANKER, preranker), (exports.RANKER, ranker))
                                      if m is not None]
+        # Every indexed item encoded once per scorer that can take items so (`encoded_items`
+        # hands over the arrays of a previous cascade with the same index, items and scorer).
+        self.encoded_items: Dict[str, EncodedItems] = {}
+        for name, scorer in ((exports.PRERANKER, preranker), (exports.RANKER, ranker)):
+            if scorer is not None and scorer.encodes_items and index.num_items > 0:
+                given = (encoded_items or {}).get(name)
+                self.encoded_items[name] = given if given is not None else self._encode_candidates(scorer, name)
+
+    def _encode_candidates(self, scorer: CandidateScorer, name: str, chunk_size: int = 65536) -> EncodedItems:
+        """The scorer's encoded features of every indexed item, in index order (items
+        missing from the item table keep their own id, as when scored by strings)."""
+        t0 = time.perf_counter()
+        n = self.index.num_items
+        parts = []
+        for start in range(0, n, chunk_size):
+            index = np.arange(start, min(n, start + chunk_size))
+            ids = self.index.item_ids_at(index) if ITEM_ID in scorer.item_inputs else None
+            parts.append(scorer.encode(self.items.tensors_at(self._item_positions[index], ids,
+                                                             names=scorer.item_inputs)))
+        out = EncodedItems({f: np.concatenate([p[f] for p in parts]) for f in scorer.item_inputs})
+        log.info("encoded the %d indexed items for the %s in %.1f s (%.0f MB)", n, name, time.perf_counter() - t0,
+                 out.nbytes / 2 ** 20)
+        return out
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
@@ -303,9 +367,12 @@ class Cascade:
         items = None
         if any(s is not None for s in scorers.values()):
             items = previous.items if same_data and previous.items is not None else ItemStore(data_dir)
+        encoded = {}
+        if previous is not None and previous.index is index and previous.items is items:
+            encoded = {m: a for m, a in previous.encoded_items.items() if getattr(previous, m) is scorers[m]}
         return cls(workdir=workdir, version=version, schema=schema, query_tower=query_tower, index=index,
                    users=users, items=items, preranker=scorers[exports.PRERANKER], ranker=scorers[exports.RANKER],
-                   models=models, config=config, data_signature=signature)
+                   models=models, config=config, data_signature=signature, encoded_items=encoded)
 
     def describe(self) -> Dict[str, Any]:
         """What is loaded: versions, stages, corpus size and index parameters."""
@@ -432,7 +499,8 @@ class Cascade:
             valid = np.isfinite(scores)
             scores, indices = scores[valid], indices[valid]
             ids = self._index_ids[indices]
-            keep = np.arange(len(ids)) if not q.seen else np.flatnonzero(~np.isin(ids, list(q.seen)))
+            keep = (np.arange(len(ids)) if not q.seen else
+                    np.flatnonzero(np.fromiter((i not in q.seen for i in ids), bool, len(ids))))
             _, first = np.unique(indices[keep], return_index=True)
             if len(first) < len(keep):
                 keep = keep[np.sort(first)]
@@ -456,8 +524,12 @@ class Cascade:
             # item table (ids from the index, so that items missing from the table keep theirs).
             t_gather = time.perf_counter()
             index = np.concatenate([cand_index[j] for j in group])
-            ids = self.index.item_ids_at(index) if ITEM_ID in scorer.item_inputs else None
-            feats = self.items.tensors_at(self._item_positions[index], ids, names=scorer.item_inputs)
+            encoded = self.encoded_items.get(name)
+            if encoded is not None:  # rows of the items encoded at load: integers, no strings
+                feats = encoded.at(index)
+            else:
+                ids = self.index.item_ids_at(index) if ITEM_ID in scorer.item_inputs else None
+                feats = self.items.tensors_at(self._item_positions[index], ids, names=scorer.item_inputs)
             gathered = time.perf_counter() - t_gather
             gather_ms += 1e3 * gathered
             t += gathered  # the stage's own time leaves the gathering out
@@ -469,7 +541,7 @@ class Cascade:
                 users = user_tensors if len(group) == b else {
                     n: tf.gather(v, np.asarray(group)) for n, v in user_tensors.items()}
                 owner = np.repeat(np.arange(len(group)), sizes)
-            s_all = scorer.score(users, feats, owner).astype(np.float64)
+            s_all = scorer.score(users, feats, owner, encoded=encoded is not None).astype(np.float64)
             for j, s in zip(group, np.split(s_all, np.cumsum(sizes)[:-1])):
                 order = np.argsort(-s, kind="stable")[:limits[j]]
                 cand_index[j] = cand_index[j][order]

@@ -64,8 +64,10 @@ class ServiceConfig:
       batch_workers: threads computing batches (with batching on). Two keep one request's
         Python work overlapping another's TensorFlow work at low concurrency; one gives
         the lowest tail latency under heavy load.
-      batch_wait_ms: how long a batch waits for more requests after its first (0 =
-        take only the requests already waiting, adding no latency).
+      batch_wait_ms: how long a batch may wait for more requests after its first,
+        until it is as large as the previous batch (`serving.batching`); a batch after a
+        batch of one never waits, so a lone client pays nothing. 0 = take only the
+        requests already waiting.
       max_concurrent: with batching off, cascades computed at once (0 = no limit);
         requests beyond it wait their turn. With batching on, `batch_workers` bounds
         the cascades computed at once.
@@ -81,7 +83,7 @@ class ServiceConfig:
     cascade: CascadeConfig = CascadeConfig()
     max_batch_size: int = 16
     batch_workers: int = 2
-    batch_wait_ms: float = 0.0
+    batch_wait_ms: float = 4.0
     max_concurrent: int = 0
 
     def __post_init__(self):

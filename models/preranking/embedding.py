@@ -8,7 +8,7 @@ per feature is what lets AutoFAS mask a whole feature at once.
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from models.features import Kind, Schema
 from models.tf_compat import keras, tf
@@ -68,14 +68,25 @@ class FeatureEmbedding(keras.layers.Layer):
         """``d_i`` of every block."""
         return [1 if self.schema.feature(n).kind == Kind.NUMERIC else self.embedding_dim for n in self.features]
 
-    def embed_one(self, name: str, x: tf.Tensor) -> tf.Tensor:
+    def encode_one(self, name: str, x: tf.Tensor) -> tf.Tensor:
+        """A feature's raw values → its vocabulary ids (int64), or numeric → standardized ``[B]``."""
         f = self.schema.feature(name)
         if f.kind == Kind.NUMERIC:
             mean, std = self.numeric_stats.get(name, (0.0, 1.0))
-            return ((tf.cast(x, tf.float32) - mean) / std)[:, tf.newaxis]
-        ids = self.lookups[f.vocabulary_name](x)
+            return (tf.cast(x, tf.float32) - mean) / std
+        return self.lookups[f.vocabulary_name](x)
+
+    def embed_encoded(self, name: str, code: tf.Tensor) -> tf.Tensor:
+        """`encode_one`'s output (ids of any integer type) → the feature's block ``[B, d_i]``."""
+        f = self.schema.feature(name)
+        if f.kind == Kind.NUMERIC:
+            return tf.cast(code, tf.float32)[:, tf.newaxis]
+        ids = tf.cast(code, tf.int64)
         emb = self.tables[f.vocabulary_name](ids)
         return emb if f.kind == Kind.CATEGORICAL else _masked_mean(emb, ids)
+
+    def embed_one(self, name: str, x: tf.Tensor) -> tf.Tensor:
+        return self.embed_encoded(name, self.encode_one(name, x))
 
     def call(self, inputs: Mapping[str, Any]) -> List[tf.Tensor]:
         missing = [n for n in self.features if n not in inputs]
@@ -84,18 +95,23 @@ class FeatureEmbedding(keras.layers.Layer):
         return [self.embed_one(n, inputs[n]) for n in self.features]
 
     def candidate_blocks(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],
-                         user_index=None) -> List[tf.Tensor]:
+                         user_index=None, items_encoded: bool = False) -> List[tf.Tensor]:
         """Blocks ``[N, d_i]`` for N candidates of one user: user features (batch 1 or N)
         are embedded once and broadcast to the N rows. With `user_index` ``[N]``, the
-        user features hold U users, each embedded once and gathered for its candidates."""
+        user features hold U users, each embedded once and gathered for its candidates.
+        With `items_encoded`, the item features are `encode_one`'s outputs."""
         item_names = [n for n in self.features if self.schema.feature(n).side == "item"]
         if not item_names:
             raise ValueError(f"scoring candidates needs an item feature; the features are {self.features}")
+        missing = [n for n in item_names if n not in item_features]
+        if missing:
+            raise ValueError(f"The pre-ranker needs the item features {missing} (inputs have {sorted(item_features)}).")
         n = tf.shape(item_features[item_names[0]])[0]
         out = []
         for name in self.features:
             if self.schema.feature(name).side == "item":
-                out.append(self.embed_one(name, item_features[name]))
+                x = item_features[name]
+                out.append(self.embed_encoded(name, x) if items_encoded else self.embed_one(name, x))
             else:
                 block = self.embed_one(name, user_features[name])
                 if user_index is not None:
@@ -103,6 +119,23 @@ class FeatureEmbedding(keras.layers.Layer):
                 else:
                     out.append(tf.broadcast_to(block, tf.stack([n, tf.shape(block)[1]])))
         return out
+
+    def side_blocks(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],
+                    items_encoded: bool = False) -> Tuple[List[tf.Tensor], List[tf.Tensor]]:
+        """``(user blocks [U, d_i], item blocks [N, d_i])`` in feature order, each side as
+        given (user features are not broadcast to the candidates)."""
+        item_names = [n for n in self.features if self.schema.feature(n).side == "item"]
+        missing = [n for n in item_names if n not in item_features]
+        if missing:
+            raise ValueError(f"The pre-ranker needs the item features {missing} (inputs have {sorted(item_features)}).")
+        user, items = [], []
+        for name in self.features:
+            if self.schema.feature(name).side == "item":
+                x = item_features[name]
+                items.append(self.embed_encoded(name, x) if items_encoded else self.embed_one(name, x))
+            else:
+                user.append(self.embed_one(name, user_features[name]))
+        return user, items
 
     def get_config(self):
         return {**super().get_config(), "schema": self.schema.to_dict(),

@@ -9,12 +9,13 @@ signature has the shape of `models.ranking.export_ranker`'s — so the serving c
 calls pre-ranker and ranker the same way — but takes only the *selected* features:
 user features ``[1]`` / ``[1, L]`` / ``[1]`` float32, item features ``[N]`` / ``[N, L]``
 / ``[N]``; outputs ``{"scores": [N] click probabilities, "logits": [N]}``. Features the
-search dropped are not inputs, so they are never fetched.
+search dropped are not inputs, so they are never fetched. Like the rankers' exports it
+also has ``score_users``, ``encode_items`` and ``score_users_encoded`` (`models.signatures`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from models.features import Schema
 from models.preranking.embedding import FeatureEmbedding
@@ -59,12 +60,48 @@ class PreRanker(keras.Model):
     def call(self, inputs, training=False):
         return tf.squeeze(self.mlp(tf.concat(self.embedding(inputs), axis=-1), training=training), axis=-1)
 
+    def encode_items(self, item_features: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
+        """The selected item features → vocabulary ids (int32) / standardized numeric values,
+        the form `candidate_logits(..., items_encoded=True)` takes."""
+        out = {}
+        for name in self.features:
+            if self.schema.feature(name).side == "item":
+                code = self.embedding.encode_one(name, item_features[name])
+                out[name] = tf.cast(code, tf.int32) if code.dtype.is_integer else code
+        return out
+
     def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],
-                         user_index=None) -> tf.Tensor:
+                         user_index=None, items_encoded: bool = False) -> tf.Tensor:
         """Logits ``[N]`` of N candidates for one user (user tensors with batch 1 or N), or
-        with `user_index` ``[N]`` for several users (user tensors with U rows)."""
-        blocks = self.embedding.candidate_blocks(user_features, item_features, user_index)
-        return tf.squeeze(self.mlp(tf.concat(blocks, axis=-1), training=False), axis=-1)
+        with `user_index` ``[N]`` for several users (user tensors with U rows); with
+        `items_encoded`, `item_features` come from `encode_items`."""
+        if not self.mlp.built:
+            blocks = self.embedding.candidate_blocks(user_features, item_features, user_index, items_encoded)
+            return tf.squeeze(self.mlp(tf.concat(blocks, axis=-1), training=False), axis=-1)
+        # The first layer splits into a user part, computed once per user, and an item part:
+        # x·W = x_user·W[user rows] + x_item·W[item rows] (the same logits, fewer products).
+        user_blocks, item_blocks = self.embedding.side_blocks(user_features, item_features, items_encoded)
+        first, rest = self.mlp.layers[0], self.mlp.layers[1:]
+        rows = self._first_layer_rows()
+        h = tf.matmul(tf.concat(item_blocks, axis=-1), tf.gather(first.kernel, rows["item"]))
+        if user_blocks:
+            per_user = tf.matmul(tf.concat(user_blocks, axis=-1), tf.gather(first.kernel, rows["user"]))
+            if user_index is not None:
+                per_user = tf.gather(per_user, user_index)
+            h = h + per_user  # a user batch of 1 broadcasts
+        h = first.activation(tf.nn.bias_add(h, first.bias))
+        for layer in rest:
+            h = layer(h, training=False)
+        return tf.squeeze(h, axis=-1)
+
+    def _first_layer_rows(self) -> Dict[str, List[int]]:
+        """Rows of the first layer's kernel fed by the user blocks and by the item blocks."""
+        rows: Dict[str, List[int]] = {"user": [], "item": []}
+        start = 0
+        for name, width in zip(self.features, self.embedding.widths):
+            rows[self.schema.feature(name).side].extend(range(start, start + width))
+            start += width
+        return rows
 
     def tensor_specs(self):
         """``(user specs, item specs)`` of the selected features."""
@@ -96,7 +133,8 @@ def export_preranker(model: PreRanker, path: str) -> str:
 
     Signature inputs: the model's selected features by name (user ``[1]``/``[1, L]``,
     item ``[N]``/``[N, L]``); outputs ``scores`` ``[N]`` and ``logits`` ``[N]``. The
-    ``score_users`` signature also takes ``user_index`` ``[N]`` int32, with U user rows.
+    ``score_users`` signature also takes ``user_index`` ``[N]`` int32, with U user rows;
+    ``encode_items`` and ``score_users_encoded`` score items encoded once in advance.
     """
     signatures = scoring_signatures(model)
     module = tf.Module()

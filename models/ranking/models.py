@@ -36,7 +36,9 @@ whose ``serving_default`` signature takes every feature by name — user feature
 ``[1]`` / ``[1, L]`` (or N rows, one per candidate), item features ``[N]`` / ``[N, L]`` — and
 returns ``{"scores": [N] click probabilities, "logits": [N]}``; its ``score_users``
 signature scores the candidates of several users in one call (user features with U
-rows, plus ``user_index`` ``[N]`` int32: each candidate's user row).
+rows, plus ``user_index`` ``[N]`` int32: each candidate's user row); ``encode_items``
+turns item features into the model's vocabulary ids once, and ``score_users_encoded``
+scores candidates given in that form (`models.signatures`).
 
 References:
   Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018.
@@ -53,7 +55,8 @@ import numpy as np
 
 from models.features import ITEM_ID, PAD_TOKEN, USER_ID, Feature, Kind, Schema, pad_values
 from models.ranking.co_action import (ORDER_COMBINATIONS, SEQUENCE_POOLINGS, CoActionUnit)
-from models.signatures import MULTI_USER_SIGNATURE, SERVING_DEFAULT, USER_INDEX
+from models.signatures import (ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, MULTI_USER_SIGNATURE,
+                               SERVING_DEFAULT, USER_INDEX)
 from models.tf_compat import keras, tf
 from models.towers import make_lookup
 
@@ -200,9 +203,49 @@ def multi_user_scoring_function(model, user_specs: Mapping[str, Any], item_specs
         **user_specs, **item_specs, **{USER_INDEX: tf.TensorSpec([None], tf.int32, name=USER_INDEX)})
 
 
+def encoded_item_specs(item_specs: Mapping[str, Any]) -> Dict[str, Any]:
+    """Specs of the encoded item features (``encode_items``' outputs): string ``[N]`` /
+    ``[N, L]`` → int32 ids of the same shape; numeric stays float32 ``[N]``."""
+    return {k: tf.TensorSpec(spec.shape, tf.int32 if spec.dtype == tf.string else spec.dtype, name=k)
+            for k, spec in item_specs.items()}
+
+
+def encode_items_function(model, item_specs: Mapping[str, Any]):
+    """The ``encode_items`` concrete function: N items' features → ``model.encode_items``
+    (vocabulary ids int32, standardized numeric values), by feature name."""
+
+    @tf.function
+    def encode_items(**features):
+        encoded = model.encode_items({k: features[k] for k in item_specs})
+        return {k: encoded[k] for k in item_specs}
+
+    return encode_items.get_concrete_function(**item_specs)
+
+
+def encoded_scoring_function(model, user_specs: Mapping[str, Any], item_specs: Mapping[str, Any]):
+    """The ``score_users_encoded`` concrete function: as ``score_users``, with the item
+    features encoded by ``encode_items`` (no string lookup per candidate)."""
+    encoded_specs = encoded_item_specs(item_specs)
+
+    @tf.function
+    def score_users_encoded(**features):
+        logits = model.candidate_logits({k: features[k] for k in user_specs},
+                                        {k: features[k] for k in encoded_specs}, user_index=features[USER_INDEX],
+                                        items_encoded=True)
+        return {"scores": tf.sigmoid(logits), "logits": logits}
+
+    return score_users_encoded.get_concrete_function(
+        **user_specs, **encoded_specs, **{USER_INDEX: tf.TensorSpec([None], tf.int32, name=USER_INDEX)})
+
+
 def scoring_signatures(model) -> Dict[str, Any]:
-    """``{"serving_default": one user, "score_users": many users}`` of a ranker or pre-ranker."""
-    return {SERVING_DEFAULT: model.serving_function(), MULTI_USER_SIGNATURE: model.multi_user_function()}
+    """Every signature of a ranker or pre-ranker export (`models.signatures`): one user,
+    many users, item encoding and many users with encoded items."""
+    user_specs, item_specs = model.tensor_specs()
+    return {SERVING_DEFAULT: candidate_scoring_function(model, user_specs, item_specs),
+            MULTI_USER_SIGNATURE: multi_user_scoring_function(model, user_specs, item_specs),
+            ENCODE_ITEMS_SIGNATURE: encode_items_function(model, item_specs),
+            ENCODED_SCORING_SIGNATURE: encoded_scoring_function(model, user_specs, item_specs)}
 
 
 def coaction_features(schema: Schema, config: RankingConfig) -> Tuple[List[str], List[str]]:
@@ -467,12 +510,27 @@ class RankingModel(keras.Model):
     def call(self, inputs, training=False):
         return self.logits_from_ids(self.lookup(inputs), training=training)
 
+    def encode_items(self, item_features: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
+        """Item features → the form `candidate_logits(..., items_encoded=True)` takes:
+        vocabulary ids as int32, numeric values standardized (float32)."""
+        return {k: tf.cast(v, tf.int32) if v.dtype.is_integer else v
+                for k, v in self.lookup(item_features, "item").items()}
+
     def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],
-                         user_index=None) -> tf.Tensor:
+                         user_index=None, items_encoded: bool = False) -> tf.Tensor:
         """Logits ``[N]`` of N candidates: of one user (user tensors with batch 1 or N), or
         with `user_index` ``[N]``, of several users (user tensors with U rows, candidate i
-        belonging to row ``user_index[i]``)."""
-        items = self.lookup(item_features, "item")
+        belonging to row ``user_index[i]``). With `items_encoded`, `item_features` come
+        from `encode_items`."""
+        if items_encoded:
+            missing = [f.name for f in self.schema.item_features if f.name not in item_features]
+            if missing:
+                raise ValueError(f"The ranking model needs the encoded item features {missing} "
+                                 f"(inputs have {sorted(item_features)}).")
+            items = {f.name: (tf.cast(item_features[f.name], tf.int64) if f.kind != Kind.NUMERIC
+                              else tf.cast(item_features[f.name], tf.float32)) for f in self.schema.item_features}
+        else:
+            items = self.lookup(item_features, "item")
         n = tf.shape(items[ITEM_ID])[0]
         user = self.lookup(user_features, "user")
         if user_index is None:
@@ -500,14 +558,17 @@ class RankingModel(keras.Model):
                  for name, spec in self.schema.tensor_specs("item").items()}
         return tf.sigmoid(self.candidate_logits(user, items))
 
+    def tensor_specs(self):
+        """``(user specs, item specs)`` of the scoring signatures: every feature of the schema."""
+        return self.schema.tensor_specs("user"), self.schema.tensor_specs("item")
+
     def serving_function(self):
         """Concrete function for the ``serving_default`` signature (see the module docstring)."""
-        return candidate_scoring_function(self, self.schema.tensor_specs("user"), self.schema.tensor_specs("item"))
+        return candidate_scoring_function(self, *self.tensor_specs())
 
     def multi_user_function(self):
         """Concrete function for the ``score_users`` signature (`multi_user_scoring_function`)."""
-        return multi_user_scoring_function(self, self.schema.tensor_specs("user"),
-                                           self.schema.tensor_specs("item"))
+        return multi_user_scoring_function(self, *self.tensor_specs())
 
     # -- accounting / config -------------------------------------------------------
     def coaction_parameter_count(self) -> int:
@@ -660,7 +721,8 @@ def export_ranker(model: RankingModel, path: str) -> str:
     candidate; N rows are accepted too), item features ``[N]`` / ``[N, L]`` / ``[N]``.
     Outputs: ``scores`` ``[N]`` click probabilities, ``logits`` ``[N]``. A second
     signature, ``score_users``, takes user features with U rows and ``user_index``
-    ``[N]`` int32 (`multi_user_scoring_function`).
+    ``[N]`` int32 (`multi_user_scoring_function`); ``encode_items`` and
+    ``score_users_encoded`` score items encoded once in advance (`scoring_signatures`).
     """
     signatures = scoring_signatures(model)
     module = tf.Module()

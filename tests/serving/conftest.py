@@ -7,7 +7,9 @@ features with the exact signatures of the real exports:
 * scorers: ``serving_default(**every schema feature) -> {"scores": [N], "logits": [N]}``
   with user features ``[1]`` / ``[1, L]`` (broadcast to the N candidates) and item
   features ``[N]`` / ``[N, L]``; logit = <sum of the user's hashed feature vectors,
-  sum of the item's>.
+  sum of the item's>. By default they also have ``score_users``, ``encode_items``
+  (item features → hash bucket + 1, 0 for padding) and ``score_users_encoded``, as
+  the real exports do; ``legacy=True`` leaves those out (the exports of older versions).
 """
 
 import os
@@ -79,6 +81,50 @@ class HashedScorer(tf.Module):
             return {"scores": tf.sigmoid(logits), "logits": logits}
 
         self.serving = tf.function(score).get_concrete_function(**user_specs, **item_specs)
+        index_spec = {"user_index": tf.TensorSpec([None], tf.int32, name="user_index")}
+
+        def score_users(**features):
+            u = _hashed_vectors({k: features[k] for k in user_specs}, schema_obj, "user", self.user_table)
+            v = _hashed_vectors({k: features[k] for k in item_specs}, schema_obj, "item", self.item_table)
+            logits = tf.reduce_sum(tf.gather(u, features["user_index"]) * v, axis=-1)
+            return {"scores": tf.sigmoid(logits), "logits": logits}
+
+        def encode_items(**features):
+            out = {}
+            for f in schema_obj.item_features:
+                x = features[f.name]
+                if f.kind == Kind.NUMERIC:
+                    out[f.name] = x
+                else:
+                    bucket = tf.strings.to_hash_bucket_fast(tf.strings.join([f.name + "=", x]), BUCKETS)
+                    out[f.name] = tf.where(tf.equal(x, ""), 0, tf.cast(bucket, tf.int32) + 1)
+            return out
+
+        def score_users_encoded(**features):
+            u = _hashed_vectors({k: features[k] for k in user_specs}, schema_obj, "user", self.user_table)
+            v = 0.0
+            for f in schema_obj.item_features:
+                x = features[f.name]
+                if f.kind == Kind.NUMERIC:
+                    v += x[:, tf.newaxis] * self.item_table[0][tf.newaxis, :]
+                    continue
+                vectors = tf.gather(self.item_table, tf.maximum(x - 1, 0))
+                if f.kind == Kind.CATEGORICAL:
+                    v += vectors
+                else:
+                    mask = tf.cast(x > 0, tf.float32)[..., tf.newaxis]
+                    v += tf.reduce_sum(vectors * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+            logits = tf.reduce_sum(tf.gather(u, features["user_index"]) * v, axis=-1)
+            return {"scores": tf.sigmoid(logits), "logits": logits}
+
+        encoded_specs = {k: tf.TensorSpec(v.shape, tf.int32 if v.dtype == tf.string else v.dtype, name=k)
+                         for k, v in item_specs.items()}
+        self.all_signatures = {
+            "serving_default": self.serving,
+            "score_users": tf.function(score_users).get_concrete_function(**user_specs, **item_specs, **index_spec),
+            "encode_items": tf.function(encode_items).get_concrete_function(**item_specs),
+            "score_users_encoded": tf.function(score_users_encoded).get_concrete_function(
+                **user_specs, **encoded_specs, **index_spec)}
 
 
 def _save_atomic(module, path, signatures):
@@ -123,13 +169,15 @@ def publish_version(workdir, version, *, tower_seed=0, index_kind="brute_force",
             publish_scorer(workdir, model, version, seed)
 
 
-def publish_scorer(workdir, model, version, seed):
+def publish_scorer(workdir, model, version, seed, legacy=False):
+    """A scorer export; `legacy` gives it only ``serving_default`` (as older versions wrote)."""
     from serving import exports
 
     schema = Schema.load(os.path.join(workdir, "data", "schema.json"))
     scorer = HashedScorer(schema, seed=seed)
     os.makedirs(exports.model_dir(workdir, model), exist_ok=True)
-    _save_atomic(scorer, exports.version_path(workdir, model, version), {"serving_default": scorer.serving})
+    _save_atomic(scorer, exports.version_path(workdir, model, version),
+                 {"serving_default": scorer.serving} if legacy else scorer.all_signatures)
 
 
 @pytest.fixture(scope="session")

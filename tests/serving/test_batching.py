@@ -99,14 +99,29 @@ def test_wrong_result_count_is_an_error_for_every_item():
     batcher.close()
 
 
-def test_wait_collects_items_that_arrive_later():
-    fn = Recorder()
-    batcher = MicroBatcher(fn, max_batch_size=8, max_wait_ms=300)
-    threads, results, errors = _submit_all(batcher, range(3))  # 10 ms apart
+def test_wait_collects_later_items_only_once_requests_arrive_together():
+    gate = threading.Event()
+    fn = Recorder(gate)
+    batcher = MicroBatcher(fn, max_batch_size=8, max_wait_ms=2000)
+    gate.set()
+    start = time.perf_counter()
+    assert batcher.submit("alone") == (None, "alone" * 10)
+    assert time.perf_counter() - start < 1.5  # a lone request does not wait
+    gate.clear()
+    threads, _, errors = _submit_all(batcher, [0, 1, 2, 3], first_alone=fn)  # 1..3 queue behind 0
+    gate.set()
     for t in threads:
         t.join(10)
+    # The last batch held 3 items: the next one waits for items arriving 10 ms apart until
+    # it holds 3 (not for the whole 2 s).
+    start = time.perf_counter()
+    more, results, more_errors = _submit_all(batcher, [4, 5, 6])
+    for t in more[:3]:
+        t.join(10)
+    assert time.perf_counter() - start < 1.5
     batcher.close()
-    assert not errors and [len(items) for _, items in fn.calls] == [3]
+    assert not errors and not more_errors and results == {i: (None, i * 10) for i in (4, 5, 6)}
+    assert [len(items) for _, items in fn.calls] == [1, 1, 3, 3]
 
 
 def test_two_workers_and_close():

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -197,11 +198,15 @@ def test_reload_reuses_unchanged_parts(copy_workdir, ranked_workdir, publish):
     same = Cascade.load(w, previous=first)
     for part in ("query_tower", "index", "users", "items", "preranker", "ranker"):
         assert getattr(same, part) is getattr(first, part), part
+    assert sorted(first.encoded_items) == ["preranker", "ranker"]
+    for model in ("preranker", "ranker"):  # the items encoded for a scorer are reused with it
+        assert same.encoded_items[model] is first.encoded_items[model]
     publish.version(w, 2, tower_seed=5)  # new retrieval models; no ranker 2: the newest ranker (1) stays
     second = Cascade.load(w, previous=first)
     assert second.version == 2 and second.models == {"query_tower": 2, "index": 2, "preranker": 1, "ranker": 1}
     assert second.index is not first.index and second.query_tower is not first.query_tower
     assert second.ranker is first.ranker and second.preranker is first.preranker and second.items is first.items
+    assert second.encoded_items["ranker"] is not first.encoded_items["ranker"]  # a new index: encoded again
     publish.scorer(w, "ranker", 2, seed=13)  # the ranker of the same version number wins
     third = Cascade.load(w, previous=second)
     assert third.models["ranker"] == 2 and third.ranker is not second.ranker and third.index is second.index
@@ -336,3 +341,25 @@ def test_cascade_runs_the_ranking_models_export(copy_workdir, base_workdir, user
     np.testing.assert_allclose([i["score"] for i in out["items"]], direct[order], rtol=1e-5)
     queries = [cascade.prepare(u, k=5) for u in users_with_history]
     _assert_same_answers(cascade.answer(queries), [cascade.answer([q])[0] for q in queries])
+
+
+def test_items_encoded_at_load_score_as_strings_do(copy_workdir, ranked_workdir, users_with_history, publish):
+    """Scorers with the encoded signatures score rows of items encoded once at load; exports
+    without them (older versions) get the items' strings. Both give the same answers."""
+    w = copy_workdir(ranked_workdir)
+    encoded = Cascade.load(w)
+    assert sorted(encoded.encoded_items) == ["preranker", "ranker"]
+    assert len(encoded.encoded_items["ranker"]) == encoded.index.num_items
+    for model, seed in (("preranker", 11), ("ranker", 12)):  # the same weights, without the signatures
+        shutil.rmtree(exports.version_path(w, model, 1))
+        publish.scorer(w, model, 1, seed=seed, legacy=True)
+    strings = Cascade.load(w)
+    assert strings.encoded_items == {} and not strings.ranker.encodes_items
+    queries = [dict(user_id=u) for u in users_with_history] + [dict(features={"age": "a"})]
+    for q in queries:
+        by_ids, by_strings = (c.recommend(**q, k=7, explain=True) for c in (encoded, strings))
+        assert [i["item_id"] for i in by_ids["items"]] == [i["item_id"] for i in by_strings["items"]]
+        for a, b in zip(by_ids["items"], by_strings["items"]):
+            assert a["stage_scores"] == pytest.approx(b["stage_scores"], rel=1e-6)
+    batch = [encoded.prepare(u, k=7) for u in users_with_history]
+    _assert_same_answers(encoded.answer(batch), [encoded.answer([q])[0] for q in batch])

@@ -92,3 +92,24 @@ def test_tensors_at_gathers_only_the_named_features(store):
     assert sorted(got) == sorted(["tags", ITEM_ID]) and got["tags"].shape[0] == 2
     with pytest.raises(ValueError, match=r"unknown item feature\(s\) \['nope'\]"):
         store.tensors_at(np.array([0]), names=["nope"])
+
+
+def test_encoded_items_gather_every_feature_by_row():
+    from serving.item_store import EncodedItems
+
+    rng = np.random.default_rng(0)
+    arrays = {"item_id": rng.integers(0, 1000, 50).astype(np.int32),
+              "tags": rng.integers(0, 9, (50, 3)).astype(np.int32),
+              "price": rng.normal(size=50).astype(np.float32)}  # kept bit for bit in the int32 matrix
+    table = EncodedItems(arrays)
+    assert len(table) == 50 and table.names == ["item_id", "tags", "price"] and table.nbytes == 50 * 5 * 4
+    rows = np.array([7, 0, 49, 7])
+    got = table.at(rows)
+    for name, a in arrays.items():
+        assert got[name].dtype == a.dtype and got[name].flags.c_contiguous
+        np.testing.assert_array_equal(got[name], a[rows])
+    assert table.at(np.array([], np.int64))["tags"].shape == (0, 3)
+    with pytest.raises(ValueError, match="one row per item"):
+        EncodedItems({"a": np.zeros(3, np.int32), "b": np.zeros(4, np.int32)})
+    with pytest.raises(ValueError, match="int32 or float32"):
+        EncodedItems({"a": np.zeros(3, np.int64)})

@@ -106,5 +106,44 @@ def test_several_users_in_one_call_score_as_each_user_alone(tmp_path):
     alone = np.array([scorer.score({k: v[o:o + 1] for k, v in users.items()},
                                    {k: v[i:i + 1] for k, v in items.items()})[0] for i, o in enumerate(owner)])
     np.testing.assert_allclose(scorer.score(users, items, owner), alone, rtol=1e-5)  # the score_users signature
+    # Items encoded once (the export's own ids), then scored from gathered rows.
+    assert scorer.encodes_items
+    encoded = scorer.encode(items)
+    assert sorted(encoded) == scorer.item_inputs and encoded[ITEM_ID].dtype == np.int32
+    rows, row_owner = np.array([2, 2, 0, 3, 1]), np.array([3, 0, 3, 1, 0], np.int32)
+    want = [scorer.score({k: v[o:o + 1] for k, v in users.items()}, {k: v[i:i + 1] for k, v in items.items()})[0]
+            for i, o in zip(rows, row_owner)]
+    got = scorer.score(users, {k: v[rows] for k, v in encoded.items()}, row_owner, encoded=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
     scorer._multi = None  # an export without it: each candidate gets its user's row
     np.testing.assert_allclose(scorer.score(users, items, owner), alone, rtol=1e-5)
+
+
+@pytest.mark.parametrize("features,hidden", [
+    ((ITEM_ID, USER_ID, "price", HISTORY, "tags"), (5, 2)),  # user and item blocks interleaved
+    ((USER_ID, "age", ITEM_ID), ()),                         # no hidden layer: the logit layer is split
+    ((ITEM_ID, "category", "price"), (3,)),                  # item features only: no user part
+])
+def test_split_first_layer_equals_the_concatenated_input(features, hidden):
+    # Scoring candidates splits the first layer into a per-user and a per-item product;
+    # the logits equal the model's own call on row-aligned inputs, for one or several users.
+    keras.utils.set_random_seed(2)
+    model = PreRanker(SCHEMA, VOCABS, features, hidden, embedding_dim=3, numeric_stats={"price": [1.0, 0.5]})
+    b = batch()
+    model({k: tf.constant(v) for k, v in b.items()})
+    rng = np.random.default_rng(0)
+    for v in model.mlp.weights:  # biases too (they start at zero)
+        v.assign(rng.normal(size=v.shape).astype(np.float32))
+    users = {k: tf.constant(b[k]) for k in (USER_ID, "age", HISTORY)}
+    items = {k: tf.constant(b[k]) for k in (ITEM_ID, "category", "tags", "price")}
+    owner = np.array([1, 3, 0, 1], np.int32)
+    aligned = {**{k: tf.gather(v, owner) for k, v in users.items()}, **items}
+    want = model(aligned).numpy()
+    np.testing.assert_allclose(model.candidate_logits(users, items, tf.constant(owner)).numpy(), want, rtol=1e-5,
+                               atol=1e-6)
+    one = {k: v[1:2] for k, v in users.items()}
+    want_one = model({**{k: tf.repeat(v, 4, axis=0) for k, v in one.items()}, **items}).numpy()
+    np.testing.assert_allclose(model.candidate_logits(one, items).numpy(), want_one, rtol=1e-5, atol=1e-6)
+    encoded = model.encode_items(items)
+    np.testing.assert_allclose(model.candidate_logits(users, encoded, tf.constant(owner), items_encoded=True).numpy(),
+                               want, rtol=1e-5, atol=1e-6)

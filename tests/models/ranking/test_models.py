@@ -189,13 +189,20 @@ out = fn(**{{k: tf.constant(v, tf.float32 if k == "price" else tf.string) for k,
 many = tf.saved_model.load({path!r}).signatures["score_users"](
     **{{k: tf.constant(v, tf.float32 if k == "price" else tf.string) for k, v in inputs.items()}},
     user_index=tf.zeros([len(inputs["item_id"])], tf.int32))
-print(json.dumps({{**{{k: v.numpy().tolist() for k, v in out.items()}}, "many": many["scores"].numpy().tolist()}}))
+loaded = tf.saved_model.load({path!r})
+tensors = {{k: tf.constant(v, tf.float32 if k == "price" else tf.string) for k, v in inputs.items()}}
+encoded = loaded.signatures["encode_items"](**{{k: tensors[k] for k in ("item_id", "category", "tags", "price")}})
+by_ids = loaded.signatures["score_users_encoded"](**{{k: tensors[k] for k in ("user_id", "age", "history")}},
+                                                  **encoded, user_index=tf.zeros([len(inputs["item_id"])], tf.int32))
+print(json.dumps({{**{{k: v.numpy().tolist() for k, v in out.items()}}, "many": many["scores"].numpy().tolist(),
+                  "encoded": by_ids["scores"].numpy().tolist()}}))
 """
     proc = python_subprocess(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(got["scores"], want, rtol=1e-6)
     np.testing.assert_allclose(got["many"], want, rtol=1e-6)
+    np.testing.assert_allclose(got["encoded"], want, rtol=1e-6)
     np.testing.assert_allclose(got["logits"], np.log(want / (1 - want)), rtol=1e-4, atol=1e-5)
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
 
@@ -218,7 +225,19 @@ def test_several_users_in_one_call_score_as_each_user_alone(model_type, tmp_path
     path = str(tmp_path / "ranker")
     export_ranker(model, path)
     loaded = tf.saved_model.load(path)
-    assert set(loaded.signatures) == {"serving_default", "score_users"}
+    assert set(loaded.signatures) == {"serving_default", "score_users", "encode_items", "score_users_encoded"}
     out = loaded.signatures["score_users"](**_tensors(users), **_tensors(items), user_index=tf.constant(owner))
     np.testing.assert_allclose(out["logits"].numpy(), alone, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["scores"].numpy(), 1 / (1 + np.exp(-alone)), rtol=1e-5)
+    # Items encoded once (vocabulary ids, standardized numbers), then scored from the ids.
+    encoded = loaded.signatures["encode_items"](**_tensors(items))
+    assert set(encoded) == set(items)
+    assert encoded[ITEM_ID].dtype == tf.int32 and encoded["tags"].shape == items["tags"].shape
+    assert encoded["price"].dtype == tf.float32
+    np.testing.assert_array_equal(encoded[ITEM_ID].numpy(), model.lookup(_tensors(items), "item")[ITEM_ID].numpy())
+    # Rows of the encoded table are gathered in any order, as the server does.
+    rows = np.array([5, 0, 3, 3, 1, 2])
+    out = loaded.signatures["score_users_encoded"](**_tensors(users), **{k: tf.gather(v, rows) for k, v in
+                                                                        encoded.items()},
+                                                   user_index=tf.constant(owner[rows]))
+    np.testing.assert_allclose(out["logits"].numpy(), alone[rows], rtol=1e-5, atol=1e-6)
