@@ -61,9 +61,8 @@ class ServiceConfig:
       max_batch_size: concurrent requests answered together by one batched cascade
         call (`serving.batching`): one query-tower call, one index search and one call
         per scoring stage for the batch. 1 = every request computed alone.
-      batch_workers: threads computing batches (with batching on). Two keep one request's
-        Python work overlapping another's TensorFlow work at low concurrency; one gives
-        the lowest tail latency under heavy load.
+      batch_workers: threads computing batches (with batching on). Two let one batch's
+        Python work overlap another's TensorFlow work; one runs a batch at a time.
       batch_wait_ms: how long a batch may wait for more requests after its first,
         until it is as large as the previous batch (`serving.batching`); a batch after a
         batch of one never waits, so a lone client pays nothing. 0 = take only the
