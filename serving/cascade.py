@@ -155,13 +155,13 @@ class CandidateScorer:
         batch 1 (one user, broadcast) or N (each candidate's own user); with
         `user_index` ``[N]``, `user_tensors` hold U users and candidate i is scored for
         user ``user_index[i]``. With `encoded`, `item_features` come from `encode`."""
-        n = int(next(iter(item_features.values())).shape[0])
+        count = int(next(iter(item_features.values())).shape[0])
         args = {n: tf.convert_to_tensor(item_features[n]) for n in self.item_inputs}
         if encoded:
             if self._encoded is None:
                 raise ValueError(f"{self.name} export {self.path} has no `{ENCODED_SCORING_SIGNATURE}` signature")
             args.update({n: user_tensors[n] for n in self.user_inputs})
-            index = np.zeros(n, np.int32) if user_index is None else np.asarray(user_index, dtype=np.int32)
+            index = np.zeros(count, np.int32) if user_index is None else np.asarray(user_index, dtype=np.int32)
             args[USER_INDEX] = tf.constant(index)
             fn = self._encoded
         elif user_index is None:
@@ -176,8 +176,8 @@ class CandidateScorer:
             args.update({n: tf.gather(user_tensors[n], index) for n in self.user_inputs})
             fn = self._fn
         scores = fn(**args)["scores"].numpy().reshape(-1)
-        if scores.shape[0] != n:
-            raise ValueError(f"{self.name} {self.path} returned {scores.shape[0]} scores for {n} candidates")
+        if scores.shape[0] != count:
+            raise ValueError(f"{self.name} {self.path} returned {scores.shape[0]} scores for {count} candidates")
         return scores
 
 

@@ -100,20 +100,15 @@ class FeatureEmbedding(keras.layers.Layer):
         are embedded once and broadcast to the N rows. With `user_index` ``[N]``, the
         user features hold U users, each embedded once and gathered for its candidates.
         With `items_encoded`, the item features are `encode_one`'s outputs."""
-        item_names = [n for n in self.features if self.schema.feature(n).side == "item"]
-        if not item_names:
-            raise ValueError(f"scoring candidates needs an item feature; the features are {self.features}")
-        missing = [n for n in item_names if n not in item_features]
-        if missing:
-            raise ValueError(f"The pre-ranker needs the item features {missing} (inputs have {sorted(item_features)}).")
-        n = tf.shape(item_features[item_names[0]])[0]
+        user, items = self.side_blocks(user_features, item_features, items_encoded)
+        n = tf.shape(items[0])[0]
+        user, items = iter(user), iter(items)
         out = []
         for name in self.features:
             if self.schema.feature(name).side == "item":
-                x = item_features[name]
-                out.append(self.embed_encoded(name, x) if items_encoded else self.embed_one(name, x))
+                out.append(next(items))
             else:
-                block = self.embed_one(name, user_features[name])
+                block = next(user)
                 if user_index is not None:
                     out.append(tf.gather(block, user_index))
                 else:
@@ -125,6 +120,8 @@ class FeatureEmbedding(keras.layers.Layer):
         """``(user blocks [U, d_i], item blocks [N, d_i])`` in feature order, each side as
         given (user features are not broadcast to the candidates)."""
         item_names = [n for n in self.features if self.schema.feature(n).side == "item"]
+        if not item_names:
+            raise ValueError(f"scoring candidates needs an item feature; the features are {self.features}")
         missing = [n for n in item_names if n not in item_features]
         if missing:
             raise ValueError(f"The pre-ranker needs the item features {missing} (inputs have {sorted(item_features)}).")
