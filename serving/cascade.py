@@ -157,20 +157,16 @@ class CandidateScorer:
         user ``user_index[i]``. With `encoded`, `item_features` come from `encode`."""
         count = int(next(iter(item_features.values())).shape[0])
         args = {n: tf.convert_to_tensor(item_features[n]) for n in self.item_inputs}
-        if encoded:
-            if self._encoded is None:
-                raise ValueError(f"{self.name} export {self.path} has no `{ENCODED_SCORING_SIGNATURE}` signature")
+        if encoded and self._encoded is None:
+            raise ValueError(f"{self.name} export {self.path} has no `{ENCODED_SCORING_SIGNATURE}` signature")
+        if encoded or (user_index is not None and self._multi is not None):  # a several-user signature
             args.update({n: user_tensors[n] for n in self.user_inputs})
             index = np.zeros(count, np.int32) if user_index is None else np.asarray(user_index, dtype=np.int32)
             args[USER_INDEX] = tf.constant(index)
-            fn = self._encoded
+            fn = self._encoded if encoded else self._multi
         elif user_index is None:
             args.update({n: user_tensors[n] for n in self.user_inputs})
             fn = self._fn
-        elif self._multi is not None:
-            args.update({n: user_tensors[n] for n in self.user_inputs})
-            args[USER_INDEX] = tf.constant(np.asarray(user_index, dtype=np.int32))
-            fn = self._multi
         else:
             index = tf.constant(np.asarray(user_index, dtype=np.int32))
             args.update({n: tf.gather(user_tensors[n], index) for n in self.user_inputs})
@@ -288,16 +284,18 @@ class Cascade:
         missing from the item table keep their own id, as when scored by strings)."""
         t0 = time.perf_counter()
         n = self.index.num_items
-        parts = []
-        for start in range(0, n, chunk_size):
-            index = np.arange(start, min(n, start + chunk_size))
-            ids = self.index.item_ids_at(index) if ITEM_ID in scorer.item_inputs else None
-            parts.append(scorer.encode(self.items.tensors_at(self._item_positions[index], ids,
-                                                             names=scorer.item_inputs)))
+        parts = [scorer.encode(self._item_tensors(scorer, np.arange(start, min(n, start + chunk_size))))
+                 for start in range(0, n, chunk_size)]
         out = EncodedItems({f: np.concatenate([p[f] for p in parts]) for f in scorer.item_inputs})
         log.info("encoded the %d indexed items for the %s in %.1f s (%.0f MB)", n, name, time.perf_counter() - t0,
                  out.nbytes / 2 ** 20)
         return out
+
+    def _item_tensors(self, scorer: CandidateScorer, index: np.ndarray) -> Dict[str, Any]:
+        """The scorer's item inputs, as strings, for the indexed items at `index` (ids from
+        the index, so that items missing from the item table keep theirs)."""
+        ids = self.index.item_ids_at(index) if ITEM_ID in scorer.item_inputs else None
+        return self.items.tensors_at(self._item_positions[index], ids, names=scorer.item_inputs)
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
@@ -520,16 +518,12 @@ class Cascade:
             group = [j for j, q in enumerate(queries) if len(cand_ids[j]) and name in q.stages]
             if not group:
                 continue
-            # The candidates' features, only those this model takes, gathered from the
-            # item table (ids from the index, so that items missing from the table keep theirs).
+            # The candidates' features, only those this model takes: rows of the items
+            # encoded at load (integers), or for older exports the items' strings.
             t_gather = time.perf_counter()
             index = np.concatenate([cand_index[j] for j in group])
             encoded = self.encoded_items.get(name)
-            if encoded is not None:  # rows of the items encoded at load: integers, no strings
-                feats = encoded.at(index)
-            else:
-                ids = self.index.item_ids_at(index) if ITEM_ID in scorer.item_inputs else None
-                feats = self.items.tensors_at(self._item_positions[index], ids, names=scorer.item_inputs)
+            feats = encoded.at(index) if encoded is not None else self._item_tensors(scorer, index)
             gathered = time.perf_counter() - t_gather
             gather_ms += 1e3 * gathered
             t += gathered  # the stage's own time leaves the gathering out

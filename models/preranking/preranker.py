@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from models.features import Schema
 from models.preranking.embedding import FeatureEmbedding
-from models.ranking.models import candidate_scoring_function, multi_user_scoring_function, scoring_signatures
+from models.ranking.models import (candidate_scoring_function, multi_user_scoring_function, scoring_signatures,
+                                   to_encoded)
 from models.tf_compat import keras, tf
 
 
@@ -66,8 +67,7 @@ class PreRanker(keras.Model):
         out = {}
         for name in self.features:
             if self.schema.feature(name).side == "item":
-                code = self.embedding.encode_one(name, item_features[name])
-                out[name] = tf.cast(code, tf.int32) if code.dtype.is_integer else code
+                out[name] = to_encoded(self.embedding.encode_one(name, item_features[name]))
         return out
 
     def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],

@@ -181,22 +181,29 @@ def candidate_scoring_function(model, user_specs: Mapping[str, Any], item_specs:
     return score_candidates.get_concrete_function(**user_specs, **item_specs)
 
 
-def multi_user_scoring_function(model, user_specs: Mapping[str, Any], item_specs: Mapping[str, Any]):
+def multi_user_scoring_function(model, user_specs: Mapping[str, Any], item_specs: Mapping[str, Any],
+                                items_encoded: bool = False):
     """The ``score_users`` concrete function: the candidates of U users in one call.
 
     User features have U rows, item features N rows, and ``user_index`` ``[N]`` int32
     names each candidate's user (a row of the user features). Each user's features
     are looked up and embedded once, then gathered for its candidates, so a batch of
     users costs little more than their candidates. Outputs as `serving_default`.
+    With `items_encoded`, the ``score_users_encoded`` function: the item features are
+    those ``encode_items`` returns (`encoded_item_specs`), so no string is looked up
+    per candidate.
     """
     if USER_INDEX in user_specs or USER_INDEX in item_specs:
         raise ValueError(f"A feature may not be named {USER_INDEX!r}: the {MULTI_USER_SIGNATURE} signature "
                          f"uses that input name")
+    if items_encoded:
+        item_specs = encoded_item_specs(item_specs)
 
     @tf.function
     def score_users(**features):
         logits = model.candidate_logits({k: features[k] for k in user_specs},
-                                        {k: features[k] for k in item_specs}, user_index=features[USER_INDEX])
+                                        {k: features[k] for k in item_specs}, user_index=features[USER_INDEX],
+                                        items_encoded=items_encoded)
         return {"scores": tf.sigmoid(logits), "logits": logits}
 
     return score_users.get_concrete_function(
@@ -208,6 +215,12 @@ def encoded_item_specs(item_specs: Mapping[str, Any]) -> Dict[str, Any]:
     ``[N, L]`` → int32 ids of the same shape; numeric stays float32 ``[N]``."""
     return {k: tf.TensorSpec(spec.shape, tf.int32 if spec.dtype == tf.string else spec.dtype, name=k)
             for k, spec in item_specs.items()}
+
+
+def to_encoded(code: tf.Tensor) -> tf.Tensor:
+    """A looked-up feature in the form of ``encode_items``' outputs: vocabulary ids as
+    int32, numeric values as they are."""
+    return tf.cast(code, tf.int32) if code.dtype.is_integer else code
 
 
 def encode_items_function(model, item_specs: Mapping[str, Any]):
@@ -222,22 +235,6 @@ def encode_items_function(model, item_specs: Mapping[str, Any]):
     return encode_items.get_concrete_function(**item_specs)
 
 
-def encoded_scoring_function(model, user_specs: Mapping[str, Any], item_specs: Mapping[str, Any]):
-    """The ``score_users_encoded`` concrete function: as ``score_users``, with the item
-    features encoded by ``encode_items`` (no string lookup per candidate)."""
-    encoded_specs = encoded_item_specs(item_specs)
-
-    @tf.function
-    def score_users_encoded(**features):
-        logits = model.candidate_logits({k: features[k] for k in user_specs},
-                                        {k: features[k] for k in encoded_specs}, user_index=features[USER_INDEX],
-                                        items_encoded=True)
-        return {"scores": tf.sigmoid(logits), "logits": logits}
-
-    return score_users_encoded.get_concrete_function(
-        **user_specs, **encoded_specs, **{USER_INDEX: tf.TensorSpec([None], tf.int32, name=USER_INDEX)})
-
-
 def scoring_signatures(model) -> Dict[str, Any]:
     """Every signature of a ranker or pre-ranker export (`models.signatures`): one user,
     many users, item encoding and many users with encoded items."""
@@ -245,7 +242,7 @@ def scoring_signatures(model) -> Dict[str, Any]:
     return {SERVING_DEFAULT: candidate_scoring_function(model, user_specs, item_specs),
             MULTI_USER_SIGNATURE: multi_user_scoring_function(model, user_specs, item_specs),
             ENCODE_ITEMS_SIGNATURE: encode_items_function(model, item_specs),
-            ENCODED_SCORING_SIGNATURE: encoded_scoring_function(model, user_specs, item_specs)}
+            ENCODED_SCORING_SIGNATURE: multi_user_scoring_function(model, user_specs, item_specs, items_encoded=True)}
 
 
 def coaction_features(schema: Schema, config: RankingConfig) -> Tuple[List[str], List[str]]:
@@ -513,8 +510,7 @@ class RankingModel(keras.Model):
     def encode_items(self, item_features: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
         """Item features → the form `candidate_logits(..., items_encoded=True)` takes:
         vocabulary ids as int32, numeric values standardized (float32)."""
-        return {k: tf.cast(v, tf.int32) if v.dtype.is_integer else v
-                for k, v in self.lookup(item_features, "item").items()}
+        return {k: to_encoded(v) for k, v in self.lookup(item_features, "item").items()}
 
     def candidate_logits(self, user_features: Mapping[str, Any], item_features: Mapping[str, Any],
                          user_index=None, items_encoded: bool = False) -> tf.Tensor:
