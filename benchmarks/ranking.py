@@ -51,6 +51,7 @@ DATASETS = ("synthetic", "movielens-100k")
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
+    from models.ranking.co_action import SEQUENCE_POOLINGS
     from models.ranking.models import MODEL_TYPES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +76,18 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feed-dim", type=int, default=8)
     p.add_argument("--coaction-layers", default="4,4")
     p.add_argument("--orders", type=int, default=2)
+    p.add_argument("--coaction-initializer", default="uniform",
+                   help="Keras initializer of CAN's co-action tables")
+    p.add_argument("--combination-independent", action="store_true",
+                   help="CAN: each (induction, feed) pair gets its own micro-MLP")
+    p.add_argument("--order-independent", action="store_true", help="CAN: each order gets its own micro-MLP")
+    p.add_argument("--coaction-item-features", nargs="+", default=None,
+                   help="item side of the co-action pairs (CAN inductions, Cartesian crosses); default: every "
+                        "categorical item feature")
+    p.add_argument("--coaction-user-features", nargs="+", default=None,
+                   help="user side of the co-action pairs (CAN feeds, Cartesian crosses); default: every categorical user feature "
+                        "but the user id")
+    p.add_argument("--sequence-pooling", choices=SEQUENCE_POOLINGS, default="coaction_then_mean")
     p.add_argument("--cartesian-max-buckets", type=int, default=2 ** 17)
     p.add_argument("--focal-alpha", type=float, default=None)
     p.add_argument("--focal-gamma", type=float, default=2.0)
@@ -244,7 +257,12 @@ def main(argv=None) -> None:
                            hidden_units=tuple(int(x) for x in args.hidden_units.split(",")),
                            coaction_feed_dim=args.feed_dim,
                            coaction_layer_sizes=tuple(int(x) for x in args.coaction_layers.split(",")),
-                           coaction_orders=args.orders, cartesian_max_buckets=args.cartesian_max_buckets)
+                           coaction_orders=args.orders, cartesian_max_buckets=args.cartesian_max_buckets,
+                           coaction_initializer=args.coaction_initializer,
+                           combination_independent=args.combination_independent,
+                           order_independent=args.order_independent, sequence_pooling=args.sequence_pooling,
+                           coaction_item_features=args.coaction_item_features,
+                           coaction_user_features=args.coaction_user_features)
     results: Dict[str, Any] = {}
     for model_type in args.model:
         per_seed, model = [], None

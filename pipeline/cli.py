@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set retrieval.epochs=3 (repeatable)")
     stages = run.add_mutually_exclusive_group()
     stages.add_argument("--from-stage", metavar="STAGE",
-                        help="re-run this stage and all later ones (data, statistics, retrieval, export, "
-                             "index, evaluation); by default unchanged stages are skipped")
+                        help="re-run this stage and all later ones (data, statistics, retrieval, ranker, "
+                             "preranker, export, index, evaluation); by default unchanged stages are skipped")
     stages.add_argument("--only-stage", metavar="STAGE", help="run only this stage (its inputs must exist)")
 
     q = sub.add_parser("query", help="top-k items for a user from a workdir's exports")
@@ -97,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --max-batch-size 1: cascades computed at once; more requests wait their turn "
                          "(default: 0 = no limit)")
     sv.add_argument("--tf-threads", type=int, default=0,
-                    help="TensorFlow threads per operation (intra-op); 0 = TensorFlow's default, one per core")
+                    help="TensorFlow threads per operation (intra-op) in each process; 0 = one per core, divided "
+                         "among the processes")
+    sv.add_argument("--processes", type=int, default=1,
+                    help="worker processes sharing the port, each with its own copy of the models (the Python "
+                         "work of one process runs on about one core) (default: %(default)s)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
 
     s = sub.add_parser("stats", help="Beam statistics of a dataset (item frequencies, vocabularies, MI)",
@@ -218,12 +222,11 @@ def _serve(args) -> int:
     if args.tf_threads < 0:
         print(f"recfunnel: --tf-threads should be >= 0. Received: {args.tf_threads}", file=sys.stderr)
         return EXIT_USAGE
-    if args.tf_threads:
-        from models.tf_compat import tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(args.tf_threads)
+    if args.processes < 1:
+        print(f"recfunnel: --processes should be >= 1. Received: {args.processes}", file=sys.stderr)
+        return EXIT_USAGE
     serve(config, host=args.host, port=args.port, access_log=args.access_log,
-          log_level="debug" if args.verbose else "info")
+          log_level="debug" if args.verbose else "info", processes=args.processes, tf_threads=args.tf_threads)
     return EXIT_OK
 
 

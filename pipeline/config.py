@@ -294,7 +294,7 @@ class RetrievalConfig:
 
 RANKER_MODELS = ("can", "dnn", "din", "cartesian")
 RANKER_LOSSES = ("bce", "focal", "ghm")
-SEQUENCE_POOLINGS = ("coaction_then_sum", "sum_then_coaction")
+SEQUENCE_POOLINGS = ("coaction_then_sum", "sum_then_coaction", "coaction_then_mean", "mean_then_coaction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +317,8 @@ class RankerConfig:
       coaction_layer_sizes: CAN's micro-MLP layer sizes after D.
       coaction_orders: C of the multi-order enhancement.
       order_independent, combination_independent: CAN's independence switches.
-      sequence_pooling: ``coaction_then_sum`` or ``sum_then_coaction`` (Eq. 10).
+      sequence_pooling: ``coaction_then_sum`` or ``sum_then_coaction`` (Eq. 10), or the
+        means ``coaction_then_mean`` / ``mean_then_coaction``.
       epochs: the maximum number of epochs; the epoch with the best validation AUC is kept.
       validation_fraction: each user's last training events held out to pick the epoch.
       batch_size, learning_rate, seed: training.
@@ -333,7 +334,7 @@ class RankerConfig:
     coaction_orders: int = 2
     order_independent: bool = False
     combination_independent: bool = False
-    sequence_pooling: str = "coaction_then_sum"
+    sequence_pooling: str = "coaction_then_mean"
     epochs: int = 3
     validation_fraction: float = 0.1
     batch_size: int = 512

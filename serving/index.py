@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,6 +29,8 @@ from models.tf_compat import tf
 MANIFEST_FILE = "manifest.json"
 SAVED_MODEL_DIR = "saved_model"
 INDEX_KINDS = ("auto", "scann", "brute_force")
+
+log = logging.getLogger("recfunnel.serving")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,9 @@ REORDER_CANDIDATES = (10, 25, 50, 100, 200, 500, 1000)
 # many cold items sharing one id bucket) have score gaps below the quantization error,
 # and only a deeper exact re-scoring separates them. Still far below N at 1M items.
 DEEP_REORDER_CANDIDATES = (2000, 5000, 10000, 20000)
+# When the target recall is out of reach, the tuner aims this far below the recall of
+# searching every partition at the deepest re-scoring.
+UNREACHABLE_TOLERANCE = 0.005
 # Partitions searched as fractions of all partitions: the coarse grid of the tuner,
 # refined by bisection between the last miss and the first hit.
 _LEAF_FRACTIONS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
@@ -210,15 +216,17 @@ def _recall_at(searcher, embeddings, queries, exact, k, leaves, reorder) -> floa
     return recall_vs_exact(-np.sort(-true, axis=1), exact, k)
 
 
-def _fewest_leaves(recall_of, num_leaves: int, target_recall: float, upper: Optional[int] = None):
+def _fewest_leaves(recall_of, num_leaves: int, target_recall: float, upper: Optional[int] = None,
+                   measured: Optional[Dict[int, float]] = None):
     """Smallest partition count reaching the target (coarse grid, then bisection).
 
-    `recall_of(leaves)` is measured (and memoised by the caller's dict). Recall grows
-    with the partitions searched, up to noise, so the bisection assumes monotonicity.
+    `recall_of(leaves)` is measured once per count (into `measured`, which may hold
+    earlier measurements of the same setting). Recall grows with the partitions
+    searched, up to noise, so the bisection assumes monotonicity.
     Returns ``(leaves or None when even `upper` misses, {leaves: recall})``.
     """
     upper = num_leaves if upper is None else min(upper, num_leaves)
-    measured: Dict[int, float] = {}
+    measured = {} if measured is None else measured
 
     def measure(leaves):
         if leaves not in measured:
@@ -262,12 +270,15 @@ def _seconds_per_query(searcher, queries, k, settings, repeats: int = 3) -> List
 
 
 def tune_leaves_to_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leaves: int,
-                          target_recall: float, k: int = 10, reorder: int = 0):
+                          target_recall: float, k: int = 10, reorder: int = 0,
+                          unreachable_tolerance: float = UNREACHABLE_TOLERANCE):
     """Smallest number of searched partitions reaching `target_recall` at `k`.
 
     Recall is measured against exact search by score (see
-    `models.metrics.recall_vs_exact`), so ties cannot flip it. Returns the chosen
-    count and the (leaves, recall) curve measured up to it, ascending.
+    `models.metrics.recall_vs_exact`), so ties cannot flip it. When even all
+    partitions miss the target, the fewest reaching their recall minus
+    `unreachable_tolerance` (searching them all would cost more for no more than that).
+    Returns the chosen count and the (leaves, recall) curve measured up to it, ascending.
 
     Args:
       searcher: a built ScaNN searcher (TensorFlow ops).
@@ -282,15 +293,23 @@ def tune_leaves_to_search(searcher, embeddings: np.ndarray, queries: np.ndarray,
     queries = np.asarray(queries, np.float32)
     k = min(k, embeddings.shape[0])
     exact, _ = exact_top_k(queries, embeddings, k)
-    leaves, measured = _fewest_leaves(
-        lambda n: _recall_at(searcher, embeddings, queries, exact, k, n, reorder), num_leaves, target_recall)
-    leaves = num_leaves if leaves is None else leaves
+
+    def recall_of(n):
+        return _recall_at(searcher, embeddings, queries, exact, k, n, reorder)
+
+    leaves, measured = _fewest_leaves(recall_of, num_leaves, target_recall)
+    if leaves is None:  # out of reach: the fewest partitions within the tolerance of searching all
+        ceiling = measured[num_leaves]
+        leaves, measured = _fewest_leaves(recall_of, num_leaves, ceiling - unreachable_tolerance, measured=measured)
+        log.warning("index tuning: recall@%d %.4f is out of reach (%.4f searching all %d partitions); searching %d "
+                    "partitions for %.4f", k, target_recall, ceiling, num_leaves, leaves, measured[leaves])
     return leaves, [(n, r) for n, r in sorted(measured.items()) if n <= leaves]
 
 
 def tune_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leaves: int, target_recall: float,
                 k: int = 10, reorder_candidates: Sequence[int] = REORDER_CANDIDATES, repeats: int = 3,
-                deep_reorder_candidates: Sequence[int] = DEEP_REORDER_CANDIDATES):
+                deep_reorder_candidates: Sequence[int] = DEEP_REORDER_CANDIDATES,
+                unreachable_tolerance: float = UNREACHABLE_TOLERANCE):
     """Partitions searched and re-scoring depth: the fastest pair reaching the target.
 
     For each re-scoring depth r (ascending) the fewest partitions l(r) reaching
@@ -299,13 +318,17 @@ def tune_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leave
     fewer partitions than every shallower depth (the others are dominated) is then
     timed on the sample queries (single thread, best of `repeats` interleaved rounds)
     and the fastest is kept. When no depth reaches the target, the deeper
-    `deep_reorder_candidates` are tried the same way; when none of those does either,
-    all partitions and the deepest re-scoring are used.
+    `deep_reorder_candidates` are tried the same way. When none of those does either,
+    the target is out of this index's reach: the ceiling is the recall of searching all
+    partitions at the deepest re-scoring, and the same search runs for the ceiling
+    minus `unreachable_tolerance` over every depth (the recall curve is flat near the
+    ceiling, so a full search would cost several times more for almost nothing).
 
     Returns:
       ``(leaves, reorder, report)``; the report holds ``curve`` (leaves, recall) at
-      the chosen depth up to the chosen leaves, and ``grid``: one
-      ``[leaves, reorder, recall, microseconds per query]`` row per timed pair.
+      the chosen depth up to the chosen leaves, ``grid``: one
+      ``[leaves, reorder, recall, microseconds per query]`` row per timed pair, and
+      ``target_reached``; when false, ``ceiling`` and ``tuned_for`` as well.
     """
     embeddings = np.asarray(embeddings, np.float32)
     queries = np.asarray(queries, np.float32)
@@ -317,33 +340,47 @@ def tune_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leave
         raise ValueError(f"`reorder_candidates` should not be empty. Received: {reorder_candidates!r}")
     deep = sorted({min(n, int(r)) for r in deep_reorder_candidates} - set(depths))
     deep = [d for d in deep if d > depths[-1]]
-    upper, found, curves, tried = num_leaves, [], {}, []
-    for group in (depths, deep):
-        if found:
-            break
-        for depth in group:
-            leaves, measured = _fewest_leaves(
-                lambda l, d=depth: _recall_at(searcher, embeddings, queries, exact, k, l, d), num_leaves,
-                target_recall, upper)
-            curves[depth] = measured
-            tried.append(depth)
-            # A deeper re-scoring that needs as many partitions as a shallower one is slower: skip it.
-            if leaves is not None and (not found or leaves < found[-1][0]):
-                found.append((leaves, depth, measured[leaves]))
-                upper = leaves
+    curves: Dict[int, Dict[int, float]] = {}
+
+    def pairs(target: float, groups) -> List[Tuple[int, int, float]]:
+        """Per depth (group after group, until one reaches `target`), the fewest
+        partitions reaching it; only the pairs no shallower depth dominates."""
+        upper, found = num_leaves, []
+        for group in groups:
+            if found:
+                break
+            for depth in group:
+                leaves, _ = _fewest_leaves(
+                    lambda l, d=depth: _recall_at(searcher, embeddings, queries, exact, k, l, d), num_leaves,
+                    target, upper, measured=curves.setdefault(depth, {}))
+                # A deeper re-scoring that needs as many partitions as a shallower one is slower: skip it.
+                if leaves is not None and (not found or leaves < found[-1][0]):
+                    found.append((leaves, depth, curves[depth][leaves]))
+                    upper = leaves
+        return found
+
+    found = pairs(target_recall, (depths, deep))
+    reached = bool(found)
     if not found:
-        depth = tried[-1]
-        recall = curves[depth].get(num_leaves)
-        if recall is None:
-            recall = _recall_at(searcher, embeddings, queries, exact, k, num_leaves, depth)
-            curves[depth][num_leaves] = recall
-        found = [(num_leaves, depth, recall)]
+        # Out of reach: aim for what searching everything at the deepest re-scoring gets,
+        # less the tolerance, rather than pay for a full search.
+        deepest = (deep or depths)[-1]
+        if num_leaves not in curves.setdefault(deepest, {}):
+            curves[deepest][num_leaves] = _recall_at(searcher, embeddings, queries, exact, k, num_leaves, deepest)
+        ceiling = curves[deepest][num_leaves]
+        found = pairs(ceiling - unreachable_tolerance, (depths + deep,))
     seconds = _seconds_per_query(searcher, queries, k, [(leaves, depth) for leaves, depth, _ in found], repeats)
     grid = [[leaves, depth, round(float(recall), 4), round(1e6 * s, 2)]
             for (leaves, depth, recall), s in zip(found, seconds)]
     leaves, depth = min(grid, key=lambda row: (row[3], row[0], row[1]))[:2]
     curve = [[int(a), round(float(b), 4)] for a, b in sorted(curves[depth].items()) if a <= leaves]
-    return leaves, depth, {"curve": curve, "grid": grid}
+    report = {"curve": curve, "grid": grid, "target_reached": reached}
+    if not reached:
+        report.update(ceiling=round(float(ceiling), 4), tuned_for=round(float(ceiling - unreachable_tolerance), 4))
+        log.warning("index tuning: recall@%d %.4f is out of reach (%.4f searching all %d partitions, re-scoring "
+                    "%d); searching %d partitions, re-scoring %d, for %.4f", k, target_recall, ceiling, num_leaves,
+                    deepest, leaves, depth, curves[depth][leaves])
+    return leaves, depth, report
 
 
 def build_index(embeddings: np.ndarray, item_ids: Sequence[str], config: IndexConfig = IndexConfig(),

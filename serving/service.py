@@ -23,10 +23,16 @@ Concurrent requests are answered in batches (`ServiceConfig.max_batch_size`): a
 request thread validates its query (`Cascade.prepare`, so a bad request fails alone)
 and hands it to a `MicroBatcher`, whose worker runs every waiting query of the same
 cascade through one batched `Cascade.answer`.
+
+`serve(..., processes=N)` runs N such applications in worker processes sharing the port
+(uvicorn's process manager, which restarts a worker that dies): each loads its own
+cascade, reloads by itself and batches its own requests; ``GET /v1/models`` says which
+process answered.
 """
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -484,7 +490,7 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
 
     @app.get("/v1/models", summary="Loaded model versions, stages, reload and batching status")
     def models() -> Dict[str, Any]:
-        out = watcher.status()
+        out = {**watcher.status(), "process": os.getpid()}
         runner = batcher()
         out["batching"] = ({"max_batch_size": config.max_batch_size, "workers": config.batch_workers,
                             "wait_ms": config.batch_wait_ms, **runner.stats()} if runner is not None
@@ -505,15 +511,78 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
     return app
 
 
+# -- processes ---------------------------------------------------------------------------
+# A worker process of `serve(..., processes=N)` is a fresh interpreter (spawned by
+# uvicorn): it reads its configuration from these variables.
+CONFIG_ENV = "RECFUNNEL_SERVICE_CONFIG"
+TF_THREADS_ENV = "RECFUNNEL_SERVICE_TF_THREADS"
+
+
+def config_to_json(config: ServiceConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def config_from_json(text: str) -> ServiceConfig:
+    fields = json.loads(text)
+    return ServiceConfig(**{**fields, "cascade": CascadeConfig(**fields["cascade"])})
+
+
+def set_tf_threads(threads: int) -> None:
+    """TensorFlow threads per operation (intra-op) of this process; 0 = TensorFlow's default."""
+    if threads < 0:
+        raise ValueError(f"`tf_threads` should be >= 0 (0 = TensorFlow's default). Received: {threads}")
+    if threads:
+        from models.tf_compat import tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
+def app_from_environment():
+    """The application of one worker process: `create_app` of the configuration in
+    ``RECFUNNEL_SERVICE_CONFIG`` (`config_to_json`), with ``RECFUNNEL_SERVICE_TF_THREADS``
+    TensorFlow threads per operation."""
+    if CONFIG_ENV not in os.environ:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: the worker processes of `serve(..., processes=N)` read their "
+                           f"configuration from it")
+    set_tf_threads(int(os.environ.get(TF_THREADS_ENV, "0")))
+    return create_app(config_from_json(os.environ[CONFIG_ENV]))
+
+
 def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8500, access_log: bool = False,
-          log_level: str = "info") -> None:
-    """Runs the service with uvicorn until interrupted (one process, one shared cascade)."""
+          log_level: str = "info", processes: int = 1, tf_threads: int = 0) -> None:
+    """Runs the service with uvicorn until interrupted.
+
+    Args:
+      processes: worker processes sharing the port. One process (the default) holds one
+        cascade for all requests; its Python work (HTTP, JSON, filtering, batching) runs
+        under one interpreter lock, so it uses about one core and a half however many
+        the machine has. With N processes each loads its own cascade (N times the
+        memory, each reloading new versions by itself), the kernel spreads connections
+        among them, and each batches its own requests.
+      tf_threads: TensorFlow threads per operation in each process; 0 = TensorFlow's
+        default (one per core) with one process, the cores divided among the processes
+        with several.
+    """
     import uvicorn
 
+    if isinstance(processes, bool) or int(processes) != processes or processes < 1:
+        raise ValueError(f"`processes` should be a positive integer. Received: processes={processes!r}")
+    if tf_threads < 0:
+        raise ValueError(f"`tf_threads` should be >= 0 (0 = TensorFlow's default). Received: {tf_threads}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service is reachable from other machines", host)
-    uvicorn.run(create_app(config), host=host, port=port, access_log=access_log, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    options = dict(host=host, port=port, access_log=access_log, log_level=log_level, timeout_graceful_shutdown=10)
+    if processes == 1:
+        set_tf_threads(tf_threads)
+        uvicorn.run(create_app(config), **options)
+        return
+    if tf_threads == 0:
+        tf_threads = max(1, (os.cpu_count() or 1) // processes)
+    os.environ[CONFIG_ENV] = config_to_json(config)
+    os.environ[TF_THREADS_ENV] = str(tf_threads)
+    log.info("starting %d worker processes, %d TensorFlow threads per operation each", processes, tf_threads)
+    uvicorn.run("serving.service:app_from_environment", factory=True, workers=processes, **options)
 
 
-__all__ = ["ServiceConfig", "ModelWatcher", "create_app", "serve", "FOLLOW_MODES"]
+__all__ = ["ServiceConfig", "ModelWatcher", "create_app", "serve", "app_from_environment", "config_to_json",
+           "config_from_json", "FOLLOW_MODES"]

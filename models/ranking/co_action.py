@@ -19,6 +19,10 @@ Behaviour sequence (Eq. 10, a switch): ``"coaction_then_sum"`` applies the unit 
 item of the sequence and sum-pools the outputs over the non-padding positions (the
 authors' code), ``"sum_then_coaction"`` sum-pools the sequence first and applies the
 unit once (cheaper, but co-actions of different items mix before the non-linearity).
+``"coaction_then_mean"`` and ``"mean_then_coaction"`` average over the real positions
+instead of summing (an empty sequence gives zeros / the unit of a zero feed, as with
+sums): a sum grows with the history's length, a mean is a share of it, which is what a
+"how much of the history is like the target" effect needs.
 
 Multi-order enhancement (Eq. 8): the unit is applied to the element-wise powers
 ``P_feed^c``, c = 1..C; tanh bounds the hidden outputs against the numerical growth of
@@ -58,7 +62,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from models.tf_compat import keras, tf
 
-SEQUENCE_POOLINGS = ("coaction_then_sum", "sum_then_coaction")
+SEQUENCE_POOLINGS = ("coaction_then_sum", "sum_then_coaction", "coaction_then_mean", "mean_then_coaction")
 ORDER_COMBINATIONS = ("concat", "sum")
 
 MicroMLPParams = List[Tuple[tf.Tensor, Optional[tf.Tensor]]]
@@ -198,7 +202,7 @@ def co_action(p_induction: tf.Tensor, p_feed: tf.Tensor, *, input_dim: int, laye
         with ``K = micro_mlp_param_count × (orders if order_independent)``.
       p_feed: ``[B, D]``, or a sequence ``[B, L, D]``.
       mask: for a sequence, ``[B, L]`` (1/True at real positions); None = all real.
-      sequence_pooling: ``"coaction_then_sum"`` or ``"sum_then_coaction"`` (Eq. 10).
+      sequence_pooling: one of `SEQUENCE_POOLINGS` (Eq. 10 and its means).
 
     Returns:
       ``[B, out]`` (or ``[B, I, out]``), ``out = coaction_output_dim(layer_sizes, orders,
@@ -267,7 +271,9 @@ def co_action_feeds(p_induction: tf.Tensor, feeds: Sequence[tf.Tensor],
                              f"Received: shape={feed.shape.as_list()}")
         if feed.shape.rank == 3:
             w = tf.ones_like(feed[..., 0]) if mask is None else tf.cast(mask, feed.dtype)
-            if sequence_pooling == "sum_then_coaction":
+            if sequence_pooling.endswith("mean") or sequence_pooling.startswith("mean"):
+                w = w / tf.maximum(tf.reduce_sum(w, axis=1, keepdims=True), 1.0)  # an empty sequence stays 0
+            if sequence_pooling.endswith("then_coaction"):
                 feed = tf.reduce_sum(feed * w[..., tf.newaxis], axis=1, keepdims=True)
                 w = tf.ones_like(feed[..., 0])
         else:
@@ -387,7 +393,7 @@ class CoActionUnit(keras.layers.Layer):
       num_feeds: how many feed features the unit is called with.
       combination_independent: a separate slice of ``P_induction`` per feed feature.
       combine_orders: ``"concat"`` (authors' code) or ``"sum"`` (paper's Eq. 8).
-      sequence_pooling: ``"coaction_then_sum"`` or ``"sum_then_coaction"`` (Eq. 10).
+      sequence_pooling: one of `SEQUENCE_POOLINGS` (Eq. 10 and its means).
 
     Call:
       ``unit(p_induction, feeds, masks=None)`` with ``p_induction`` ``[B, induction_dim]``

@@ -86,7 +86,8 @@ class RankingConfig:
       coaction_orders: C of the multi-order enhancement.
       combine_orders: ``"concat"`` or ``"sum"`` (see `co_action`).
       order_independent, combination_independent: CAN's independence switches.
-      sequence_pooling: ``"coaction_then_sum"`` or ``"sum_then_coaction"``.
+      sequence_pooling: ``"coaction_then_sum"``, ``"sum_then_coaction"``,
+        ``"coaction_then_mean"`` or ``"mean_then_coaction"`` (`co_action`).
       coaction_initializer: Keras initializer name of CAN's co-action tables (the
         representation embeddings keep Keras' default ``"uniform"``).
       attention_units: hidden layers of DIN's activation unit.
@@ -108,7 +109,7 @@ class RankingConfig:
     combine_orders: str = "concat"
     order_independent: bool = False
     combination_independent: bool = False
-    sequence_pooling: str = "coaction_then_sum"
+    sequence_pooling: str = "coaction_then_mean"
     coaction_initializer: str = "uniform"
     attention_units: Tuple[int, ...] = (32,)
     cartesian_dim: Optional[int] = None

@@ -27,6 +27,14 @@ def test_help():
     assert proc.returncode == 0 and "run" in proc.stdout and "query" in proc.stdout
 
 
+def test_run_help_names_every_stage():
+    from pipeline.job import STAGES
+
+    proc = recfunnel("run", "--help")
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and f"({', '.join(STAGES)})" in text
+
+
 def test_run_writes_the_public_contract(workdir):
     with open(os.path.join(workdir, "stats", "item_frequencies.csv")) as f:
         rows = list(csv.DictReader(f))

@@ -148,13 +148,35 @@ def test_tuning_picks_the_fastest_pair_reaching_the_target():
     searcher = scann_ops.builder(db, 10, "dot_product").tree(num_leaves=20, num_leaves_to_search=5,
                                                              training_sample_size=5000).score_ah(
         2, anisotropic_quantization_threshold=0.2).reorder(50).build()
+    from serving.index import _recall_at, exact_top_k
+
+    exact, _ = exact_top_k(q, db, 10)
+    ceiling = _recall_at(searcher, db, q, exact, 10, 20, 20)  # all partitions, the deepest re-scoring
+    assert ceiling < 1.0
     leaves, reorder, report = tune_search(searcher, db, q, 20, 1.0, reorder_candidates=(10, 20),
-                                          deep_reorder_candidates=())
-    assert (leaves, reorder) == (20, 20) and len(report["grid"]) == 1
+                                          deep_reorder_candidates=(), unreachable_tolerance=0.02)
+    assert report["target_reached"] is False and report["ceiling"] == round(ceiling, 4)
+    assert report["tuned_for"] == round(ceiling - 0.02, 4)
+    chosen = [row for row in report["grid"] if row[:2] == [leaves, reorder]]
+    assert len(chosen) == 1 and chosen[0][2] >= ceiling - 0.02
+    # the fewest partitions for that recall at the chosen depth: one fewer misses it
+    assert leaves == 1 or _recall_at(searcher, db, q, exact, 10, leaves - 1, reorder) < ceiling - 0.02
+    # no tolerance: every partition is searched
+    leaves, reorder, report = tune_search(searcher, db, q, 20, 1.0, reorder_candidates=(10, 20),
+                                          deep_reorder_candidates=(), unreachable_tolerance=0.0)
+    chosen = [row for row in report["grid"] if row[:2] == [leaves, reorder]]
+    assert chosen[0][2] >= ceiling
+    # Searching partitions only (a fixed depth): the same rule.
+    from serving.index import tune_leaves_to_search
+
+    leaves, curve = tune_leaves_to_search(searcher, db, q, 20, 1.0, reorder=20, unreachable_tolerance=0.02)
+    assert curve[-1] == (leaves, _recall_at(searcher, db, q, exact, 10, leaves, 20))
+    assert curve[-1][1] >= ceiling - 0.02 and all(r < ceiling - 0.02 for n, r in curve[:-1] if n == leaves - 1)
     # When the usual depths miss, deeper re-scoring is tried (here up to all 5,000 items: exact).
     leaves, reorder, report = tune_search(searcher, db, q, 20, 1.0, reorder_candidates=(10, 20),
                                           deep_reorder_candidates=(2000, 5000, 10000))
     assert reorder in (2000, 5000) and all(row[2] >= 1.0 for row in report["grid"])
+    assert report["target_reached"] is True
 
 
 def test_deep_queries_are_not_cut_short_by_the_tuned_depth():

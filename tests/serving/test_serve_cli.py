@@ -1,5 +1,6 @@
 """`recfunnel serve` in a fresh process: binds loopback, answers, shuts down on SIGINT."""
 
+import contextlib
 import json
 import signal
 import socket
@@ -8,6 +9,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+import pytest
 
 from conftest import REPO, recfunnel
 
@@ -28,12 +31,28 @@ def _get(url, body=None):
         return e.code, json.loads(e.read())
 
 
-def test_serve_answers_over_http_and_stops_cleanly(ranked_workdir):
+@contextlib.contextmanager
+def _serving(workdir, *args, stop_timeout=30):
+    """`recfunnel serve` on a free port in a fresh process: yields ``(process, port)``;
+    then SIGINT, and the process must exit with 0."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--workdir", ranked_workdir,
-                             "--port", str(port), "--max-k", "20", "--poll-interval", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--workdir", workdir,
+                             "--port", str(port), "--poll-interval", "0", *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        yield proc, port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+
+
+def test_serve_answers_over_http_and_stops_cleanly(ranked_workdir):
+    with _serving(ranked_workdir, "--max-k", "20") as (proc, port):
         base = f"http://127.0.0.1:{port}"
         deadline, ready = time.time() + 120, None
         while time.time() < deadline and proc.poll() is None:
@@ -55,14 +74,6 @@ def test_serve_answers_over_http_and_stops_cleanly(ranked_workdir):
             other = socket.gethostbyname(socket.gethostname())
             if not other.startswith("127."):
                 assert s.connect_ex((other, port)) != 0
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, proc.stderr.read()[-2000:]
 
 
 def test_serve_usage_errors_exit_2(tmp_path, ranked_workdir):
@@ -81,3 +92,38 @@ def test_serve_usage_errors_exit_2(tmp_path, ranked_workdir):
     assert proc.returncode == 2 and "`max_batch_size` should be a positive integer" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--tf-threads", "-2")
     assert proc.returncode == 2 and "--tf-threads should be >= 0" in proc.stderr
+    proc = recfunnel("serve", "--workdir", ranked_workdir, "--processes", "0")
+    assert proc.returncode == 2 and "--processes should be >= 1" in proc.stderr
+
+
+def test_service_config_round_trips_through_json():
+    from serving.cascade import CascadeConfig
+    from serving.service import ServiceConfig, config_from_json, config_to_json
+
+    config = ServiceConfig(workdir="/w", version=3, follow="latest", poll_interval=0.5, max_k=20,
+                           cascade=CascadeConfig(retrieval_candidates=500, preranker_candidates=50, use_ranker=False),
+                           max_batch_size=4, batch_workers=1, batch_wait_ms=2.5)
+    assert config_from_json(config_to_json(config)) == config
+
+
+@pytest.mark.slow
+def test_serve_with_two_processes_answers_from_both(ranked_workdir):
+    # Two worker processes share the port: every answer is the same whichever process
+    # gives it, both processes answer, and SIGINT stops them all.
+    with _serving(ranked_workdir, "--processes", "2", stop_timeout=60) as (proc, port):
+        base = f"http://127.0.0.1:{port}"
+        deadline, pids, answers = time.time() + 180, set(), set()
+        while time.time() < deadline and proc.poll() is None and len(pids) < 2:
+            try:
+                status, models = _get(base + "/v1/models")
+                if status != 200 or not models["ready"]:
+                    time.sleep(0.2)
+                    continue
+                pids.add(models["process"])
+                status, out = _get(base + "/v1/recommend", {"user_id": "u1", "k": 5})
+                assert status == 200
+                answers.add(tuple((item["item_id"], round(item["score"], 5)) for item in out["items"]))
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        assert len(pids) == 2, f"one process answered: {pids}"
+        assert len(answers) == 1

@@ -137,6 +137,29 @@ def test_sequence_pooling_switch_against_numpy(seed):
                                    rtol=1e-9, atol=1e-12)
 
 
+def test_mean_pooling_divides_by_the_real_positions():
+    # Mean pooling: coaction_then_mean is coaction_then_sum / count, and mean_then_coaction
+    # feeds the mean of the real positions; an empty sequence gives zeros, as with sums.
+    rng = np.random.default_rng(3)
+    d, sizes = 3, (4, 2)
+    p_ind = rng.normal(size=(4, micro_mlp_param_count(d, sizes)))
+    seq = rng.normal(size=(4, 6, d))
+    mask = rng.random((4, 6)) < 0.5
+    mask[0], mask[1] = False, True
+    args = dict(input_dim=d, layer_sizes=sizes, orders=2, mask=tf.constant(mask))
+    summed = co_action(tf.constant(p_ind), tf.constant(seq), sequence_pooling="coaction_then_sum", **args).numpy()
+    mean = co_action(tf.constant(p_ind), tf.constant(seq), sequence_pooling="coaction_then_mean", **args).numpy()
+    count = np.maximum(mask.sum(axis=1), 1)[:, None]
+    np.testing.assert_allclose(mean, summed / count, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(mean[0], 0.0)
+    mean_first = co_action(tf.constant(p_ind), tf.constant(seq), sequence_pooling="mean_then_coaction", **args)
+    for b in range(4):
+        centre = seq[b][mask[b]].mean(axis=0) if mask[b].any() else np.zeros(d)
+        np.testing.assert_allclose(mean_first.numpy()[b],
+                                   _np_co_action(p_ind[b], centre, d, sizes, True, True, 2, False, "concat"),
+                                   rtol=1e-9, atol=1e-12)
+
+
 def test_unit_combination_independence_and_config_round_trip():
     rng = np.random.default_rng(3)
     d, sizes = 3, (2, 2)
@@ -234,7 +257,9 @@ def _np_feeds(p_ind, feeds, masks, d, sizes, use_bias, act, orders, order_indepe
             out.append(_np_co_action(p_ind, feed, d, sizes, use_bias, act, orders, order_independent, combine))
             continue
         m = np.ones(len(feed)) if mask is None else mask.astype(float)
-        if pooling == "sum_then_coaction":
+        if "mean" in pooling:  # weights 1/count over the real positions (an empty sequence: all 0)
+            m = m / max(m.sum(), 1.0)
+        if pooling.endswith("then_coaction"):
             out.append(_np_co_action(p_ind, (feed * m[:, None]).sum(axis=0), d, sizes, use_bias, act, orders,
                                      order_independent, combine))
         else:
@@ -259,7 +284,8 @@ def test_feeds_against_brute_force_for_many_layouts(sizes, use_bias, activation)
     for orders, order_independent, combine, pooling, several in [
             (1, False, "concat", "coaction_then_sum", False), (2, False, "concat", "coaction_then_sum", True),
             (3, True, "concat", "coaction_then_sum", True), (2, False, "sum", "sum_then_coaction", False),
-            (2, True, "sum", "coaction_then_sum", True)]:
+            (2, True, "sum", "coaction_then_sum", True), (2, False, "concat", "coaction_then_mean", True),
+            (1, True, "sum", "mean_then_coaction", False)]:
         width = k * (orders if order_independent else 1)
         p = rng.normal(size=(b, 3, width) if several else (b, width))
         got = co_action_feeds(tf.constant(p), [tf.constant(f) for f in feeds],
@@ -305,7 +331,9 @@ def _np_feeds_act(p_ind, feeds, masks, d, sizes, use_bias, act, orders, order_in
             out.append(one(p_ind, feed))
             continue
         m = np.ones(len(feed)) if mask is None else mask.astype(float)
-        if pooling == "sum_then_coaction":
+        if "mean" in pooling:  # weights 1/count over the real positions (an empty sequence: all 0)
+            m = m / max(m.sum(), 1.0)
+        if pooling.endswith("then_coaction"):
             out.append(one(p_ind, (feed * m[:, None]).sum(axis=0)))
         else:
             out.append(sum(m[t] * one(p_ind, feed[t]) for t in range(len(feed))))
