@@ -44,6 +44,12 @@ class BatcherClosedError(RuntimeError):
     """The batcher was closed before the item was answered."""
 
 
+def batch_stats(batches: int = 0, items: int = 0, largest_batch: int = 0) -> dict:
+    """`MicroBatcher.stats`' report (by default, of a batcher that has run nothing)."""
+    return {"batches": batches, "items": items, "largest_batch": largest_batch,
+            "mean_batch": round(items / batches, 3) if batches else 0.0}
+
+
 class MicroBatcher:
     """Answers items submitted from many threads in batches.
 
@@ -94,8 +100,7 @@ class MicroBatcher:
     def stats(self) -> dict:
         """Batches run, items answered, mean and largest batch size."""
         with self._lock:
-            return {"batches": self.batches, "items": self.items, "largest_batch": self.largest_batch,
-                    "mean_batch": round(self.items / self.batches, 3) if self.batches else 0.0}
+            return batch_stats(self.batches, self.items, self.largest_batch)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stops the workers after the items already submitted; later submits raise."""
@@ -165,4 +170,4 @@ class MicroBatcher:
             p.done.set()
 
 
-__all__ = ["MicroBatcher", "BatcherClosedError"]
+__all__ = ["MicroBatcher", "BatcherClosedError", "batch_stats"]

@@ -45,7 +45,9 @@ class IndexConfig:
       leaves_to_search: partitions searched per query; 0 = tuned at build time on
         sample queries to reach `target_recall` against exact search (a third of
         the partitions when no sample queries are given).
-      target_recall: recall@10 against exact search that tuning aims for.
+      target_recall: recall@10 against exact search that tuning aims for (when even a
+        full search misses it: the cheapest setting within `UNREACHABLE_TOLERANCE` of a
+        full search's recall, see `tune_search`).
       dimensions_per_block: asymmetric-hashing block size.
       anisotropic_quantization_threshold: ScaNN's η for score-aware quantization.
       reorder: candidates re-scored exactly per query (at least k); 0 = tuned together

@@ -40,7 +40,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from serving import exports
-from serving.batching import BatcherClosedError, MicroBatcher
+from serving.batching import BatcherClosedError, MicroBatcher, batch_stats
 from serving.cascade import DATA_DIR, Cascade, CascadeConfig, data_files_signature
 from serving.user_store import UnknownUserError
 
@@ -491,10 +491,12 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
     @app.get("/v1/models", summary="Loaded model versions, stages, reload and batching status")
     def models() -> Dict[str, Any]:
         out = {**watcher.status(), "process": os.getpid()}
-        runner = batcher()
-        out["batching"] = ({"max_batch_size": config.max_batch_size, "workers": config.batch_workers,
-                            "wait_ms": config.batch_wait_ms, **runner.stats()} if runner is not None
-                           else {"max_batch_size": 1})
+        if config.max_batch_size == 1:
+            out["batching"] = {"max_batch_size": 1}
+        else:
+            runner = batching["batcher"]  # a status request does not start the workers
+            out["batching"] = {"max_batch_size": config.max_batch_size, "workers": config.batch_workers,
+                               "wait_ms": config.batch_wait_ms, **(runner.stats() if runner is not None else batch_stats())}
         return out
 
     @app.get("/healthz", summary="Liveness: the process is up")

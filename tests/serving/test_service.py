@@ -28,6 +28,22 @@ def user(ranked_workdir):
     return next(u for u in store.user_ids() if len(store.seen(u)) >= 2), store
 
 
+def test_models_reports_batching_without_starting_it(ranked_workdir):
+    def batcher_threads():
+        return sum(t.name.startswith("recfunnel-batcher") for t in threading.enumerate())
+
+    before = batcher_threads()
+    with TestClient(create_app(ServiceConfig(ranked_workdir, poll_interval=0))) as c:
+        assert c.get("/v1/models").json()["batching"] == {
+            "max_batch_size": 16, "workers": 2, "wait_ms": 4.0, "batches": 0, "items": 0, "largest_batch": 0,
+            "mean_batch": 0.0}
+        assert batcher_threads() == before
+        assert c.post("/v1/recommend", json={"user_id": "u1", "k": 2}).status_code == 200
+        assert batcher_threads() == before + 2
+        stats = c.get("/v1/models").json()["batching"]
+        assert (stats["batches"], stats["items"], stats["mean_batch"]) == (1, 1, 1.0)
+
+
 def test_health_ready_and_models(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
