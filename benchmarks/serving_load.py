@@ -19,7 +19,9 @@ for `duration` seconds per level, after a short warm-up, with user ids drawn (se
 from the workdir's users. It reports per level: completed requests/s, latency p50 /
 p90 / p99 / max, and errors (non-200 answers or transport failures, with the first
 few messages), the server's batches during the level and their mean size (when it
-batches requests), plus the machine's load average before and after.
+batches requests; for a server of several processes, those of the process that
+answered the status requests before and after the level, when the same one did), plus
+the machine's load average before and after.
 
 ``prepare`` copies a workdir's data and the served version's towers, grows the item
 table to `num_items` (the original items plus synthetic ones whose features are drawn
@@ -134,15 +136,17 @@ def cmd_run(args) -> None:
     def batching() -> Dict[str, Any]:
         conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=30)
         conn.request("GET", "/v1/models")
-        out = json.loads(conn.getresponse().read()).get("batching") or {}
+        models = json.loads(conn.getresponse().read())
         conn.close()
-        return out
+        return {**(models.get("batching") or {}), "process": models.get("process")}
 
     for c in args.concurrency:
         before = batching()
         level = run_level(args.url, args.endpoint, bodies, c, args.duration, args.warmup)
         after = batching()
-        if "batches" in after:  # the server's batches during this level (warm-up included)
+        # The server's batches during this level (warm-up included); with several server
+        # processes the two reports may come from different ones: then none is given.
+        if "batches" in after and after["process"] == before["process"]:
             batches, items = after["batches"] - before["batches"], after["items"] - before["items"]
             level["batches"] = batches
             level["mean_batch"] = round(items / batches, 2) if batches else 0.0
