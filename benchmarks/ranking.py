@@ -85,8 +85,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="item side of the co-action pairs (CAN inductions, Cartesian crosses); default: every "
                         "categorical item feature")
     p.add_argument("--coaction-user-features", nargs="+", default=None,
-                   help="user side of the co-action pairs (CAN feeds, Cartesian crosses); default: every categorical user feature "
-                        "but the user id")
+                   help="user side of the co-action pairs (CAN feeds, Cartesian crosses); default: every "
+                        "categorical user feature but the user id")
     p.add_argument("--sequence-pooling", choices=SEQUENCE_POOLINGS, default="coaction_then_mean")
     p.add_argument("--cartesian-max-buckets", type=int, default=2 ** 17)
     p.add_argument("--focal-alpha", type=float, default=None)

@@ -495,8 +495,9 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
             out["batching"] = {"max_batch_size": 1}
         else:
             runner = batching["batcher"]  # a status request does not start the workers
+            stats = runner.stats() if runner is not None else batch_stats()
             out["batching"] = {"max_batch_size": config.max_batch_size, "workers": config.batch_workers,
-                               "wait_ms": config.batch_wait_ms, **(runner.stats() if runner is not None else batch_stats())}
+                               "wait_ms": config.batch_wait_ms, **stats}
         return out
 
     @app.get("/healthz", summary="Liveness: the process is up")
@@ -529,10 +530,14 @@ def config_from_json(text: str) -> ServiceConfig:
     return ServiceConfig(**{**fields, "cascade": CascadeConfig(**fields["cascade"])})
 
 
-def set_tf_threads(threads: int) -> None:
-    """TensorFlow threads per operation (intra-op) of this process; 0 = TensorFlow's default."""
+def _check_tf_threads(threads: int) -> None:
     if threads < 0:
         raise ValueError(f"`tf_threads` should be >= 0 (0 = TensorFlow's default). Received: {threads}")
+
+
+def set_tf_threads(threads: int) -> None:
+    """TensorFlow threads per operation (intra-op) of this process; 0 = TensorFlow's default."""
+    _check_tf_threads(threads)
     if threads:
         from models.tf_compat import tf
 
@@ -569,8 +574,7 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8500, acce
 
     if isinstance(processes, bool) or int(processes) != processes or processes < 1:
         raise ValueError(f"`processes` should be a positive integer. Received: processes={processes!r}")
-    if tf_threads < 0:
-        raise ValueError(f"`tf_threads` should be >= 0 (0 = TensorFlow's default). Received: {tf_threads}")
+    _check_tf_threads(tf_threads)  # before any worker process starts
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service is reachable from other machines", host)
     options = dict(host=host, port=port, access_log=access_log, log_level=log_level, timeout_graceful_shutdown=10)

@@ -271,7 +271,7 @@ def co_action_feeds(p_induction: tf.Tensor, feeds: Sequence[tf.Tensor],
                              f"Received: shape={feed.shape.as_list()}")
         if feed.shape.rank == 3:
             w = tf.ones_like(feed[..., 0]) if mask is None else tf.cast(mask, feed.dtype)
-            if sequence_pooling.endswith("mean") or sequence_pooling.startswith("mean"):
+            if "mean" in sequence_pooling:
                 w = w / tf.maximum(tf.reduce_sum(w, axis=1, keepdims=True), 1.0)  # an empty sequence stays 0
             if sequence_pooling.endswith("then_coaction"):
                 feed = tf.reduce_sum(feed * w[..., tf.newaxis], axis=1, keepdims=True)
