@@ -81,7 +81,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retrieval-epochs", type=int, default=5)
     p.add_argument("--search-epochs", type=int, default=3)
     p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--retrain-epochs", type=int, default=4)
+    p.add_argument("--retrain-epochs", type=int, default=20)
+    p.add_argument("--retrain-patience", type=int, default=2)
     p.add_argument("--embedding-dim", type=int, default=8)
     p.add_argument("--num-mixops", type=int, default=3)
     p.add_argument("--operator-widths", type=_ints, default=(16, 32, 64, 128))
@@ -346,6 +347,7 @@ def main(argv=None) -> None:
                            operator_widths=args.operator_widths, latency_weight=args.lambda_,
                            distillation_weight=args.lambda1, search_epochs=args.search_epochs,
                            search_warmup_epochs=args.warmup_epochs, retrain_epochs=args.retrain_epochs,
+                           retrain_patience=args.retrain_patience,
                            batch_size=args.batch_size, candidates=n_cand, latency_repeats=args.latency_repeats,
                            seed=args.seed)
     input_width = sum(1 if f.kind.value == "numeric" else args.embedding_dim for f in schema.features)
@@ -379,7 +381,7 @@ def main(argv=None) -> None:
     hand = PreRanker(schema, vocabs, names, args.hand_hidden, args.embedding_dim, name="hand_mlp")
     hand_fit = fit_distilled(hand, (train_x, train_y, teacher_train), (valid_x, valid_y), epochs=args.retrain_epochs,
                              batch_size=args.batch_size, learning_rate=base.learning_rate,
-                             distillation_weight=args.lambda1, seed=args.seed)
+                             distillation_weight=args.lambda1, seed=args.seed, patience=args.retrain_patience)
     hand_fn = signature(export_preranker(hand, os.path.join(tmp, "hand")))
     hand_test = hand.predict(test_x, batch_size=4096, verbose=0).reshape(-1)
     results["hand_mlp"] = evaluate("hand MLP", hand_fn, feature_inputs(names), hand_test,

@@ -73,6 +73,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=0.003)
     p.add_argument("--embedding-dim", type=int, default=8)
     p.add_argument("--hidden-units", default="64,32")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer (every model)")
     p.add_argument("--feed-dim", type=int, default=8)
     p.add_argument("--coaction-layers", default="4,4")
     p.add_argument("--orders", type=int, default=2)
@@ -254,7 +255,7 @@ def main(argv=None) -> None:
           f"({data_seconds:.1f} s)", file=sys.stderr)
 
     config = RankingConfig(embedding_dim=args.embedding_dim,
-                           hidden_units=tuple(int(x) for x in args.hidden_units.split(",")),
+                           hidden_units=tuple(int(x) for x in args.hidden_units.split(",")), dropout=args.dropout,
                            coaction_feed_dim=args.feed_dim,
                            coaction_layer_sizes=tuple(int(x) for x in args.coaction_layers.split(",")),
                            coaction_orders=args.orders, cartesian_max_buckets=args.cartesian_max_buckets,

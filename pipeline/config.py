@@ -378,7 +378,10 @@ class PrerankerStageConfig:
       latency_weight: λ of Loss1 (feature masks), per ms of expected latency.
       distillation_weight: λ1, the share of the ranker-distillation term in [0, 1].
       architecture_latency_weight: λ2 of Loss2 (architecture), per ms.
-      search_epochs, retrain_epochs: passes over the training events.
+      search_epochs, retrain_epochs: passes over the training events (retraining keeps
+        the epoch of best validation AUC).
+      retrain_patience: retraining stops after this many epochs without a better
+        validation AUC.
       search_max_events: the search runs on a seeded sample of at most this many
         training events (0 = all); retraining uses all of them.
       latency_repeats: timed calls per latency micro-benchmark (medians are used).
@@ -394,7 +397,8 @@ class PrerankerStageConfig:
     distillation_weight: float = 0.5
     architecture_latency_weight: float = 0.1
     search_epochs: int = 3
-    retrain_epochs: int = 4
+    retrain_epochs: int = 20
+    retrain_patience: int = 2
     search_max_events: int = 30_000
     latency_repeats: int = 15
     batch_size: int = 512
@@ -403,7 +407,8 @@ class PrerankerStageConfig:
     external_feature_costs: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("num_mixops", "search_epochs", "retrain_epochs", "batch_size", "latency_repeats"):
+        for name in ("num_mixops", "search_epochs", "retrain_epochs", "retrain_patience", "batch_size",
+                     "latency_repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`preranker.{name}` should be >= 1. Received: {getattr(self, name)}")
         if self.search_max_events < 0:

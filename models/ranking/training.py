@@ -74,16 +74,19 @@ def fit_ranker(model, train: Tuple[Mapping[str, Any], np.ndarray],
 
 def fit_with_epoch_selection(model, ds, epochs: int, validation_auc: Optional[Callable[[], float]] = None, *,
                              on_epoch: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-                             what: str = "ranking") -> Dict[str, Any]:
+                             what: str = "ranking", patience: int = 1) -> Dict[str, Any]:
     """Up to `epochs` passes of the compiled `model` over `ds`, choosing the epoch.
 
-    After each pass `validation_auc()` (when given) is computed; training stops at the
-    first epoch that does not improve it and the best epoch's weights are kept.
-    Returns ``{"train_loss", "validation_auc", "epochs", "seconds"}``; a non-finite loss
-    raises FloatingPointError naming `what` and the epoch.
+    After each pass `validation_auc()` (when given) is computed; training stops after
+    `patience` consecutive epochs that do not improve on the best one, and the best
+    epoch's weights are kept. Returns ``{"train_loss", "validation_auc", "epochs",
+    "seconds"}`` (``epochs``: the kept one); a non-finite loss raises FloatingPointError
+    naming `what` and the epoch.
     """
+    if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 1:
+        raise ValueError(f"`patience` should be a positive integer. Received: patience={patience!r}")
     start = time.perf_counter()
-    best, best_weights, curve, losses = -1.0, None, [], []
+    best, best_weights, curve, losses, stale = -1.0, None, [], [], 0
     for epoch in range(int(epochs)):
         history = model.fit(ds, epochs=1, verbose=0)
         loss = float(history.history["loss"][-1])
@@ -99,9 +102,11 @@ def fit_with_epoch_selection(model, ds, epochs: int, validation_auc: Optional[Ca
         if value is None:
             continue
         if value > best:
-            best, best_weights = value, model.get_weights()
+            best, best_weights, stale = value, model.get_weights(), 0
         else:
-            break
+            stale += 1
+            if stale >= patience:
+                break
     if best_weights is not None:
         model.set_weights(best_weights)
     return {"train_loss": losses, "validation_auc": curve,

@@ -24,7 +24,8 @@ def test_config_validation_names_the_field_and_value():
                           ({"search_epochs": 2, "search_warmup_epochs": 2}, "search_warmup_epochs"),
                           ({"external_feature_costs": {"brand": -0.5}}, "external_feature_costs"),
                           ({"candidate_features": "item_id"}, "candidate_features"),
-                          ({"mask_learning_rate": 0.0}, "mask_learning_rate")]:
+                          ({"mask_learning_rate": 0.0}, "mask_learning_rate"),
+                          ({"retrain_patience": 0}, "retrain_patience")]:
         with pytest.raises((ValueError, TypeError), match=field):
             PrerankerConfig(**kwargs)
     config = PrerankerConfig(external_feature_costs={"brand": 0.5}, operator_widths=[8, 4])
