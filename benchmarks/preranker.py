@@ -22,8 +22,8 @@ Models, all trained on the training rows:
   distillation from the CAN ranker, one model per λ2 in ``--lambda2`` (the Pareto
   curve); the headline model is the one with λ2 = ``--headline-lambda2``. The latency
   table is measured once on this machine and shared by the sweep.
-* **Hand MLP**: every feature → ``--hand-hidden`` ReLU layers, trained with the same
-  distillation loss and epochs as the AutoFAS retraining.
+* **Hand MLP**: every feature (or ``--hand-features``) → ``--hand-hidden`` ReLU layers,
+  trained with the same distillation loss and epochs as the AutoFAS retraining.
 
 Reported per model:
 
@@ -93,6 +93,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--headline-lambda2", type=float, default=0.1,
                    help="λ2 of the headline AutoFAS model (the PrerankerConfig default; one of --lambda2)")
     p.add_argument("--hand-hidden", type=_ints, default=(64, 32))
+    p.add_argument("--hand-features", nargs="+", default=None,
+                   help="features of the hand MLP (default: every feature of the schema)")
     p.add_argument("--latency-calls", type=int, default=200)
     p.add_argument("--latency-repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
@@ -378,15 +380,19 @@ def main(argv=None) -> None:
 
     # -- hand-designed distilled MLP ---------------------------------------------------------
     keras.utils.set_random_seed(args.seed)
-    hand = PreRanker(schema, vocabs, names, args.hand_hidden, args.embedding_dim, name="hand_mlp")
+    hand_names = list(args.hand_features or names)
+    unknown = sorted(set(hand_names) - set(names))
+    if unknown:
+        raise SystemExit(f"--hand-features names {unknown}, which are not features of the {args.dataset} schema {names}")
+    hand = PreRanker(schema, vocabs, hand_names, args.hand_hidden, args.embedding_dim, name="hand_mlp")
     hand_fit = fit_distilled(hand, (train_x, train_y, teacher_train), (valid_x, valid_y), epochs=args.retrain_epochs,
                              batch_size=args.batch_size, learning_rate=base.learning_rate,
                              distillation_weight=args.lambda1, seed=args.seed, patience=args.retrain_patience)
     hand_fn = signature(export_preranker(hand, os.path.join(tmp, "hand")))
-    hand_test = hand.predict(test_x, batch_size=4096, verbose=0).reshape(-1)
-    results["hand_mlp"] = evaluate("hand MLP", hand_fn, feature_inputs(names), hand_test,
-                                   {"hidden_units": list(args.hand_hidden), "features": names, "retrain": hand_fit,
-                                    "expected_latency_ms": derived_latency(table, names, args.hand_hidden,
+    hand_test = hand.predict({k: test_x[k] for k in hand_names}, batch_size=4096, verbose=0).reshape(-1)
+    results["hand_mlp"] = evaluate("hand MLP", hand_fn, feature_inputs(hand_names), hand_test,
+                                   {"hidden_units": list(args.hand_hidden), "features": hand_names, "retrain": hand_fit,
+                                    "expected_latency_ms": derived_latency(table, hand_names, args.hand_hidden,
                                                                            hand.embedding.widths)})
 
     # -- latency: every model in interleaved rounds, so load changes hit all alike -----------
