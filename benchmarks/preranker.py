@@ -246,6 +246,10 @@ def main(argv=None) -> None:
     valid_frame, train_frame = train_frame[held_out], train_frame[~held_out]
     vocabs = build_vocabularies(schema, train_frame)
     names = [f.name for f in schema.features]
+    hand_names = list(args.hand_features or names)
+    unknown = sorted(set(hand_names) - set(names))
+    if unknown:
+        raise SystemExit(f"--hand-features names {unknown}, which are not features of the {args.dataset} schema {names}")
     train_x = inputs_from_frame(schema, train_frame, names)
     valid_x = inputs_from_frame(schema, valid_frame, names)
     test_x = inputs_from_frame(schema, test_frame, names)
@@ -380,10 +384,6 @@ def main(argv=None) -> None:
 
     # -- hand-designed distilled MLP ---------------------------------------------------------
     keras.utils.set_random_seed(args.seed)
-    hand_names = list(args.hand_features or names)
-    unknown = sorted(set(hand_names) - set(names))
-    if unknown:
-        raise SystemExit(f"--hand-features names {unknown}, which are not features of the {args.dataset} schema {names}")
     hand = PreRanker(schema, vocabs, hand_names, args.hand_hidden, args.embedding_dim, name="hand_mlp")
     hand_fit = fit_distilled(hand, (train_x, train_y, teacher_train), (valid_x, valid_y), epochs=args.retrain_epochs,
                              batch_size=args.batch_size, learning_rate=base.learning_rate,
