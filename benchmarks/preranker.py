@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     from models.features import ITEM_ID, LABEL, USER_ID
     from models.preranking import (PreRanker, PrerankerConfig, export_preranker, fit_distilled, measure_latency_table,
                                    teacher_logits, train_preranker)
-    from models.preranking.training import derived_latency, latency_grid
+    from models.preranking.training import derived_latency, latency_grid, predict_logits
     from models.ranking.metrics import auc
     from models.ranking.models import RankingConfig, build_ranker, build_vocabularies, export_ranker, inputs_from_frame
     from models.ranking.training import fit_ranker, last_events_mask
@@ -370,7 +370,7 @@ def main(argv=None) -> None:
         config = _dc.replace(base, architecture_latency_weight=float(lam2))
         model, metrics = train_preranker(schema, vocabs, train_frame, valid_frame, ranker, config, latency_table=table)
         fn = signature(export_preranker(model, os.path.join(tmp, f"autofas_{lam2:g}")))
-        test_scores = model.predict({k: test_x[k] for k in model.features}, batch_size=4096, verbose=0).reshape(-1)
+        test_scores = predict_logits(model, test_x)
         summary = {k: metrics[k] for k in ("features", "hidden_units", "operators", "keep_probabilities",
                                            "operator_probabilities", "expected_latency_ms", "seconds", "search",
                                            "retrain")}
@@ -389,7 +389,7 @@ def main(argv=None) -> None:
                              batch_size=args.batch_size, learning_rate=base.learning_rate,
                              distillation_weight=args.lambda1, seed=args.seed, patience=args.retrain_patience)
     hand_fn = signature(export_preranker(hand, os.path.join(tmp, "hand")))
-    hand_test = hand.predict({k: test_x[k] for k in hand_names}, batch_size=4096, verbose=0).reshape(-1)
+    hand_test = predict_logits(hand, test_x)
     results["hand_mlp"] = evaluate("hand MLP", hand_fn, feature_inputs(hand_names), hand_test,
                                    {"hidden_units": list(args.hand_hidden), "features": hand_names, "retrain": hand_fit,
                                     "expected_latency_ms": derived_latency(table, hand_names, args.hand_hidden,
