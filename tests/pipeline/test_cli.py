@@ -17,6 +17,8 @@ def workdir(tmp_path_factory):
                      "--set", "retrieval.ssl_weight=0.3",
                      "--set", "preranker.search_epochs=2", "--set", "preranker.retrain_epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # tiny.yaml trains with Adam: the self-supervised task on corpus items is flagged
+    assert "self-supervised task on corpus items with Adam" in proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["workdir"] == os.path.abspath(w)
     return w
