@@ -13,7 +13,7 @@ Recall@K and NDCG@K overall and on the tail, `evaluation.head_fraction`):
                   history term): how the generator draws impressions, times their click
                   probability (the test positives are clicks)
   impression law  log popularity + β·p_u·q_i (no click model)
-  popularity      log(1 + training count) (what `baseline.popularity.*` ranks by)
+  popularity      the training counts, as `baseline.popularity.*` ranks
 
 A trained model's distance to the click law is what more data or a better model could
 still gain; the planted law is not a hard ceiling (it omits the history term and every
@@ -44,7 +44,8 @@ def main() -> None:
     from pipeline import job
     from pipeline.config import load_config
     from pipeline.data.synthetic import synthetic_world
-    from pipeline.evaluation import recall_ndcg_at_k, tail_only, test_positives
+    from pipeline.evaluation import (items_by_popularity, popularity_ranking, recall_ndcg_at_k, tail_only,
+                                     test_positives, top_k_excluding)
     from serving.user_store import UserStore
 
     cfg = load_config(None, args.set)
@@ -66,36 +67,29 @@ def main() -> None:
     num_items = len(world.item_log_popularity)
     item_ids = [f"i{i}" for i in range(num_items)]
     position = {item: i for i, item in enumerate(item_ids)}
-    train_count = np.zeros(num_items)
-    train_count[[position[i] for i in ids]] = counts
-    popular = [i for _, i in sorted(zip(-counts, ids))]
+    popular = items_by_popularity(ids, counts)
     users = sorted(u for u in truth if u in store)
+    seen = [store.seen(u) for u in users]
     relevant = [truth[u] for u in users]
     tail_relevant = tail_only(relevant, popular, cfg.evaluation.head_fraction, num_items)
     kmax = max(cfg.evaluation.ks)
-    scorers = ("click law", "impression law", "popularity")
-    ranked = {name: [] for name in scorers}
+    ranked = {"click law": [], "impression law": [], "popularity": popularity_ranking(popular, seen, kmax)}
     for start in range(0, len(users), 1024):
-        block = users[start:start + 1024]
-        u = np.array([int(x[1:]) for x in block])
+        u = np.array([int(x[1:]) for x in users[start:start + 1024]])
+        exclude = [[position[i] for i in s if i in position] for s in seen[start:start + 1024]]
         affinity = world.user_vectors[u] @ world.item_vectors.T
         click_logit = (world.click_bias + 0.5 * affinity
                        + world.w_age_category[world.user_age[u]][:, world.item_category]
                        + world.w_gender_price[world.user_gender[u]][:, world.item_price]
                        + world.w_region_subcategory[world.user_region[u]][:, world.item_subcategory])
         impression = world.item_log_popularity[None] + synthetic.affinity_strength * affinity
-        scores = {"click law": impression - np.logaddexp(0.0, -click_logit),
-                  "impression law": impression,
-                  "popularity": np.broadcast_to(np.log1p(train_count)[None], affinity.shape).copy()}
-        for name in scorers:
-            s = scores[name]
-            for row, user in enumerate(block):
-                s[row, [position[i] for i in store.seen(user) if i in position]] = -np.inf
-            top = np.argsort(-s, axis=1, kind="stable")[:, :kmax]
+        for name, scores in (("click law", impression - np.logaddexp(0.0, -click_logit)),
+                             ("impression law", impression)):
+            top, _ = top_k_excluding(scores, kmax, exclude)
             ranked[name].extend([item_ids[i] for i in row] for row in top)
 
     results = {}
-    for name in scorers:
+    for name in ranked:
         row = {}
         for k in cfg.evaluation.ks:
             overall = recall_ndcg_at_k(ranked[name], relevant, k)

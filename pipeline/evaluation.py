@@ -49,6 +49,42 @@ def tail_only(relevant: Sequence[Sequence[str]], popular: Sequence[str], head_fr
     return [[i for i in rel if i not in head] for rel in relevant]
 
 
+def items_by_popularity(item_ids: Sequence[str], counts: np.ndarray) -> List[str]:
+    """Item ids, most frequent first (ties by id): the order of the head/tail split and
+    of the popularity baseline."""
+    return [i for _, i in sorted(zip(-np.asarray(counts), item_ids))]
+
+
+def popularity_ranking(popular: Sequence[str], seen: Sequence[Sequence[str]], k: int) -> List[List[str]]:
+    """Per user, the `k` most popular items (`popular`, most frequent first) not in `seen`."""
+    out = []
+    for user_seen in seen:
+        skip, row = set(user_seen), []
+        for i in popular:
+            if i not in skip:
+                row.append(i)
+                if len(row) == k:
+                    break
+        out.append(row)
+    return out
+
+
+def top_k_excluding(scores: np.ndarray, k: int, exclude: Sequence[Sequence[int]]):
+    """Top-k columns of each row of ``scores [U, N]`` (modified in place: excluded
+    columns set to -inf), skipping each row's `exclude` indices.
+
+    Returns (indices ``[U, k]``, scores ``[U, k]``) sorted by descending score.
+    """
+    k = min(k, scores.shape[1])
+    for row, ex in enumerate(exclude):
+        if len(ex):
+            scores[row, np.asarray(ex, dtype=np.int64)] = NEG_INF
+    part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k:]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
+
+
 def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequence[Sequence[int]],
                 block: int = 1024, max_block_elements: int = 2 ** 24):
     """Exact top-k by inner product with per-user excluded item indices.
@@ -63,19 +99,12 @@ def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequenc
     Returns:
       (indices ``[U, k]``, scores ``[U, k]``) sorted by descending score.
     """
-    k = min(k, items.shape[0])
     block = max(1, min(int(block), int(max_block_elements) // max(1, items.shape[0])))
     all_idx, all_scores = [], []
     for start in range(0, len(queries), block):
-        scores = queries[start:start + block] @ items.T
-        for row, ex in enumerate(exclude[start:start + block]):
-            if len(ex):
-                scores[row, np.asarray(ex, dtype=np.int64)] = NEG_INF
-        part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k:]
-        part_scores = np.take_along_axis(scores, part, axis=1)
-        order = np.argsort(-part_scores, axis=1, kind="stable")
-        all_idx.append(np.take_along_axis(part, order, axis=1))
-        all_scores.append(np.take_along_axis(part_scores, order, axis=1))
+        idx, scores = top_k_excluding(queries[start:start + block] @ items.T, k, exclude[start:start + block])
+        all_idx.append(idx)
+        all_scores.append(scores)
     return np.concatenate(all_idx), np.concatenate(all_scores)
 
 
@@ -121,18 +150,9 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> 
             idx_scores[u, :len(sc)] = sc
 
     freq_ids, counts, _ = read_item_frequencies(os.path.join(workdir, STATS_DIR))
-    popular = [i for _, i in sorted(zip(-counts, freq_ids))]
+    popular = items_by_popularity(freq_ids, counts)
     tail_relevant = tail_only(relevant, popular, config.head_fraction, len(item_ids))
-    pop_ranked = []
-    for u in users:
-        seen = set(rec.users.seen(u))
-        out = []
-        for i in popular:
-            if i not in seen:
-                out.append(i)
-                if len(out) == kmax:
-                    break
-        pop_ranked.append(out)
+    pop_ranked = popularity_ranking(popular, [rec.users.seen(u) for u in users], kmax)
 
     metrics: Dict[str, Any] = {"evaluation": {"users": len(users), "items": len(item_ids),
                                               "index_kind": rec.index.kind,

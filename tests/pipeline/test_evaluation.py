@@ -1,4 +1,4 @@
-"""Exact top-k of the evaluation against a full sort, in memory-bounded blocks."""
+"""Exact top-k of the evaluation against a full sort, in memory-bounded blocks; the popularity order and ranking."""
 
 import numpy as np
 import pytest
@@ -30,3 +30,21 @@ def test_tail_only_drops_the_head_items():
     # 7 items, head fraction 0.3 -> ceil(2.1) = 3 head items: a, b, c
     assert tail_only(relevant, popular, 0.3, 7) == [["f"], [], ["e", "g"]]
     assert tail_only(relevant, popular, 0.0, 7) == relevant
+
+
+def test_popularity_order_and_ranking_skip_seen_items():
+    from pipeline.evaluation import items_by_popularity, popularity_ranking
+
+    # counts: b 5, a 3, d 3, c 1 -> ties broken by id (a before d)
+    popular = items_by_popularity(["a", "b", "c", "d"], np.array([3, 5, 1, 3]))
+    assert popular == ["b", "a", "d", "c"]
+    assert popularity_ranking(popular, [[], ["b", "d"], ["a", "b", "c", "d"]], 2) == [["b", "a"], ["a", "c"], []]
+
+
+def test_top_k_excluding_ranks_a_given_score_matrix():
+    from pipeline.evaluation import top_k_excluding
+
+    scores = np.array([[0.1, 0.9, 0.5, 0.7], [3.0, 1.0, 2.0, 0.0]])
+    idx, top = top_k_excluding(scores.copy(), 2, [[1], []])
+    assert idx.tolist() == [[3, 2], [0, 2]]
+    np.testing.assert_allclose(top, [[0.7, 0.5], [3.0, 2.0]])
