@@ -2,7 +2,7 @@
 MLP and the CAN ranker itself.
 
     python benchmarks/preranker.py --dataset {synthetic,movielens-100k} --out FILE.json \\
-        [--plot FILE.svg] [--lambda2 0 0.03 0.1 0.3 1] [--users 200]
+        [--plot FILE.svg] [--lambda2 0 0.03 0.1 0.3 1] [--users 1000]
 
 Data and split as in `benchmarks/ranking.py` (one row per impression, history of the
 user's earlier events; each user's last ``--test-fraction`` of events is the test set,
@@ -29,6 +29,9 @@ Reported per model:
 
 * ``recall_top10_in_top100``: over test users, |ranker top-10 ∩ model top-100| / 10 on the
   user's retrieved candidates (how AutoFAS measures agreement with the ranker);
+* ``recall_vs_hand_mlp`` (AutoFAS models): the mean per-user difference from the hand
+  MLP's recall on the same users, with its standard error; near a recall of 1 the two
+  differ on a few users only, and this says whether a gap is more than those few;
 * ``auc``: AUC of the model's scores on the labelled test impressions;
 * ``latency``: the exported ``serving_default`` signature scoring ``--candidates``
   candidates for one user (median and p99 ms over ``--latency-calls`` calls after
@@ -74,7 +77,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--history-length", type=int, default=20)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--validation-fraction", type=float, default=0.1)
-    p.add_argument("--users", type=int, default=200, help="test users scored for recall")
+    p.add_argument("--users", type=int, default=1000, help="test users scored for recall (all when fewer)")
     p.add_argument("--candidates", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--ranker-epochs", type=int, default=4)
@@ -83,6 +86,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--retrain-epochs", type=int, default=20)
     p.add_argument("--retrain-patience", type=int, default=2)
+    p.add_argument("--mask-objective", choices=("labels", "distillation"), default="labels",
+                   help="task term of Loss1 (the feature masks): BCE on the labels, or the distilled loss of Loss2")
+    p.add_argument("--retrain-selection", choices=("auc", "distillation"), default="distillation",
+                   help="validation score that picks the retraining epoch (AutoFAS and the hand MLP alike)")
     p.add_argument("--embedding-dim", type=int, default=8)
     p.add_argument("--num-mixops", type=int, default=3)
     p.add_argument("--operator-widths", type=_ints, default=(16, 32, 64, 128))
@@ -132,6 +139,20 @@ def _interleaved_latency(timed, calls: int, candidates: int, rounds: int = 5) ->
         out[name] = {"median_ms": round(float(np.median(v)), 3), "p99_ms": round(float(np.percentile(v, 99)), 3),
                      "mean_ms": round(float(v.mean()), 3), "calls": len(v), "candidates": candidates}
     return out
+
+
+def paired_difference(values, reference) -> Dict[str, float]:
+    """Mean of the per-user differences ``values − reference`` and its standard error
+    (sample standard deviation / √n): how far apart two models' recalls are on the same
+    users, and whether that is more than the choice of users."""
+    import numpy as np
+
+    d = np.asarray(values, np.float64) - np.asarray(reference, np.float64)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"paired_difference needs two equal-length vectors of at least 2 users; got {d.shape}")
+    return {"difference": round(float(d.mean()), 4),
+            "standard_error": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+            "users_better": int((d > 0).sum()), "users_worse": int((d < 0).sum())}
 
 
 class TwoTowerScorer:
@@ -312,6 +333,7 @@ def main(argv=None) -> None:
             recalls.append(len(top100 & ranker_top10[u]) / 10.0)
         # Latency is measured at the end, all models interleaved (`_interleaved_latency`).
         timed.append((name, fn, inputs_of_user(user_rows[0], candidates[0])))
+        per_user_recall[name] = recalls
         out = {"recall_top10_in_top100": round(float(np.mean(recalls)), 4), "auc": round(auc(test_y, test_scores), 4)}
         out.update(extra or {})
         log(f"{name}: recall {out['recall_top10_in_top100']} AUC {out['auc']}")
@@ -326,6 +348,7 @@ def main(argv=None) -> None:
 
     results: Dict[str, Any] = {}
     timed: List = []  # (name, signature, inputs) of every model, timed together at the end
+    per_user_recall: Dict[str, List[float]] = {}  # model → recall of each test user, for paired comparisons
     ranker_fn = signature(export_ranker(ranker, os.path.join(tmp, "can")))
     ranker_top10 = []
     for u, row in enumerate(user_rows):
@@ -353,8 +376,8 @@ def main(argv=None) -> None:
                            operator_widths=args.operator_widths, latency_weight=args.lambda_,
                            distillation_weight=args.lambda1, search_epochs=args.search_epochs,
                            search_warmup_epochs=args.warmup_epochs, retrain_epochs=args.retrain_epochs,
-                           retrain_patience=args.retrain_patience,
-                           batch_size=args.batch_size, candidates=n_cand, latency_repeats=args.latency_repeats,
+                           retrain_patience=args.retrain_patience, retrain_selection=args.retrain_selection,
+                           mask_objective=args.mask_objective, batch_size=args.batch_size, candidates=n_cand, latency_repeats=args.latency_repeats,
                            seed=args.seed)
     input_width = sum(1 if f.kind.value == "numeric" else args.embedding_dim for f in schema.features)
     start = time.perf_counter()
@@ -385,15 +408,24 @@ def main(argv=None) -> None:
     # -- hand-designed distilled MLP ---------------------------------------------------------
     keras.utils.set_random_seed(args.seed)
     hand = PreRanker(schema, vocabs, hand_names, args.hand_hidden, args.embedding_dim, name="hand_mlp")
-    hand_fit = fit_distilled(hand, (train_x, train_y, teacher_train), (valid_x, valid_y), epochs=args.retrain_epochs,
+    hand_valid = (valid_x, valid_y) + ((teacher_logits(ranker, valid_x),)
+                                       if args.retrain_selection == "distillation" else ())
+    hand_fit = fit_distilled(hand, (train_x, train_y, teacher_train), hand_valid, epochs=args.retrain_epochs,
                              batch_size=args.batch_size, learning_rate=base.learning_rate,
-                             distillation_weight=args.lambda1, seed=args.seed, patience=args.retrain_patience)
+                             distillation_weight=args.lambda1, seed=args.seed, patience=args.retrain_patience,
+                             select_on=args.retrain_selection)
     hand_fn = signature(export_preranker(hand, os.path.join(tmp, "hand")))
     hand_test = predict_logits(hand, test_x)
     results["hand_mlp"] = evaluate("hand MLP", hand_fn, feature_inputs(hand_names), hand_test,
                                    {"hidden_units": list(args.hand_hidden), "features": hand_names, "retrain": hand_fit,
                                     "expected_latency_ms": derived_latency(table, hand_names, args.hand_hidden,
                                                                            hand.embedding.widths)})
+
+    # Recall against the hand MLP's on the same users (the AutoFAS models are compared with it).
+    for entry in sweep:
+        entry["recall_vs_hand_mlp"] = paired_difference(per_user_recall[f"AutoFAS λ2={entry['lambda2']:g}"],
+                                                        per_user_recall["hand MLP"])
+        log(f"AutoFAS λ2={entry['lambda2']:g} recall − hand MLP recall: {entry['recall_vs_hand_mlp']}")
 
     # -- latency: every model in interleaved rounds, so load changes hit all alike -----------
     latencies = _interleaved_latency(timed, args.latency_calls, n_cand)
@@ -426,6 +458,7 @@ def main(argv=None) -> None:
         "results": results,
         "pareto": [{"lambda2": e["lambda2"], "recall_top10_in_top100": e["recall_top10_in_top100"], "auc": e["auc"],
                     "median_ms": e["latency"]["median_ms"], "p99_ms": e["latency"]["p99_ms"],
+                    "recall_vs_hand_mlp": e["recall_vs_hand_mlp"],
                     "features": e["features"], "hidden_units": e["hidden_units"]} for e in sweep],
         "sweep": sweep,
         "targets": targets,
@@ -447,6 +480,7 @@ def main(argv=None) -> None:
                       "results": {k: {"recall": rec(k), "auc": v["auc"], "median_ms": med(k),
                                       "p99_ms": v["latency"]["p99_ms"]} for k, v in results.items()},
                       "autofas": {"features": headline["features"], "hidden_units": headline["hidden_units"]},
+                      "sweep_recall_vs_hand_mlp": {f"{e['lambda2']:g}": e["recall_vs_hand_mlp"] for e in sweep},
                       "targets": targets, "wall_seconds": out["wall_seconds"]}, indent=1))
 
 

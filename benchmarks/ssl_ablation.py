@@ -138,11 +138,15 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"{'variant':<11} {'recall@50':>17} {'ndcg@50':>17} {'tail recall@50':>17} {'tail ndcg@50':>17} "
-          f"{'epoch time':>10}")
+          f"{'epoch time':>10}" + ("" if "baseline" in results else " (s; ratio needs the baseline)"))
     for name in names:
         res = results[name]
         cells = " ".join(f"{res[k]['mean']:.4f} ± {res[k]['std']:.4f}".rjust(17) for k in METRICS)
-        print(f"{name:<11} {cells} {res.get('epoch_time_ratio', float('nan')):>9.2f}x")
+        if "epoch_time_ratio" in res:
+            time_cell = f"{res['epoch_time_ratio']:>9.2f}x"
+        else:  # no baseline in this run: seconds per epoch instead of the ratio
+            time_cell = f"{res['seconds_per_epoch']['mean']:>9.2f}s"
+        print(f"{name:<11} {cells} {time_cell}")
 
 
 if __name__ == "__main__":

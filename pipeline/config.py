@@ -32,6 +32,9 @@ DRIFT_CORRECTIONS = ("mean", "none")
 ITEM_GRADIENTS = ("batch", "all")
 # models.cross_batch_retrieval.LOSSES, for the same reason.
 RETRIEVAL_LOSSES = ("softmax", "ccl")
+# models.preranking.training.MASK_OBJECTIVES and RETRAIN_SELECTIONS, for the same reason.
+PRERANKER_MASK_OBJECTIVES = ("labels", "distillation")
+PRERANKER_RETRAIN_SELECTIONS = ("auc", "distillation")
 
 
 class ConfigError(ValueError):
@@ -381,7 +384,14 @@ class PrerankerStageConfig:
       search_epochs, retrain_epochs: passes over the training events (retraining keeps
         the epoch of best validation AUC).
       retrain_patience: retraining stops after this many epochs without a better
-        validation AUC.
+        validation score.
+      mask_objective: the task term of Loss1, which trains the feature masks: "labels"
+        (BCE, as in the paper) or "distillation" (the distilled loss of Loss2, so that
+        a feature the ranker relies on is kept even when the labels alone do not
+        need it: more agreement with the ranker, more features, more latency).
+      retrain_selection: the validation score that picks the retraining epoch: "auc"
+        (on the labels) or "distillation" (the retraining loss on the validation
+        events, the ranker's logits included).
       search_max_events: the search runs on a seeded sample of at most this many
         training events (0 = all); retraining uses all of them.
       latency_repeats: timed calls per latency micro-benchmark (medians are used).
@@ -399,6 +409,8 @@ class PrerankerStageConfig:
     search_epochs: int = 3
     retrain_epochs: int = 20
     retrain_patience: int = 2
+    mask_objective: str = "labels"
+    retrain_selection: str = "distillation"
     search_max_events: int = 30_000
     latency_repeats: int = 15
     batch_size: int = 512
@@ -417,6 +429,11 @@ class PrerankerStageConfig:
         if not self.operator_widths or any(w < 1 for w in self.operator_widths):
             raise ConfigError(f"`preranker.operator_widths` should hold positive widths. "
                               f"Received: {list(self.operator_widths)}")
+        for name, choices in (("mask_objective", PRERANKER_MASK_OBJECTIVES),
+                              ("retrain_selection", PRERANKER_RETRAIN_SELECTIONS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"`preranker.{name}` should be one of {', '.join(choices)}. "
+                                  f"Received: {name}={getattr(self, name)!r}")
         if not 0 <= self.distillation_weight <= 1:
             raise ConfigError(f"`preranker.distillation_weight` should be in [0, 1]. "
                               f"Received: {self.distillation_weight}")

@@ -13,6 +13,9 @@ AutoFAS (Li et al., Sec. 3.3), with E[·] from `models.preranking.latency`:
     Loss1 = BCE + λ · (E[latency] + E[latency'](α fixed))   → updates θ only
     Loss2 = (1 − λ1) · BCE + λ1 · mean (r − p)² + λ2 · E[latency'](θ fixed)  → α and weights
 
+`PrerankerConfig.mask_objective = "distillation"` replaces the BCE of Loss1 by Loss2's
+distilled task term, so that the masks keep what the ranker uses too.
+
 The gradient block: θ receives ∂Loss1 only and (α, weights) receive ∂Loss2 only;
 inside the latency terms the other group is a `stop_gradient` constant.
 

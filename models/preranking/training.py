@@ -7,8 +7,8 @@
         3. search: each batch draws the feature masks once, runs the super-network once
            and takes Loss1 → θ and Loss2 → (α, weights) (`losses` module docstring);
         4. derive (`autofas.derive_architecture`) and retrain the derived `PreRanker`
-           from scratch on ``(1 − λ1)·BCE + λ1·(r − p)²``, keeping the epoch of best
-           validation AUC;
+           from scratch on ``(1 − λ1)·BCE + λ1·(r − p)²``, keeping the epoch of lowest
+           validation loss (or of best validation AUC: `retrain_selection`);
         → ``(PreRanker, metrics)``, metrics holding the chosen features and architecture.
 
 References:
@@ -28,13 +28,17 @@ from models.features import LABEL, Schema
 from models.preranking.autofas import AutoFASSearch, DerivedArchitecture, derive_from_model
 from models.preranking.latency import (IDENTITY, LatencyTable, architecture_latency, expected_architecture_latency,
                                        expected_feature_latency, expected_input_width)
-from models.preranking.losses import DistillationLoss
+from models.preranking.losses import DistillationLoss, distillation_loss
 from models.preranking.measurement import measure_latency_table
 from models.preranking.preranker import PreRanker
 from models.ranking.metrics import auc
 from models.ranking.models import inputs_from_frame
 from models.ranking.training import fit_with_epoch_selection
 from models.tf_compat import keras, tf
+
+
+RETRAIN_SELECTIONS = ("auc", "distillation")
+MASK_OBJECTIVES = ("labels", "distillation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,18 @@ class PrerankerConfig:
         benchmark data every derived network and the hand-designed MLP still improved
         at epoch 4, and the one-layer network at epoch 15.
       retrain_patience: retraining stops after this many epochs without a better
-        validation AUC (the curve is noisy by a few 1e-3 from epoch to epoch).
+        validation score (the AUC curve is noisy by a few 1e-3 from epoch to epoch).
+      retrain_selection: the validation score that picks the retraining epoch:
+        ``"auc"`` (AUC on the labels) or ``"distillation"`` (the retraining loss on the
+        validation rows, labels and ranker logits alike; see `fit_distilled`). The
+        label AUC flattens while the student still learns the ranker's order: on the
+        synthetic benchmark data it stopped the hand-designed MLP at epoch 11 (recall
+        of the ranker's top 10: 0.9875), the loss at epoch 15 (0.9912).
+      mask_objective: the task term of Loss1, which trains the feature masks:
+        ``"labels"`` (BCE, the paper's Loss1) or ``"distillation"`` (the distilled loss
+        of Loss2). On labels alone the search drops features the ranker relies on
+        (brand and tags on the synthetic benchmark data, which cost the pre-ranker
+        part of the ranker's top 10; `benchmarks/RESULTS.md`).
       search_warmup_epochs: first search epochs that train only the network weights
         (on Loss2, with sampled masks) before θ and α move: untrained dense operators
         look worse than the identity, and a search without warm-up chose the identity
@@ -95,6 +110,8 @@ class PrerankerConfig:
     search_warmup_epochs: int = 1
     retrain_epochs: int = 20
     retrain_patience: int = 2
+    retrain_selection: str = "distillation"
+    mask_objective: str = "labels"
     batch_size: int = 512
     learning_rate: float = 0.003
     architecture_learning_rate: float = 0.05
@@ -144,6 +161,12 @@ class PrerankerConfig:
                 or not 0 <= self.search_warmup_epochs < self.search_epochs:
             raise ValueError(f"`search_warmup_epochs` should be an integer in [0, search_epochs={self.search_epochs}). "
                              f"Received: search_warmup_epochs={self.search_warmup_epochs!r}")
+        if self.mask_objective not in MASK_OBJECTIVES:
+            raise ValueError(f"`mask_objective` should be one of {MASK_OBJECTIVES}. "
+                             f"Received: mask_objective={self.mask_objective!r}")
+        if self.retrain_selection not in RETRAIN_SELECTIONS:
+            raise ValueError(f"`retrain_selection` should be one of {RETRAIN_SELECTIONS}. "
+                             f"Received: retrain_selection={self.retrain_selection!r}")
         for name in ("latency_weight", "architecture_latency_weight"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
@@ -219,9 +242,10 @@ class AutoFASSearchTrainer:
                                                            model.operator_widths, width, self.table)
         arch_latency = expected_architecture_latency(alphas, model.operator_widths, tf.stop_gradient(width),
                                                      self.table)
-        loss1 = bce + cfg.latency_weight * (feature_latency + arch_latency_masks)
-        loss2 = ((1.0 - cfg.distillation_weight) * bce + cfg.distillation_weight * distill
-                 + cfg.architecture_latency_weight * arch_latency)
+        distilled = (1.0 - cfg.distillation_weight) * bce + cfg.distillation_weight * distill
+        mask_task = bce if cfg.mask_objective == "labels" else distilled
+        loss1 = mask_task + cfg.latency_weight * (feature_latency + arch_latency_masks)
+        loss2 = distilled + cfg.architecture_latency_weight * arch_latency
         return {"loss1": loss1, "loss2": loss2, "bce": bce, "distillation": distill,
                 "feature_latency_ms": feature_latency, "architecture_latency_ms": arch_latency,
                 "expected_latency_ms": feature_latency + arch_latency}
@@ -322,27 +346,54 @@ def predict_logits(model, features: Mapping[str, Any], batch_size: int = 4096) -
 
 
 def fit_distilled(model: PreRanker, train: Tuple[Mapping[str, Any], np.ndarray, np.ndarray],
-                  validation: Optional[Tuple[Mapping[str, Any], np.ndarray]] = None, *, epochs: int,
+                  validation: Optional[Tuple] = None, *, epochs: int,
                   batch_size: int, learning_rate: float, distillation_weight: float, seed: int = 0,
-                  patience: int = 1) -> Dict[str, Any]:
-    """Trains a pre-ranker on ``(1 − λ1)·BCE + λ1·(r − p)²`` with epoch selection on
-    validation AUC (stops after `patience` epochs without improvement, keeps the best).
+                  patience: int = 1, select_on: str = "auc") -> Dict[str, Any]:
+    """Trains a pre-ranker on ``(1 − λ1)·BCE + λ1·(r − p)²`` with epoch selection on the
+    validation rows (stops after `patience` epochs without improvement, keeps the best).
 
     Args:
       train: ``(features, labels, teacher logits)``.
-      validation: ``(features, labels)`` or None (train every epoch).
+      validation: ``(features, labels)``, or ``(features, labels, teacher logits)``
+        (needed by ``select_on="distillation"``), or None (train every epoch).
+      select_on: ``"auc"``: the epoch of highest validation AUC on the labels;
+        ``"distillation"``: the epoch of lowest validation loss, the training objective
+        itself (how well the pre-ranker reproduces the ranker as well as the labels).
+
+    Returns:
+      ``{"train_loss", "validation_auc", "epochs", "seconds"}``, plus
+      ``"validation_distillation_loss"`` when selecting on it (both curves per epoch).
     """
+    if select_on not in RETRAIN_SELECTIONS:
+        raise ValueError(f"`select_on` should be one of {RETRAIN_SELECTIONS}. Received: select_on={select_on!r}")
     features, labels, teacher = train
     y = np.stack([np.asarray(labels, np.float32).reshape(-1), np.asarray(teacher, np.float32).reshape(-1)], 1)
     names = list(model.features)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=DistillationLoss(distillation_weight))
     ds = (tf.data.Dataset.from_tensor_slices(({n: features[n] for n in names}, y))
           .shuffle(len(y), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
-    score = None
-    if validation is not None:
+    if validation is None:
+        return fit_with_epoch_selection(model, ds, epochs, None, what="pre-ranker", patience=patience)
+    if select_on == "auc":
         def score():
             return auc(validation[1], predict_logits(model, validation[0]))
-    return fit_with_epoch_selection(model, ds, epochs, score, what="pre-ranker", patience=patience)
+        return fit_with_epoch_selection(model, ds, epochs, score, what="pre-ranker", patience=patience)
+    if len(validation) != 3:
+        raise ValueError("select_on='distillation' needs the ranker's logits of the validation rows: "
+                         "`validation` should be (features, labels, teacher logits)")
+    valid_y = np.asarray(validation[1], np.float32).reshape(-1)
+    valid_r = np.asarray(validation[2], np.float32).reshape(-1)
+    aucs: List[float] = []
+
+    def validation_loss():
+        logits = predict_logits(model, validation[0])
+        aucs.append(round(auc(valid_y, logits), 5))
+        return float(np.mean(distillation_loss(valid_y, valid_r, logits, distillation_weight)))
+
+    fit = fit_with_epoch_selection(model, ds, epochs, validation_loss, what="pre-ranker", patience=patience,
+                                   score_name="validation_distillation_loss", higher_is_better=False)
+    fit["validation_auc"] = aucs
+    return fit
 
 
 def derived_latency(table: LatencyTable, features: Sequence[str], hidden_units: Sequence[int],
@@ -403,6 +454,8 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
     if valid_frame is not None and len(valid_frame):
         valid_x = inputs_from_frame(schema, valid_frame, all_names)
         valid = (valid_x, valid_frame[LABEL].to_numpy(np.float32))
+        if config.retrain_selection == "distillation":
+            valid = valid + (teacher_logits(teacher, valid_x),)
     teacher_seconds = time.perf_counter() - start
 
     keras.utils.set_random_seed(config.seed)
@@ -437,7 +490,7 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
     fit = fit_distilled(model, (train_x, train_y, train_r), valid, epochs=config.retrain_epochs,
                         batch_size=config.batch_size, learning_rate=config.learning_rate,
                         distillation_weight=config.distillation_weight, seed=config.seed,
-                        patience=config.retrain_patience)
+                        patience=config.retrain_patience, select_on=config.retrain_selection)
     metrics: Dict[str, Any] = {
         **derived.to_dict(),
         "candidate_features": candidates,
@@ -467,5 +520,5 @@ def flat_metrics(metrics: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["AutoFASSearchTrainer", "PrerankerConfig", "derived_latency", "fit_distilled", "flat_metrics",
-           "latency_grid", "predict_logits", "teacher_logits", "train_preranker"]
+__all__ = ["AutoFASSearchTrainer", "MASK_OBJECTIVES", "PrerankerConfig", "RETRAIN_SELECTIONS", "derived_latency",
+           "fit_distilled", "flat_metrics", "latency_grid", "predict_logits", "teacher_logits", "train_preranker"]

@@ -72,21 +72,24 @@ def fit_ranker(model, train: Tuple[Mapping[str, Any], np.ndarray],
     return fit_with_epoch_selection(model, ds, epochs, score, on_epoch=on_epoch, what="ranking")
 
 
-def fit_with_epoch_selection(model, ds, epochs: int, validation_auc: Optional[Callable[[], float]] = None, *,
+def fit_with_epoch_selection(model, ds, epochs: int, validation_score: Optional[Callable[[], float]] = None, *,
                              on_epoch: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-                             what: str = "ranking", patience: int = 1) -> Dict[str, Any]:
+                             what: str = "ranking", patience: int = 1, score_name: str = "validation_auc",
+                             higher_is_better: bool = True) -> Dict[str, Any]:
     """Up to `epochs` passes of the compiled `model` over `ds`, choosing the epoch.
 
-    After each pass `validation_auc()` (when given) is computed; training stops after
-    `patience` consecutive epochs that do not improve on the best one, and the best
-    epoch's weights are kept. Returns ``{"train_loss", "validation_auc", "epochs",
-    "seconds"}`` (``epochs``: the kept one); a non-finite loss raises FloatingPointError
-    naming `what` and the epoch.
+    After each pass `validation_score()` (when given; validation AUC by default) is
+    computed; training stops after `patience` consecutive epochs that do not improve on
+    the best one (higher, or lower when not `higher_is_better`), and the best epoch's
+    weights are kept. Returns ``{"train_loss", score_name, "epochs", "seconds"}``
+    (``epochs``: the kept one); a non-finite loss raises FloatingPointError naming
+    `what` and the epoch.
     """
     if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 1:
         raise ValueError(f"`patience` should be a positive integer. Received: patience={patience!r}")
     start = time.perf_counter()
-    best, best_weights, curve, losses, stale = -1.0, None, [], [], 0
+    sign = 1.0 if higher_is_better else -1.0
+    best, best_weights, best_epoch, curve, losses, stale = -np.inf, None, 0, [], [], 0
     for epoch in range(int(epochs)):
         history = model.fit(ds, epochs=1, verbose=0)
         loss = float(history.history["loss"][-1])
@@ -94,21 +97,22 @@ def fit_with_epoch_selection(model, ds, epochs: int, validation_auc: Optional[Ca
             raise FloatingPointError(f"{what} training diverged at epoch {epoch + 1}: loss {loss}")
         losses.append(round(loss, 5))
         value = None
-        if validation_auc is not None:
-            value = validation_auc()
+        if validation_score is not None:
+            value = float(validation_score())
+            if not np.isfinite(value):
+                raise FloatingPointError(f"{what} {score_name} is {value} at epoch {epoch + 1}")
             curve.append(round(value, 5))
         if on_epoch is not None:
-            on_epoch(epoch, {"loss": loss, "validation_auc": value})
+            on_epoch(epoch, {"loss": loss, score_name: value})
         if value is None:
             continue
-        if value > best:
-            best, best_weights, stale = value, model.get_weights(), 0
+        if sign * value > best:
+            best, best_weights, best_epoch, stale = sign * value, model.get_weights(), epoch + 1, 0
         else:
             stale += 1
             if stale >= patience:
                 break
     if best_weights is not None:
         model.set_weights(best_weights)
-    return {"train_loss": losses, "validation_auc": curve,
-            "epochs": (curve.index(max(curve)) + 1) if curve else len(losses),
+    return {"train_loss": losses, score_name: curve, "epochs": best_epoch if curve else len(losses),
             "seconds": round(time.perf_counter() - start, 3)}

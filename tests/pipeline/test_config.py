@@ -43,6 +43,8 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval.ccl_margin=1.5", "`retrieval.ccl_margin` should be in"),
     ("retrieval.ccl_negative_weight=-1", "`retrieval.ccl_negative_weight` should be >= 0"),
     ("data.history_mode=future", "`data.history_mode` should be one of past, all_other, random_prefix"),
+    ("preranker.mask_objective=ranker", "`preranker.mask_objective` should be one of labels, distillation"),
+    ("preranker.retrain_selection=recall", "`preranker.retrain_selection` should be one of auc, distillation"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -125,6 +127,14 @@ def test_retrieval_losses_match_the_model():
     from pipeline.config import RETRIEVAL_LOSSES
 
     assert RETRIEVAL_LOSSES == LOSSES
+
+
+def test_preranker_choices_match_the_model():
+    from models.preranking.training import MASK_OBJECTIVES, RETRAIN_SELECTIONS
+    from pipeline.config import PRERANKER_MASK_OBJECTIVES, PRERANKER_RETRAIN_SELECTIONS
+
+    assert PRERANKER_MASK_OBJECTIVES == MASK_OBJECTIVES
+    assert PRERANKER_RETRAIN_SELECTIONS == RETRAIN_SELECTIONS
 
 
 def test_item_gradients_match_the_model():

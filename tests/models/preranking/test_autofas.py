@@ -120,6 +120,25 @@ def test_gradient_block_loss1_moves_only_masks_and_loss2_only_architecture_and_w
         np.testing.assert_allclose(v.numpy() - b0, -lr * g.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("objective", ["labels", "distillation"])
+def test_loss1_task_term_is_the_configured_objective(objective):
+    model = _search()
+    config = PrerankerConfig(latency_weight=0.2, distillation_weight=0.25, mask_objective=objective)
+    trainer = AutoFASSearchTrainer(model, table(), config)
+    labels = tf.constant([1.0, 0.0, 0.0, 1.0])
+    teacher = tf.constant([2.0, -1.0, 0.5, 1.0])
+    out = trainer.losses(_tensors(batch()), labels, teacher, tf.constant([5, 9]))
+    # Loss1 − its latency part is the task term: BCE, or the distilled loss Loss2 uses.
+    latency_part = float(out["loss1"]) - (float(out["bce"]) if objective == "labels"
+                                          else 0.75 * float(out["bce"]) + 0.25 * float(out["distillation"]))
+    expected_latency = 0.2 * (float(out["feature_latency_ms"]) + float(out["architecture_latency_ms"]))
+    assert latency_part == pytest.approx(expected_latency, rel=1e-5)
+    loss2_task = float(out["loss2"]) - 0.1 * float(out["architecture_latency_ms"])  # λ2 default 0.1
+    assert loss2_task == pytest.approx(0.75 * float(out["bce"]) + 0.25 * float(out["distillation"]), rel=1e-5)
+    with pytest.raises(ValueError, match="mask_objective"):
+        PrerankerConfig(mask_objective="ranker")
+
+
 def test_derive_rule_by_hand():
     # θ: u1 .9 kept, u2 .2, i1 .6 kept, i2 .1; α argmax per Mixop: 16, identity, 32.
     derived = derive_architecture([0.9, 0.2, 0.6, 0.1], ["u1", "u2", "i1", "i2"], ["user", "user", "item", "item"],

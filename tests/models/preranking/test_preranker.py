@@ -147,3 +147,30 @@ def test_split_first_layer_equals_the_concatenated_input(features, hidden):
     encoded = model.encode_items(items)
     np.testing.assert_allclose(model.candidate_logits(users, encoded, tf.constant(owner), items_encoded=True).numpy(),
                                want, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_distilled_can_select_the_epoch_on_the_validation_distillation_loss():
+    from models.preranking.training import fit_distilled, predict_logits
+
+    rng = np.random.default_rng(0)
+    rows = {k: np.concatenate([v] * 16) for k, v in batch().items()}  # 64 rows
+    labels = rng.integers(0, 2, 64).astype(np.float32)
+    labels[:2] = [0.0, 1.0]
+    teacher = rng.normal(size=64).astype(np.float32)
+    model = _model()
+    fit = fit_distilled(model, (rows, labels, teacher), (rows, labels, teacher), epochs=4, batch_size=16,
+                        learning_rate=0.01, distillation_weight=0.25, patience=4, select_on="distillation")
+    curve = fit["validation_distillation_loss"]
+    assert len(curve) == len(fit["validation_auc"]) == 4
+    assert fit["epochs"] == int(np.argmin(curve)) + 1
+    # The restored weights are the kept epoch's: their validation loss, computed by hand.
+    logits = predict_logits(model, rows)
+    bce = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
+    by_hand = np.mean(0.75 * bce + 0.25 * (teacher - logits) ** 2)
+    assert by_hand == pytest.approx(min(curve), abs=1e-4)
+    with pytest.raises(ValueError, match="teacher logits"):
+        fit_distilled(_model(), (rows, labels, teacher), (rows, labels), epochs=1, batch_size=16,
+                      learning_rate=0.01, distillation_weight=0.25, select_on="distillation")
+    with pytest.raises(ValueError, match="select_on"):
+        fit_distilled(_model(), (rows, labels, teacher), None, epochs=1, batch_size=16, learning_rate=0.01,
+                      distillation_weight=0.25, select_on="recall")

@@ -25,7 +25,8 @@ def test_config_validation_names_the_field_and_value():
                           ({"external_feature_costs": {"brand": -0.5}}, "external_feature_costs"),
                           ({"candidate_features": "item_id"}, "candidate_features"),
                           ({"mask_learning_rate": 0.0}, "mask_learning_rate"),
-                          ({"retrain_patience": 0}, "retrain_patience")]:
+                          ({"retrain_patience": 0}, "retrain_patience"),
+                          ({"retrain_selection": "recall"}, "retrain_selection")]:
         with pytest.raises((ValueError, TypeError), match=field):
             PrerankerConfig(**kwargs)
     config = PrerankerConfig(external_feature_costs={"brand": 0.5}, operator_widths=[8, 4])
@@ -67,14 +68,18 @@ def test_train_preranker_end_to_end_on_tiny_synthetic_data():
     teacher.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.BinaryCrossentropy(from_logits=True))
     teacher.fit(inputs_from_frame(schema, train), train[LABEL].to_numpy(), batch_size=256, epochs=1, verbose=0)
     config = PrerankerConfig(embedding_dim=4, num_mixops=2, operator_widths=(8, 16), search_epochs=2,
-                             retrain_epochs=1, batch_size=128, candidates=50, latency_repeats=3,
-                             external_feature_costs={"brand": 2.0})
+                             retrain_epochs=2, retrain_selection="distillation", batch_size=128, candidates=50,
+                             latency_repeats=3, external_feature_costs={"brand": 2.0})
     model, metrics = train_preranker(schema, vocabs, train, valid, teacher, config)
     assert isinstance(model, PreRanker)
     assert model.features == metrics["features"] and model.hidden_units == metrics["hidden_units"]
     assert len(metrics["operators"]) == 2 and set(metrics["operators"]) <= {"identity", 8, 16}
     assert any(schema.feature(n).side == "item" for n in metrics["features"])
     assert 0.0 <= metrics["validation_auc"] <= 1.0
+    # The retraining epoch was chosen on the validation distillation loss (the ranker's logits of those rows).
+    curve = metrics["retrain"]["validation_distillation_loss"]
+    assert len(curve) >= 1 and metrics["retrain"]["epochs"] == int(np.argmin(curve)) + 1
+    assert metrics["validation_auc"] == metrics["retrain"]["validation_auc"][metrics["retrain"]["epochs"] - 1]
     assert len(metrics["search"]) == 2 and all(np.isfinite(r["loss1"]) for r in metrics["search"])
     # The external cost is added on top of the measured lookup cost.
     assert metrics["feature_costs_ms"]["brand"] >= 2.0

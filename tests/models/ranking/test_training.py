@@ -65,3 +65,28 @@ def test_non_finite_loss_names_the_epoch():
     model = _ScriptedModel([0.5, float("nan")])
     with pytest.raises(FloatingPointError, match="pre-ranker training diverged at epoch 2"):
         fit_with_epoch_selection(model, None, 2, None, what="pre-ranker")
+
+
+def test_lower_is_better_keeps_the_epoch_of_lowest_score_under_its_name():
+    curve = [0.9, 0.7, 0.75, 0.6, 0.65, 0.66]
+    model = _ScriptedModel([1.0] * 6)
+    values = iter(curve)
+    out = fit_with_epoch_selection(model, None, 6, lambda: next(values), patience=2,
+                                   score_name="validation_loss", higher_is_better=False)
+    assert model.epoch == 6 and out["epochs"] == 4 and int(model.weights[0]) == 4
+    assert out["validation_loss"] == curve and "validation_auc" not in out
+
+
+def test_kept_epoch_is_the_one_whose_weights_are_restored_when_rounded_scores_tie():
+    # 0.500001 and 0.500004 both round to 0.5: the kept epoch is still the better second one.
+    values = iter([0.500001, 0.500004, 0.4])
+    model = _ScriptedModel([1.0] * 3)
+    out = fit_with_epoch_selection(model, None, 3, lambda: next(values), patience=1)
+    assert out["epochs"] == 2 and int(model.weights[0]) == 2
+
+
+def test_non_finite_validation_score_names_it_and_the_epoch():
+    model = _ScriptedModel([0.5])
+    with pytest.raises(FloatingPointError, match="pre-ranker validation_loss is nan at epoch 1"):
+        fit_with_epoch_selection(model, None, 1, lambda: float("nan"), what="pre-ranker",
+                                 score_name="validation_loss")
