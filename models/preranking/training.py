@@ -161,12 +161,9 @@ class PrerankerConfig:
                 or not 0 <= self.search_warmup_epochs < self.search_epochs:
             raise ValueError(f"`search_warmup_epochs` should be an integer in [0, search_epochs={self.search_epochs}). "
                              f"Received: search_warmup_epochs={self.search_warmup_epochs!r}")
-        if self.mask_objective not in MASK_OBJECTIVES:
-            raise ValueError(f"`mask_objective` should be one of {MASK_OBJECTIVES}. "
-                             f"Received: mask_objective={self.mask_objective!r}")
-        if self.retrain_selection not in RETRAIN_SELECTIONS:
-            raise ValueError(f"`retrain_selection` should be one of {RETRAIN_SELECTIONS}. "
-                             f"Received: retrain_selection={self.retrain_selection!r}")
+        for name, choices in (("mask_objective", MASK_OBJECTIVES), ("retrain_selection", RETRAIN_SELECTIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` should be one of {choices}. Received: {name}={getattr(self, name)!r}")
         for name in ("latency_weight", "architecture_latency_weight"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
