@@ -380,6 +380,8 @@ def fit_distilled(model: PreRanker, train: Tuple[Mapping[str, Any], np.ndarray, 
                          "`validation` should be (features, labels, teacher logits)")
     valid_y = np.asarray(validation[1], np.float32).reshape(-1)
     valid_r = np.asarray(validation[2], np.float32).reshape(-1)
+    if len(valid_r) != len(valid_y):
+        raise ValueError(f"`validation` holds {len(valid_y)} labels but {len(valid_r)} teacher logits")
     aucs: List[float] = []
 
     def validation_loss():

@@ -171,6 +171,9 @@ def test_fit_distilled_can_select_the_epoch_on_the_validation_distillation_loss(
     with pytest.raises(ValueError, match="teacher logits"):
         fit_distilled(_model(), (rows, labels, teacher), (rows, labels), epochs=1, batch_size=16,
                       learning_rate=0.01, distillation_weight=0.25, select_on="distillation")
+    with pytest.raises(ValueError, match="64 labels but 63 teacher logits"):
+        fit_distilled(_model(), (rows, labels, teacher), (rows, labels, teacher[:63]), epochs=1, batch_size=16,
+                      learning_rate=0.01, distillation_weight=0.25, select_on="distillation")
     with pytest.raises(ValueError, match="select_on"):
         fit_distilled(_model(), (rows, labels, teacher), None, epochs=1, batch_size=16, learning_rate=0.01,
                       distillation_weight=0.25, select_on="recall")
