@@ -377,8 +377,8 @@ def main(argv=None) -> None:
                            distillation_weight=args.lambda1, search_epochs=args.search_epochs,
                            search_warmup_epochs=args.warmup_epochs, retrain_epochs=args.retrain_epochs,
                            retrain_patience=args.retrain_patience, retrain_selection=args.retrain_selection,
-                           mask_objective=args.mask_objective, batch_size=args.batch_size, candidates=n_cand, latency_repeats=args.latency_repeats,
-                           seed=args.seed)
+                           mask_objective=args.mask_objective, batch_size=args.batch_size, candidates=n_cand,
+                           latency_repeats=args.latency_repeats, seed=args.seed)
     input_width = sum(1 if f.kind.value == "numeric" else args.embedding_dim for f in schema.features)
     start = time.perf_counter()
     table = measure_latency_table(schema, vocabs, {k: v[:n_cand] for k, v in train_x.items()}, names,

@@ -382,7 +382,7 @@ class PrerankerStageConfig:
       distillation_weight: λ1, the share of the ranker-distillation term in [0, 1].
       architecture_latency_weight: λ2 of Loss2 (architecture), per ms.
       search_epochs, retrain_epochs: passes over the training events (retraining keeps
-        the epoch of best validation AUC).
+        the epoch of best validation score, see `retrain_selection`).
       retrain_patience: retraining stops after this many epochs without a better
         validation score.
       mask_objective: the task term of Loss1, which trains the feature masks: "labels"

@@ -59,7 +59,8 @@ class PrerankerConfig:
       initial_keep_probability: θ at the start of the search.
       keep_threshold: θ at or above which a feature is kept.
       search_epochs, retrain_epochs: passes over the training rows (retraining keeps
-        the epoch of best validation AUC and may stop earlier, see `retrain_patience`).
+        the epoch of best validation score, see `retrain_selection`, and may stop
+        earlier, see `retrain_patience`).
         A distilled network learns the teacher's logits slowly: on the synthetic
         benchmark data every derived network and the hand-designed MLP still improved
         at epoch 4, and the one-layer network at epoch 15.
