@@ -487,8 +487,9 @@ class Cascade:
         all_scores, all_indices = self.index.search_indices(embeddings, max(fetch))
         t = lap("index", t)
 
-        # Per query: drop padding (ScaNN pads with NaN scores when the partitions searched
-        # hold fewer points), keep its own depth, drop seen items and repeats.
+        # Per query: drop padding (non-finite scores: an index saved before searches were
+        # widened for rows short of points pads them), keep its own depth, drop seen items
+        # and repeats.
         cand_index: List[np.ndarray] = []
         cand_ids: List[np.ndarray] = []
         stage_scores: List[Dict[str, np.ndarray]] = []

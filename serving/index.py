@@ -144,6 +144,10 @@ class _ScannModule(tf.Module):
     A query for k neighbours re-scores ``max(reorder, k)`` candidates exactly and
     searches at least enough partitions to hold about 2k points, so that a large k
     (the cascade's 1,000 candidates) is not cut short by the partitions searched.
+    k-means can still leave the partitions nearest a query holding fewer than k points
+    (ScaNN then pads the row with NaN scores): such rows alone are searched again with
+    twice the partitions, until full or every partition is searched, so every query
+    gets ``min(k, num_items)`` results and the other rows of the batch are unchanged.
     """
 
     def __init__(self, searcher, item_ids: Sequence[str], dim: int, num_items: int, leaves_to_search: int,
@@ -166,9 +170,27 @@ class _ScannModule(tf.Module):
         k = tf.minimum(k, self.num_items)
         leaves = tf.minimum(self.num_leaves,
                             tf.maximum(self.leaves_to_search, (2 * k * self.num_leaves) // self.num_items + 1))
-        indices, scores = searcher.search_batched_parallel(
-            queries, final_num_neighbors=k, pre_reorder_num_neighbors=tf.maximum(k, self.reorder),
-            leaves_to_search=leaves)
+
+        def run(rows, leaves):
+            return searcher.search_batched_parallel(
+                rows, final_num_neighbors=k, pre_reorder_num_neighbors=tf.maximum(k, self.reorder),
+                leaves_to_search=leaves)
+
+        def short_rows(scores):
+            return tf.where(tf.reduce_sum(tf.cast(tf.math.is_finite(scores), tf.int32), axis=1) < k)
+
+        def any_short(leaves, indices, scores):
+            return tf.logical_and(leaves < self.num_leaves, tf.size(short_rows(scores)) > 0)
+
+        def widen(leaves, indices, scores):
+            leaves = tf.minimum(self.num_leaves, 2 * leaves)
+            rows = short_rows(scores)
+            more_indices, more_scores = run(tf.gather_nd(queries, rows), leaves)
+            return (leaves, tf.tensor_scatter_nd_update(indices, rows, more_indices),
+                    tf.tensor_scatter_nd_update(scores, rows, more_scores))
+
+        indices, scores = run(queries, leaves)
+        _, indices, scores = tf.while_loop(any_short, widen, (leaves, indices, scores))
         return {"scores": scores, "indices": indices, "item_ids": tf.gather(self.item_ids, indices)}
 
 

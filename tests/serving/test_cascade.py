@@ -363,3 +363,35 @@ def test_items_encoded_at_load_score_as_strings_do(copy_workdir, ranked_workdir,
             assert a["stage_scores"] == pytest.approx(b["stage_scores"], rel=1e-6)
     batch = [encoded.prepare(u, k=7) for u in users_with_history]
     _assert_same_answers(encoded.answer(batch), [encoded.answer([q])[0] for q in batch])
+
+
+def test_index_padding_is_dropped_and_a_query_left_without_candidates_answers_empty(
+        ranked_workdir, users_with_history, monkeypatch):
+    """An index saved before short rows were searched again pads a query's results with
+    NaN scores when its partitions hold fewer than the points asked for (possibly none):
+    the cascade ranks only the real candidates and answers an empty list rather than failing."""
+    cascade = Cascade.load(ranked_workdir, config=CascadeConfig(retrieval_candidates=60, preranker_candidates=20))
+    u0, u1, u2 = users_with_history[:3]
+    full = [cascade.answer([cascade.prepare(u, k=5, explain=True, include_seen=True)])[0] for u in (u0, u1, u2)]
+    kept = 8
+    retrieved = [i["item_id"] for i in cascade.retrieve(u1, k=kept, include_seen=True)["items"]]
+    search = cascade.index.search_indices
+
+    def padded(queries, k):
+        scores, indices = search(queries, k)
+        scores, indices = scores.copy(), indices.copy()
+        scores[0, :], indices[0, :] = np.nan, 0  # u0: nothing found
+        scores[1, kept:], indices[1, kept:] = np.nan, 0  # u1: only `kept` found
+        return scores, indices
+
+    monkeypatch.setattr(cascade.index, "search_indices", padded)
+    out = cascade.answer([cascade.prepare(u, k=5, explain=True, include_seen=True) for u in (u0, u1, u2)])
+    assert out[0]["items"] == [] and out[0]["candidates"]["retrieval"] == 0
+    assert out[1]["candidates"]["retrieval"] == kept and len(out[1]["items"]) == 5
+    assert out[1]["candidates"] == {"retrieval": kept, "preranker": kept, "ranker": 5}
+    # the survivors are the first `kept` retrieved items, ranked as before by the later stages
+    assert {i["item_id"] for i in out[1]["items"]} <= set(retrieved)
+    assert [i["item_id"] for i in out[2]["items"]] == [i["item_id"] for i in full[2]["items"]]
+    np.testing.assert_allclose([i["score"] for i in out[2]["items"]], [i["score"] for i in full[2]["items"]],
+                               rtol=1e-5, atol=1e-6)
+    assert out[2]["candidates"] == full[2]["candidates"]
