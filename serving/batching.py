@@ -98,7 +98,8 @@ class MicroBatcher:
         return pending.result
 
     def stats(self) -> dict:
-        """Batches run, items answered, mean and largest batch size."""
+        """Batches taken, items in them, mean and largest batch size (a batch counts from
+        the moment a worker takes it, before its items are answered)."""
         with self._lock:
             return batch_stats(self.batches, self.items, self.largest_batch)
 
@@ -139,16 +140,16 @@ class MicroBatcher:
             if first is None:
                 return
             batch = self._collect(first)
+            with self._lock:  # counted before the answers go out, so a client sees its own batch
+                self._last_batch = len(batch)
+                self.batches += 1
+                self.items += len(batch)
+                self.largest_batch = max(self.largest_batch, len(batch))
             groups: dict = {}
             for p in batch:
                 groups.setdefault(id(p.key), []).append(p)
             for group in groups.values():
                 self._run(group)
-            with self._lock:
-                self._last_batch = len(batch)
-                self.batches += 1
-                self.items += len(batch)
-                self.largest_batch = max(self.largest_batch, len(batch))
 
     def _run(self, group: List[_Pending]) -> None:
         try:

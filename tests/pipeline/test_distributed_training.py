@@ -61,16 +61,25 @@ def one_replica(tmp_path_factory):
 def test_two_worker_processes_train_one_model(tmp_path, one_replica):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", "--config", TINY, "--workdir", str(tmp_path / f"w{index}"),
-             "--set", "retrieval.distribution=multi_worker", *CBNS],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    procs, logs = [], [tmp_path / f"worker{index}.log" for index in range(2)]
+    try:
+        for index in range(2):
+            env = dict(os.environ,
+                       TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+            with open(logs[index], "w") as log:  # files, not pipes: a full pipe would stall a worker
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.cli", "run", "--config", TINY, "--workdir",
+                     str(tmp_path / f"w{index}"), "--set", "retrieval.distribution=multi_worker", *CBNS],
+                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+        for p in procs:
+            p.wait(timeout=900)
+    finally:
+        for p in procs:  # a worker left waiting for its peer after a failure or a timeout
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log.read_text()[-3000:]
     m0, m1 = _metrics(str(tmp_path / "w0")), _metrics(str(tmp_path / "w1"))
     assert m0["retrieval_training"]["replicas"] == m1["retrieval_training"]["replicas"] == 2
     # Both workers trained the same model: the same losses, byte-identical exports and

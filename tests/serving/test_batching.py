@@ -25,9 +25,18 @@ class Recorder:
         return [(key, i * 10) for i in items]
 
 
+def _wait_until(condition, timeout=10.0):
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        assert time.perf_counter() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 def _submit_all(batcher, items, keys=None, first_alone=None):
-    """Submits from one thread per item, 10 ms apart; with `first_alone` (a Recorder),
-    the others only once the first call has started (so the first item runs alone)."""
+    """Submits from one thread per item, 10 ms apart; with `first_alone` (a Recorder,
+    whose call is held at its gate), the others only once the first call has started (so
+    the first item runs alone), each one once the one before it is waiting in the queue
+    (so they queue in order however the threads are scheduled)."""
     results, errors, threads = {}, {}, []
 
     def one(i, key):
@@ -39,9 +48,12 @@ def _submit_all(batcher, items, keys=None, first_alone=None):
     for n, i in enumerate(items):
         threads.append(threading.Thread(target=one, args=(i, keys[n] if keys else None)))
         threads[-1].start()
-        if n == 0 and first_alone is not None:
+        if first_alone is None:
+            time.sleep(0.01)
+        elif n == 0:
             assert first_alone.entered.wait(10)
-        time.sleep(0.01)
+        else:
+            _wait_until(lambda: batcher._queue.qsize() >= n)
     return threads, results, errors
 
 
@@ -108,6 +120,7 @@ def test_wait_collects_later_items_only_once_requests_arrive_together():
     assert batcher.submit("alone") == (None, "alone" * 10)
     assert time.perf_counter() - start < 1.5  # a lone request does not wait
     gate.clear()
+    fn.entered.clear()
     threads, _, errors = _submit_all(batcher, [0, 1, 2, 3], first_alone=fn)  # 1..3 queue behind 0
     gate.set()
     for t in threads:

@@ -204,7 +204,7 @@ def test_queries_whose_partitions_hold_fewer_than_k_points_search_more_of_them()
     q = _clustered(200, 16, 10)
     module, _ = build_index(db, [f"i{j}" for j in range(len(db))],
                             IndexConfig(kind="scann", num_leaves=60, leaves_to_search=1, reorder=20))
-    raw_ids, raw_scores = scann_ops.searcher_from_module(module.state).search_batched(
+    raw_ids, raw_scores = scann_ops.searcher_from_module(module.state).search_batched_parallel(
         q, final_num_neighbors=10, pre_reorder_num_neighbors=20, leaves_to_search=1)
     full = np.isfinite(raw_scores.numpy()).all(axis=1)  # typically all but a few rows
     out = module.search(q, 10)

@@ -185,6 +185,7 @@ def test_hot_reload_under_concurrent_requests_drops_nothing(copy_workdir, base_w
     assert server.started
     users = UserStore(os.path.join(w, "data")).user_ids()[:20]
     stop, errors, versions = threading.Event(), [], []
+    per_thread = [[] for _ in range(4)]
 
     def hammer(seed):
         with httpx.Client(base_url=base, timeout=30) as http:
@@ -196,6 +197,7 @@ def test_hot_reload_under_concurrent_requests_drops_nothing(copy_workdir, base_w
                         errors.append((r.status_code, r.text[:200]))
                     else:
                         versions.append(r.json()["version"])
+                        per_thread[seed].append(r.json()["version"])
                 except Exception as e:  # noqa: BLE001
                     errors.append(repr(e))
                 i += 1
@@ -222,8 +224,11 @@ def test_hot_reload_under_concurrent_requests_drops_nothing(copy_workdir, base_w
     assert errors == []
     assert len(versions) > 20  # the requests really overlapped the reload
     assert 1 in versions and 2 in versions and versions[-1] == 2
-    first_two = versions.index(2)
-    assert set(versions[first_two + 4:]) == {2}  # at most the in-flight requests finish on version 1
+    # Once a client has an answer from version 2, its later requests never get version 1;
+    # after the first version-2 answer at most the other clients' in-flight requests finish
+    # on version 1.
+    assert all(seq == sorted(seq) for seq in per_thread)
+    assert versions[versions.index(2):].count(1) <= len(per_thread) - 1
     assert models["version"] == 2 and models["reloads"] == 2
     assert final["items"] == Cascade.load(w, 2).recommend(users[0], k=5)["items"]
 
@@ -250,7 +255,29 @@ def test_which_version_the_watcher_follows(copy_workdir, base_workdir, publish):
         ServiceConfig(w, max_k=2000)
 
 
-def _tracked_answer(monkeypatch, delay=0.02):
+class _Hold:
+    """Makes the clients' requests overlap on purpose, however the threads are scheduled:
+    once `clients` is set, the first `meet` calls of `Cascade.answer` wait for each other
+    (a barrier), and the first call also waits `first_wait` seconds (requests queue behind it)."""
+
+    def __init__(self, meet=1, first_wait=0.0):
+        self.clients = threading.Event()
+        self.barrier = threading.Barrier(meet, timeout=20) if meet > 1 else None
+        self.first_wait, self.calls, self.lock = first_wait, 0, threading.Lock()
+
+    def __call__(self):
+        if not self.clients.is_set():  # the service's warm-up queries at start
+            return
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if n == 1:
+            time.sleep(self.first_wait)
+        if self.barrier is not None and n <= self.barrier.parties:
+            self.barrier.wait()
+
+
+def _tracked_answer(monkeypatch, delay=0.02, hold=None):
     """Patches `Cascade.answer` to record (calls running at once, batch sizes)."""
     running, peak, sizes, lock = [0], [0], [], threading.Lock()
     original = Cascade.answer
@@ -261,6 +288,8 @@ def _tracked_answer(monkeypatch, delay=0.02):
             peak[0] = max(peak[0], running[0])
             sizes.append(len(queries))
         try:
+            if hold is not None:
+                hold()
             time.sleep(delay)
             return original(self, queries)
         finally:
@@ -271,9 +300,11 @@ def _tracked_answer(monkeypatch, delay=0.02):
     return peak, sizes
 
 
-def _ask_concurrently(app, users, repeat=2, k=3):
+def _ask_concurrently(app, users, repeat=2, k=3, hold=None):
     answers = []
     with TestClient(app) as c:
+        if hold is not None:
+            hold.clients.set()
         def ask(u):
             r = c.post("/v1/recommend", json={"user_id": u, "k": k})
             answers.append((u, r.status_code, r.json()))
@@ -292,28 +323,30 @@ def test_max_concurrent_bounds_the_cascades_computed_at_once(ranked_workdir, mon
                 dict(batch_wait_ms=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServiceConfig(ranked_workdir, **bad)
-    peak, sizes = _tracked_answer(monkeypatch)
     users = UserStore(os.path.join(ranked_workdir, "data")).user_ids()[:8]
     for limit, bounded in ((2, True), (0, False)):
-        peak[0] = 0
+        hold = _Hold(meet=2 if bounded else 3)  # unbounded: 3 at once must be possible
+        monkeypatch.undo()
+        peak, sizes = _tracked_answer(monkeypatch, hold=hold)
         app = create_app(ServiceConfig(ranked_workdir, poll_interval=0, max_concurrent=limit, max_batch_size=1,
                                        cascade=CascadeConfig(retrieval_candidates=100, preranker_candidates=50)))
-        answers, stats = _ask_concurrently(app, users)
+        answers, stats = _ask_concurrently(app, users, hold=hold)
         assert [a[1] for a in answers] == [200] * 16 and stats == {"max_batch_size": 1}
         if bounded:
             assert peak[0] == limit  # never more, and the requests did overlap
         else:
             assert peak[0] > 2
-    assert set(sizes) == {1}
+        assert set(sizes) == {1}
 
 
 def test_concurrent_requests_are_batched_with_the_answers_they_get_alone(ranked_workdir, monkeypatch):
-    peak, sizes = _tracked_answer(monkeypatch, delay=0.05)
+    hold = _Hold(first_wait=0.5)  # the other requests queue behind the first batch
+    peak, sizes = _tracked_answer(monkeypatch, delay=0.05, hold=hold)
     users = UserStore(os.path.join(ranked_workdir, "data")).user_ids()[:8]
     config = CascadeConfig(retrieval_candidates=100, preranker_candidates=50)
     app = create_app(ServiceConfig(ranked_workdir, poll_interval=0, max_batch_size=4, batch_workers=1,
                                    cascade=config))
-    answers, stats = _ask_concurrently(app, users, k=5)
+    answers, stats = _ask_concurrently(app, users, k=5, hold=hold)
     assert [a[1] for a in answers] == [200] * 16
     # One worker: one batch at a time, at most 4 queries, and the waiting requests did share batches.
     assert peak[0] == 1 and max(sizes) == 4 and len(sizes) < 16

@@ -100,14 +100,23 @@ def test_table_round_trip_and_validation(tmp_path):
         LatencyTable.from_dict({**table.to_dict(), "extra": 1})
 
 
-def test_marginal_cost_removes_the_fixed_overhead():
-    # A unit that sleeps 2 ms, with 5 ms of fixed overhead per call: marginal ≈ 2 ms.
-    import time
+def test_marginal_cost_removes_the_fixed_overhead(monkeypatch):
+    # A unit of 2 ms with 5 ms of fixed overhead per call, timed on a fake clock that each
+    # call advances: marginal = 2 ms; a chain measured cheaper than one unit (noise) gives 0.
+    import types
 
-    def build(k):
-        return lambda: time.sleep(0.005 + 0.002 * k)
+    from models.preranking import measurement
 
-    assert marginal_cost_ms(build, chain=3, repeats=6) == pytest.approx(2.0, abs=0.8)
+    clock = [0.0]
+    monkeypatch.setattr(measurement, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def build(k, unit=0.002):
+        def call():
+            clock[0] += 0.005 + unit * k
+        return call
+
+    assert marginal_cost_ms(build, chain=3, repeats=6) == pytest.approx(2.0, rel=1e-6)
+    assert marginal_cost_ms(lambda k: build(k, unit=-0.001), chain=3, repeats=6) == 0.0
     with pytest.raises(ValueError, match="chain"):
         marginal_cost_ms(build, chain=1, repeats=3)
 
