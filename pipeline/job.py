@@ -219,9 +219,9 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
     if r.ssl_weight and r.ssl_items == "corpus" and r.optimizer == "adam":
         log.warning("self-supervised task on corpus items with Adam: Adam's step does not shrink with the "
                     "gradient, so item rows the main task rarely reaches (the tail) move at the full "
-                    "learning rate whatever retrieval.ssl_weight is; on our data a small weight cost up to "
-                    "19% of Recall@50. retrieval.optimizer=adagrad does not have this (see README, "
-                    "Self-supervised item task)")
+                    "learning rate whatever retrieval.ssl_weight is, and a small weight can lower Recall@50 "
+                    "(measured in benchmarks/RESULTS.md). retrieval.optimizer=adagrad does not have this "
+                    "(see README, Self-supervised item task)")
     mixed = r.negatives == "mixed"
     if mixed and corpus is None:
         raise ValueError("negatives=mixed needs the item corpus to sample from")
