@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,19 +37,21 @@ def _serving(workdir, *args, stop_timeout=30):
     """`recfunnel serve` on a free port in a fresh process: yields ``(process, port)``;
     then SIGINT, and the process must exit with 0."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--workdir", workdir,
-                             "--port", str(port), "--poll-interval", "0", *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        yield proc, port
-    finally:
-        proc.send_signal(signal.SIGINT)
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the server
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--workdir", workdir,
+                                 "--port", str(port), "--poll-interval", "0", *args],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            proc.wait(timeout=stop_timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+            yield proc, port
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.seek(0)
+        assert proc.returncode == 0, log.read()[-2000:]
 
 
 def test_serve_answers_over_http_and_stops_cleanly(ranked_workdir):

@@ -162,21 +162,17 @@ def test_not_ready_until_a_version_appears_and_bad_versions_keep_the_old(copy_wo
         assert c.post("/v1/recommend", json={"user_id": "u1"}).json()["version"] == 1
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_hot_reload_under_concurrent_requests_drops_nothing(copy_workdir, base_workdir, publish):
     import httpx
     import uvicorn
 
     w = copy_workdir(base_workdir)
     app = create_app(ServiceConfig(w, follow="latest", poll_interval=0.1))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # the server takes the bound socket: no other process can take the port
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -221,6 +217,7 @@ def test_hot_reload_under_concurrent_requests_drops_nothing(copy_workdir, base_w
             models = http.get("/v1/models").json()
         server.should_exit = True
         thread.join(timeout=30)
+        sock.close()
     assert errors == []
     assert len(versions) > 20  # the requests really overlapped the reload
     assert 1 in versions and 2 in versions and versions[-1] == 2
