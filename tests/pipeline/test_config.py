@@ -142,3 +142,34 @@ def test_item_gradients_match_the_model():
     from pipeline.config import ITEM_GRADIENTS
 
     assert ITEM_GRADIENTS == MODEL
+
+
+def test_preranker_defaults_are_the_models():
+    """The stage's defaults, and the pre-ranking benchmark's, are `PrerankerConfig`'s, but
+    for the job's two time bounds (a sample of the events for the search, fewer latency
+    calls)."""
+    import dataclasses
+    import importlib.util
+    import os
+
+    from models.preranking.training import PrerankerConfig
+    from pipeline.preranker_stage import autofas_config
+
+    model = PrerankerConfig()
+    job = autofas_config(RunConfig())
+    assert (job.search_max_events, job.latency_repeats) == (30_000, 15)
+    assert (model.search_max_events, model.latency_repeats) == (0, 30)
+    assert dataclasses.replace(job, search_max_events=0, latency_repeats=30) == model
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "benchmarks", "preranker.py")
+    spec = importlib.util.spec_from_file_location("preranker_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench._parse_args(["--dataset", "synthetic", "--out", "unused.json"])
+    same = {"embedding_dim": args.embedding_dim, "num_mixops": args.num_mixops,
+            "operator_widths": tuple(args.operator_widths), "latency_weight": args.lambda_,
+            "distillation_weight": args.lambda1, "architecture_latency_weight": args.headline_lambda2,
+            "search_epochs": args.search_epochs, "search_warmup_epochs": args.warmup_epochs,
+            "retrain_epochs": args.retrain_epochs, "retrain_patience": args.retrain_patience,
+            "retrain_selection": args.retrain_selection, "mask_objective": args.mask_objective,
+            "batch_size": args.batch_size, "seed": args.seed}
+    assert same == {name: getattr(model, name) for name in same}
