@@ -173,3 +173,9 @@ def test_preranker_defaults_are_the_models():
             "retrain_selection": args.retrain_selection, "mask_objective": args.mask_objective,
             "batch_size": args.batch_size, "seed": args.seed}
     assert same == {name: getattr(model, name) for name in same}
+    # and it offers the model's choices (a choice the model lacks fails in PrerankerConfig)
+    from models.preranking.training import MASK_OBJECTIVES, RETRAIN_SELECTIONS
+
+    for flag, choices in (("--mask-objective", MASK_OBJECTIVES), ("--retrain-selection", RETRAIN_SELECTIONS)):
+        for choice in choices:
+            bench._parse_args(["--dataset", "synthetic", "--out", "unused.json", flag, choice])
