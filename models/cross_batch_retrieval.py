@@ -68,6 +68,7 @@ from models.tf_compat import keras, tf
 DRIFT_CORRECTIONS = ("mean", "none")
 ITEM_GRADIENTS = ("batch", "all")
 LOSSES = ("softmax", "ccl")
+CCL_NEGATIVES = ("all", "uniform")
 
 
 class CrossBatchRetrieval(keras.layers.Layer):
@@ -88,6 +89,11 @@ class CrossBatchRetrieval(keras.layers.Layer):
         loss of SimpleX over the same candidates, `models.cosine_contrastive`: no logQ
         correction, no temperature; `item_gradient` and hard negatives do not apply).
       margin, negative_weight: m and w of the cosine contrastive loss.
+      ccl_negatives: which candidates are the cosine contrastive loss's negatives:
+        ``all`` (every candidate but the positive and its accidental hits) or
+        ``uniform`` (only the items drawn uniformly from the corpus, as in SimpleX: the
+        batch's and the bank's items follow the interaction distribution, and a
+        pairwise loss without logQ correction pushes popular items down).
 
     Call:
       query_embeddings ``[B, D]``, candidate_embeddings ``[B, D]`` (the positives),
@@ -102,8 +108,14 @@ class CrossBatchRetrieval(keras.layers.Layer):
     def __init__(self, embedding_dim: int, memory_size: int = 0, warmup_steps: int = 0, temperature: float = 1.0,
                  remove_accidental_hits: bool = True, num_hard_negatives: int = 0,
                  drift_correction: str = "mean", item_gradient: str = "batch", loss: str = "softmax",
-                 margin: float = 0.9, negative_weight: float = 150.0, **kwargs):
+                 margin: float = 0.9, negative_weight: float = 150.0, ccl_negatives: str = "all", **kwargs):
         super().__init__(**kwargs)
+        if ccl_negatives not in CCL_NEGATIVES:
+            raise ValueError(f"`ccl_negatives` should be one of {CCL_NEGATIVES}. "
+                             f"Received: ccl_negatives={ccl_negatives!r}")
+        if ccl_negatives == "uniform" and loss != "ccl":
+            raise ValueError(f"`ccl_negatives` applies to loss='ccl'. Received: loss={loss!r}, "
+                             f"ccl_negatives={ccl_negatives!r}")
         if loss not in LOSSES:
             raise ValueError(f"`loss` should be one of {LOSSES}. Received: loss={loss!r}")
         if loss == "ccl" and num_hard_negatives:
@@ -133,6 +145,7 @@ class CrossBatchRetrieval(keras.layers.Layer):
         self.loss = loss
         self.margin = float(margin)
         self.negative_weight = float(negative_weight)
+        self.ccl_negatives = ccl_negatives
         self.memory = (CrossBatchMemory(self.memory_size, self.embedding_dim, name="memory")
                        if self.memory_size else None)
 
@@ -231,9 +244,18 @@ class CrossBatchRetrieval(keras.layers.Layer):
         return tf.reduce_sum(losses), share
 
     def _ccl_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
-        """(Σ_i CCL_i over the batch, the uniform items and the bank, 0): no logQ, no bank share."""
+        """(Σ_i CCL_i over the batch, the uniform items and the bank, or the uniform items only, 0): no logQ,
+        no bank share."""
         candidates, ids, _, valid, _ = self._candidates(batch_embeddings, bank, uniform, positive_ids, log_q,
                                                         corrected)
+        if self.ccl_negatives == "uniform":
+            if uniform is None:
+                raise ValueError("ccl_negatives='uniform' needs items drawn uniformly from the corpus: pass "
+                                 "`extra_negatives`.")
+            # Candidates are [batch, uniform, bank]: keep the uniform block only.
+            position = tf.range(tf.shape(candidates)[0])
+            batch = tf.shape(batch_embeddings)[0]
+            valid = tf.logical_and(valid, tf.logical_and(position >= batch, position < batch + tf.shape(uniform[0])[0]))
         losses = cosine_contrastive_loss(
             query, candidates, positive_ids=positive_ids, candidate_ids=ids, margin=self.margin,
             negative_weight=self.negative_weight, candidate_valid=valid,
@@ -264,7 +286,7 @@ class CrossBatchRetrieval(keras.layers.Layer):
                 "remove_accidental_hits": self.remove_accidental_hits,
                 "num_hard_negatives": self.num_hard_negatives, "drift_correction": self.drift_correction,
                 "item_gradient": self.item_gradient, "loss": self.loss, "margin": self.margin,
-                "negative_weight": self.negative_weight}
+                "negative_weight": self.negative_weight, "ccl_negatives": self.ccl_negatives}
 
 
 def _global_mean(embeddings: tf.Tensor) -> tf.Tensor:

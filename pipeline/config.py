@@ -30,8 +30,9 @@ SSL_MASKINGS = ("random", "correlated", "independent", "none")
 DRIFT_CORRECTIONS = ("mean", "none")
 # models.cross_batch_retrieval.ITEM_GRADIENTS, for the same reason.
 ITEM_GRADIENTS = ("batch", "all")
-# models.cross_batch_retrieval.LOSSES, for the same reason.
+# models.cross_batch_retrieval.LOSSES and CCL_NEGATIVES, for the same reason.
 RETRIEVAL_LOSSES = ("softmax", "ccl")
+CCL_NEGATIVES = ("all", "uniform")
 # models.preranking.training.MASK_OBJECTIVES and RETRAIN_SELECTIONS, for the same reason.
 PRERANKER_MASK_OBJECTIVES = ("labels", "distillation")
 PRERANKER_RETRAIN_SELECTIONS = ("auc", "distillation")
@@ -138,6 +139,11 @@ class RetrievalConfig:
         cost nothing.
       ccl_negative_weight: w of the cosine contrastive loss: the weight of the mean
         negative term against the positive's.
+      ccl_negatives: the cosine contrastive loss's negatives: ``all`` (every candidate
+        but the positive: the batch, the uniform items and the bank) or ``uniform``
+        (only the `num_mixed_negatives` items drawn uniformly from the corpus, as in
+        SimpleX; the batch's items follow the interaction distribution, and a pairwise
+        loss without logQ correction pushes popular items down).
       negatives: ``inbatch`` (the batch's items), ``cbns``
         (in-batch plus a FIFO memory bank of recent batches' item embeddings after
         `warmup_steps`), or ``mixed`` (in-batch plus `num_mixed_negatives` items
@@ -207,6 +213,7 @@ class RetrievalConfig:
     loss: str = "softmax"
     ccl_margin: float = 0.9
     ccl_negative_weight: float = 150.0
+    ccl_negatives: str = "all"
     negatives: str = "inbatch"
     memory_size: int = 0
     warmup_steps: int = 0
@@ -250,6 +257,14 @@ class RetrievalConfig:
         if self.loss == "ccl" and not self.normalize:
             raise ConfigError("`retrieval.loss=ccl` trains cosine similarities, and serving scores dot products of "
                               "the tower outputs: set `retrieval.normalize=true`. Received: normalize=false")
+        if self.ccl_negatives not in CCL_NEGATIVES:
+            raise ConfigError(f"`retrieval.ccl_negatives` should be one of {', '.join(CCL_NEGATIVES)}. "
+                              f"Received: {self.ccl_negatives!r}")
+        if self.ccl_negatives == "uniform" and (self.loss != "ccl" or self.num_mixed_negatives < 1):
+            raise ConfigError("`retrieval.ccl_negatives=uniform` keeps only the uniformly drawn negatives of the "
+                              "cosine contrastive loss: set `retrieval.loss=ccl` and `retrieval.negatives=mixed` "
+                              f"with `num_mixed_negatives` >= 1. Received: loss={self.loss}, "
+                              f"num_mixed_negatives={self.num_mixed_negatives}")
         if self.loss == "ccl" and self.num_hard_negatives:
             raise ConfigError("`retrieval.num_hard_negatives` applies to the softmax loss, not to loss=ccl. "
                               f"Received: num_hard_negatives={self.num_hard_negatives}")

@@ -154,7 +154,8 @@ def retrieval_task(config: RunConfig):
                                temperature=r.temperature, remove_accidental_hits=r.remove_accidental_hits,
                                num_hard_negatives=r.num_hard_negatives, drift_correction=r.drift_correction,
                                item_gradient=r.item_gradient, loss=r.loss, margin=r.ccl_margin,
-                               negative_weight=r.ccl_negative_weight, name="cross_batch_retrieval")
+                               negative_weight=r.ccl_negative_weight, ccl_negatives=r.ccl_negatives,
+                               name="cross_batch_retrieval")
 
 
 def item_corpus(data_dir: str, schema: Schema) -> Dict[str, np.ndarray]:

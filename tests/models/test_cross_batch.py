@@ -455,3 +455,36 @@ def test_ccl_task_uses_batch_uniform_and_bank_candidates():
         CrossBatchRetrieval(4, loss="ccl", num_hard_negatives=3)
     clone = CrossBatchRetrieval.from_config(task.get_config())
     assert clone.get_config() == task.get_config()
+
+
+def test_ccl_with_uniform_negatives_ignores_the_batch_and_the_bank():
+    rng = np.random.default_rng(5)
+    q = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    c = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    extra = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    task = CrossBatchRetrieval(4, memory_size=4, loss="ccl", margin=-0.5, negative_weight=5.0,
+                               drift_correction="none", ccl_negatives="uniform")
+    task(q, c * 2.0, tf.constant(["x", "y", "z"]), None, extra_negatives=(extra, tf.constant(["u", "v", "w"]),
+                                                                          tf.zeros([3]), 10))
+    # The uniform draw holds "b", row 1's positive: an accidental hit, dropped for that row only.
+    got = task(q, c, tf.constant(["a", "b", "c"]), tf.zeros([3]), training=False,
+               extra_negatives=(extra, tf.constant(["u", "b", "w"]), tf.zeros([3]), 10))
+    qn, cn, en = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q.numpy(), c.numpy(), extra.numpy()))
+    want = 0.0
+    for i in range(3):
+        negatives = [j for j in range(3) if not (i == 1 and j == 1)]
+        hinge = sum(max(0.0, float(qn[i] @ en[j]) + 0.5) for j in negatives)
+        want += (1 - float(qn[i] @ cn[i])) + 5.0 * hinge / len(negatives)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # With every candidate as a negative the loss differs (margin -0.5: every negative counts).
+    everything = CrossBatchRetrieval(4, loss="ccl", margin=-0.5, negative_weight=5.0)
+    other = everything(q, c, tf.constant(["a", "b", "c"]), tf.zeros([3]), training=False,
+                       extra_negatives=(extra, tf.constant(["u", "b", "w"]), tf.zeros([3]), 10))
+    assert float(other) != pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="extra_negatives"):
+        task(q, c, tf.constant(["a", "b", "c"]), tf.zeros([3]), training=False)
+    with pytest.raises(ValueError, match="applies to loss='ccl'"):
+        CrossBatchRetrieval(4, ccl_negatives="uniform")
+    with pytest.raises(ValueError, match="ccl_negatives"):
+        CrossBatchRetrieval(4, loss="ccl", ccl_negatives="batch")
+    assert CrossBatchRetrieval.from_config(task.get_config()).get_config() == task.get_config()

@@ -57,6 +57,16 @@ def test_ccl_needs_normalized_towers_and_no_hard_negatives():
     with pytest.raises(ConfigError, match="num_hard_negatives"):
         load_config(None, ["retrieval.loss=ccl", "retrieval.num_hard_negatives=5"])
     assert load_config(None, ["retrieval.loss=ccl"]).retrieval.loss == "ccl"
+    with pytest.raises(ConfigError, match="ccl_negatives` should be one of all, uniform"):
+        load_config(None, ["retrieval.loss=ccl", "retrieval.ccl_negatives=batch"])
+    with pytest.raises(ConfigError, match="Received: loss=softmax"):
+        load_config(None, ["retrieval.ccl_negatives=uniform", "retrieval.negatives=mixed",
+                           "retrieval.num_mixed_negatives=8"])
+    with pytest.raises(ConfigError, match="num_mixed_negatives=0"):
+        load_config(None, ["retrieval.loss=ccl", "retrieval.ccl_negatives=uniform"])
+    config = load_config(None, ["retrieval.loss=ccl", "retrieval.ccl_negatives=uniform", "retrieval.negatives=mixed",
+                                "retrieval.num_mixed_negatives=8"])
+    assert config.retrieval.ccl_negatives == "uniform"
 
 
 def test_file_errors(tmp_path):
