@@ -1,8 +1,9 @@
 """Query and item towers built from the feature schema.
 
 A tower embeds every feature of its side (categorical: lookup + embedding;
-multi-valued: masked mean of the value embeddings; sequence: masked mean of the
-item-id embeddings, shared with the item tower; numeric: standardized value),
+multi-valued: masked mean of the value embeddings; sequence: masked mean, or
+attention-weighted mean, of the item-id embeddings, shared with the item tower;
+numeric: standardized value),
 concatenates them and maps them through an MLP to the output embedding.
 """
 
@@ -30,6 +31,44 @@ class MaskedMeanPooling(keras.layers.Layer):
         total = tf.reduce_sum(embeddings * mask, axis=1)
         count = tf.reduce_sum(mask, axis=1)
         return tf.math.divide_no_nan(total, count)
+
+
+class MaskedAttentionPooling(keras.layers.Layer):
+    """Attention-weighted mean over the non-padding positions, scored by a learned query.
+
+    Formula: a_j = softmax_j(vᵀ tanh(W e_j + b)) over the positions with id ≠ 0;
+    output Σ_j a_j e_j. The towers of a two-tower model cannot see the target item, so
+    the query v is one learned vector (attention pooling as in YouTube-DNN-style query
+    towers), not the candidate as in DIN. v starts at zero: a fresh layer is exactly the
+    masked mean, and training moves it only where weighting the history helps.
+
+    Args:
+      units: width of W.
+
+    Inputs: embeddings ``[B, L, D]`` and ids ``[B, L]`` (int, 0 = padding).
+    Output: ``[B, D]``; all-padding rows give zeros.
+    """
+
+    def __init__(self, units: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        if int(units) < 1:
+            raise ValueError(f"`units` should be positive. Received: units={units}")
+        self.units = int(units)
+        self.hidden = keras.layers.Dense(self.units, activation="tanh", name="hidden")
+        self.query = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="query")
+
+    def call(self, embeddings, ids):
+        present = tf.not_equal(ids, 0)
+        scores = tf.squeeze(self.query(self.hidden(embeddings)), axis=-1)
+        scores = tf.where(present, scores, tf.fill(tf.shape(scores), tf.cast(-1e9, scores.dtype)))
+        weights = tf.nn.softmax(scores, axis=1) * tf.cast(present, scores.dtype)
+        return tf.reduce_sum(weights[..., tf.newaxis] * embeddings, axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+HISTORY_POOLINGS = ("mean", "attention")
 
 
 def drop_values(ids: tf.Tensor, rate: float) -> tf.Tensor:
@@ -101,13 +140,17 @@ class Tower(keras.Model):
       numeric_stats: feature → (mean, std) for standardizing numeric features.
       shared_item_embedding: a `SharedItemEmbedding` to use for item ids and
         sequences (the two-tower model passes the same one to both towers).
+      dropout: dropout after the hidden layers.
+      history_pooling: how a sequence feature (the behaviour history) is pooled:
+        ``mean`` (masked mean) or ``attention`` (`MaskedAttentionPooling`, width
+        `feature_dim`). Multi-valued features are always mean-pooled.
     """
 
     def __init__(self, schema, side: str, vocabularies: Mapping[str, Sequence[str]],
                  feature_dim: int = 32, hidden_units: Sequence[int] = (128,), output_dim: int = 64,
                  normalize: bool = False, numeric_stats: Optional[Mapping[str, Sequence[float]]] = None,
                  shared_item_embedding: Optional[SharedItemEmbedding] = None, dropout: float = 0.0,
-                 **kwargs):
+                 history_pooling: str = "mean", **kwargs):
         super().__init__(**kwargs)
         self.schema = schema if isinstance(schema, Schema) else Schema.from_dict(schema)
         self.side = side
@@ -117,6 +160,10 @@ class Tower(keras.Model):
                 raise ValueError(f"`{name}` should be positive. Received: {name}={value}")
         if not 0 <= dropout < 1:
             raise ValueError(f"`dropout` should be in [0, 1). Received: dropout={dropout}")
+        if history_pooling not in HISTORY_POOLINGS:
+            raise ValueError(f"`history_pooling` should be one of {HISTORY_POOLINGS}. "
+                             f"Received: history_pooling={history_pooling!r}")
+        self.history_pooling = history_pooling
         self.vocabularies = {k: list(v) for k, v in vocabularies.items()}
         self.feature_dim = int(feature_dim)
         self.hidden_units = [int(u) for u in hidden_units]
@@ -143,6 +190,9 @@ class Tower(keras.Model):
             self.embeddings[f.name] = keras.layers.Embedding(lookup.vocabulary_size(), self.feature_dim,
                                                              name=f"{f.name}_embedding")
         self.pool = MaskedMeanPooling()
+        has_sequence = any(f.kind == Kind.SEQUENCE for f in self.features)
+        self.sequence_pool = (MaskedAttentionPooling(self.feature_dim, name="history_attention")
+                              if history_pooling == "attention" and has_sequence else self.pool)
         layers = []
         for units in self.hidden_units:
             layers.append(keras.layers.Dense(units, activation="relu"))
@@ -171,7 +221,10 @@ class Tower(keras.Model):
             elif f.vocabulary_name == ITEM_ID:
                 ids = self.item_embedding.ids(x)
                 emb = self.item_embedding.embedding(ids)
-                parts.append(emb if f.kind == Kind.CATEGORICAL else self.pool(emb, ids))
+                if f.kind == Kind.CATEGORICAL:
+                    parts.append(emb)
+                else:
+                    parts.append((self.sequence_pool if f.kind == Kind.SEQUENCE else self.pool)(emb, ids))
             else:
                 ids = self.lookups[f.name](x)
                 if value_dropout and f.kind == Kind.MULTI_CATEGORICAL:
@@ -201,7 +254,8 @@ class Tower(keras.Model):
             "schema": self.schema.to_dict(), "side": self.side, "vocabularies": self.vocabularies,
             "feature_dim": self.feature_dim, "hidden_units": self.hidden_units,
             "output_dim": self.output_dim, "normalize": self.normalize,
-            "numeric_stats": self.numeric_stats, "dropout": self.dropout, "name": self.name,
+            "numeric_stats": self.numeric_stats, "dropout": self.dropout,
+            "history_pooling": self.history_pooling, "name": self.name,
         }
 
     @classmethod

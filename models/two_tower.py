@@ -31,7 +31,8 @@ class TwoTowerModel(tfrs.Model):
       schema: the feature schema.
       vocabularies: vocabulary name → tokens.
       item_log_q: an `ItemLogQ` table, or None to train without logQ correction.
-      embedding_dim, feature_dim, hidden_units, normalize, dropout: tower settings.
+      embedding_dim, feature_dim, hidden_units, normalize, dropout, history_pooling: tower
+        settings (`models.towers.Tower`).
       temperature: logits are divided by it (useful with normalized embeddings).
       remove_accidental_hits: mask in-batch candidates equal to the positive item.
       task: the loss layer: `tfrs.tasks.Retrieval` (default, in-batch negatives) or a
@@ -63,7 +64,8 @@ class TwoTowerModel(tfrs.Model):
                  remove_accidental_hits: bool = True, dropout: float = 0.0,
                  numeric_stats=None, task: Optional[keras.layers.Layer] = None,
                  corpus: Optional[Mapping[str, object]] = None, num_mixed_negatives: int = 0,
-                 ssl: Optional[ItemSelfSupervision] = None, ssl_weight: float = 0.0):
+                 ssl: Optional[ItemSelfSupervision] = None, ssl_weight: float = 0.0,
+                 history_pooling: str = "mean"):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
@@ -71,7 +73,7 @@ class TwoTowerModel(tfrs.Model):
         shared = SharedItemEmbedding(vocabularies[ITEM_ID], feature_dim)
         common = dict(vocabularies=vocabularies, feature_dim=feature_dim, hidden_units=hidden_units,
                       output_dim=embedding_dim, normalize=normalize, numeric_stats=numeric_stats,
-                      shared_item_embedding=shared, dropout=dropout)
+                      shared_item_embedding=shared, dropout=dropout, history_pooling=history_pooling)
         self.query_tower = Tower(schema, "user", name="query_tower", **common)
         self.item_tower = Tower(schema, "item", name="item_tower", **common)
         self.item_log_q = item_log_q

@@ -30,6 +30,8 @@ SSL_MASKINGS = ("random", "correlated", "independent", "none")
 DRIFT_CORRECTIONS = ("mean", "none")
 # models.cross_batch_retrieval.ITEM_GRADIENTS, for the same reason.
 ITEM_GRADIENTS = ("batch", "all")
+# models.towers.HISTORY_POOLINGS, for the same reason.
+HISTORY_POOLINGS = ("mean", "attention")
 # models.cross_batch_retrieval.LOSSES and CCL_NEGATIVES, for the same reason.
 RETRIEVAL_LOSSES = ("softmax", "ccl")
 CCL_NEGATIVES = ("all", "uniform")
@@ -129,6 +131,9 @@ class RetrievalConfig:
       normalize: L2-normalize tower outputs (then use a temperature < 1).
       temperature: logits are divided by it.
       dropout: dropout after hidden layers.
+      history_pooling: how the query tower pools the behaviour history's item
+        embeddings: ``mean`` or ``attention`` (weights from a learned query vector,
+        `models.towers.MaskedAttentionPooling`; it starts as the mean).
       logq_correction: subtract log q(i) from candidate logits.
       remove_accidental_hits: mask in-batch copies of the positive item.
       loss: ``softmax`` (sampled softmax with logQ correction, the loss of
@@ -208,6 +213,7 @@ class RetrievalConfig:
     normalize: bool = True
     temperature: float = 0.1
     dropout: float = 0.0
+    history_pooling: str = "mean"
     logq_correction: bool = True
     remove_accidental_hits: bool = True
     loss: str = "softmax"
@@ -257,6 +263,9 @@ class RetrievalConfig:
         if self.loss == "ccl" and not self.normalize:
             raise ConfigError("`retrieval.loss=ccl` trains cosine similarities, and serving scores dot products of "
                               "the tower outputs: set `retrieval.normalize=true`. Received: normalize=false")
+        if self.history_pooling not in HISTORY_POOLINGS:
+            raise ConfigError(f"`retrieval.history_pooling` should be one of {', '.join(HISTORY_POOLINGS)}. "
+                              f"Received: {self.history_pooling!r}")
         if self.ccl_negatives not in CCL_NEGATIVES:
             raise ConfigError(f"`retrieval.ccl_negatives` should be one of {', '.join(CCL_NEGATIVES)}. "
                               f"Received: {self.ccl_negatives!r}")

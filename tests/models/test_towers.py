@@ -4,7 +4,7 @@ import pytest
 from models.features import HISTORY, ITEM_ID, USER_ID, Feature, Kind, Schema, padded_batch
 from models.logq import ItemLogQ, log_q_with_floor
 from models.tf_compat import keras, tf
-from models.towers import MaskedMeanPooling, Tower
+from models.towers import HISTORY_POOLINGS, MaskedAttentionPooling, MaskedMeanPooling, Tower
 from models.two_tower import TwoTowerModel
 
 SCHEMA = Schema(
@@ -30,6 +30,51 @@ def test_masked_mean_pooling_by_hand():
     ids = tf.constant([[3, 4, 0], [0, 0, 0]])
     # Row 1: mean of the first two = (2, 3); row 2: all padding -> zeros.
     np.testing.assert_allclose(MaskedMeanPooling()(emb, ids).numpy(), [[2.0, 3.0], [0.0, 0.0]])
+
+
+def test_masked_attention_pooling_by_hand():
+    emb = tf.constant([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]], [[5.0, 5.0], [7.0, 7.0], [7.0, 7.0]]])
+    ids = tf.constant([[3, 4, 0], [0, 0, 0]])
+    layer = MaskedAttentionPooling(units=2)
+    # The query starts at zero: exactly the masked mean.
+    np.testing.assert_allclose(layer(emb, ids).numpy(), [[2.0, 3.0], [0.0, 0.0]], rtol=1e-6)
+    w = np.array([[1.0, 0.0], [0.0, -1.0]])
+    b = np.array([0.0, 0.5])
+    v = np.array([[2.0], [1.0]])
+    layer.hidden.set_weights([w, b])
+    layer.query.set_weights([v])
+    # Scores vᵀ tanh(W e + b) of the two present positions; the padded one gets no weight.
+    scores = [float(v[:, 0] @ np.tanh(e @ w + b)) for e in ([1.0, 2.0], [3.0, 4.0])]
+    a = np.exp(scores) / np.sum(np.exp(scores))
+    want = a[0] * np.array([1.0, 2.0]) + a[1] * np.array([3.0, 4.0])
+    np.testing.assert_allclose(layer(emb, ids).numpy(), [want, [0.0, 0.0]], rtol=1e-5)
+    # The padded position's embedding does not matter.
+    other = tf.tensor_scatter_nd_update(emb, [[0, 2]], [[-50.0, 80.0]])
+    np.testing.assert_allclose(layer(other, ids).numpy(), layer(emb, ids).numpy(), rtol=1e-6)
+    assert MaskedAttentionPooling.from_config(layer.get_config()).units == 2
+    with pytest.raises(ValueError, match="units"):
+        MaskedAttentionPooling(units=0)
+
+
+def test_tower_with_attention_pooling_trains_the_query_and_round_trips():
+    keras.utils.set_random_seed(1)
+    assert HISTORY_POOLINGS == ("mean", "attention")
+    users = {k: tf.constant(v) for k, v in _users().items()}
+    tower = Tower(SCHEMA, "user", VOCABS, feature_dim=4, hidden_units=(8,), output_dim=5, history_pooling="attention")
+    tower(users)
+    attention = tower.sequence_pool
+    assert isinstance(attention, MaskedAttentionPooling)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tower(users) ** 2)
+    grad = tape.gradient(loss, attention.query.kernel)
+    assert grad is not None and float(tf.reduce_sum(tf.abs(grad))) > 0
+    clone = Tower.from_config(tower.get_config())
+    assert clone.get_config() == tower.get_config() and clone.history_pooling == "attention"
+    # The item side has no sequence: it keeps the mean for its multi-valued feature.
+    items = Tower(SCHEMA, "item", VOCABS, feature_dim=4, history_pooling="attention")
+    assert isinstance(items.sequence_pool, MaskedMeanPooling)
+    with pytest.raises(ValueError, match="history_pooling"):
+        Tower(SCHEMA, "user", VOCABS, history_pooling="max")
 
 
 def test_tower_shapes_normalization_and_config_round_trip():
@@ -98,3 +143,15 @@ def test_tower_serving_function_signature():
     out = fn(**{k: tf.constant(v) for k, v in _items().items()})
     assert out["embedding"].shape == (2, 3)
     assert sorted(fn.structured_input_signature[1]) == [ITEM_ID, "tags"]
+
+
+def test_attention_query_tower_saves_and_loads(tmp_path):
+    keras.utils.set_random_seed(2)
+    tower = Tower(SCHEMA, "user", VOCABS, feature_dim=4, hidden_units=(8,), output_dim=3, history_pooling="attention")
+    users = {k: tf.constant(v) for k, v in _users().items()}
+    tower(users)
+    tower.sequence_pool.query.set_weights([np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)])
+    want = tower(users).numpy()
+    tf.saved_model.save(tower, str(tmp_path / "q"), signatures={"serving_default": tower.serving_function()})
+    loaded = tf.saved_model.load(str(tmp_path / "q"))
+    np.testing.assert_allclose(loaded.signatures["serving_default"](**users)["embedding"].numpy(), want, rtol=1e-5)

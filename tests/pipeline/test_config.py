@@ -132,6 +132,15 @@ def test_history_modes_match_the_materialization():
     assert HISTORY_MODES == WRITER
 
 
+def test_history_poolings_match_the_towers():
+    from models.towers import HISTORY_POOLINGS as MODEL
+    from pipeline.config import HISTORY_POOLINGS, ConfigError as Error
+
+    assert HISTORY_POOLINGS == MODEL
+    with pytest.raises(Error, match="`retrieval.history_pooling` should be one of mean, attention"):
+        load_config(None, ["retrieval.history_pooling=max"])
+
+
 def test_retrieval_losses_match_the_model():
     from models.cross_batch_retrieval import LOSSES
     from pipeline.config import RETRIEVAL_LOSSES
