@@ -244,6 +244,13 @@ class RetrievalConfig:
     distribution: str = "default"
 
     def __post_init__(self):
+        for name, choices in (("loss", RETRIEVAL_LOSSES), ("ccl_negatives", CCL_NEGATIVES),
+                              ("history_pooling", HISTORY_POOLINGS), ("drift_correction", DRIFT_CORRECTIONS),
+                              ("item_gradient", ITEM_GRADIENTS), ("ssl_masking", SSL_MASKINGS),
+                              ("distribution", DISTRIBUTIONS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"`retrieval.{name}` should be one of {', '.join(choices)}. "
+                                  f"Received: {getattr(self, name)!r}")
         for name in ("embedding_dim", "feature_dim", "batch_size", "epochs", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`retrieval.{name}` should be >= 1. Received: {getattr(self, name)}")
@@ -253,9 +260,6 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.temperature` should be positive. Received: {self.temperature}")
         if self.learning_rate <= 0:
             raise ConfigError(f"`retrieval.learning_rate` should be positive. Received: {self.learning_rate}")
-        if self.loss not in RETRIEVAL_LOSSES:
-            raise ConfigError(f"`retrieval.loss` should be one of {', '.join(RETRIEVAL_LOSSES)}. "
-                              f"Received: {self.loss!r}")
         if not -1 <= self.ccl_margin < 1:
             raise ConfigError(f"`retrieval.ccl_margin` should be in [-1, 1). Received: {self.ccl_margin}")
         if self.ccl_negative_weight < 0:
@@ -263,12 +267,6 @@ class RetrievalConfig:
         if self.loss == "ccl" and not self.normalize:
             raise ConfigError("`retrieval.loss=ccl` trains cosine similarities, and serving scores dot products of "
                               "the tower outputs: set `retrieval.normalize=true`. Received: normalize=false")
-        if self.history_pooling not in HISTORY_POOLINGS:
-            raise ConfigError(f"`retrieval.history_pooling` should be one of {', '.join(HISTORY_POOLINGS)}. "
-                              f"Received: {self.history_pooling!r}")
-        if self.ccl_negatives not in CCL_NEGATIVES:
-            raise ConfigError(f"`retrieval.ccl_negatives` should be one of {', '.join(CCL_NEGATIVES)}. "
-                              f"Received: {self.ccl_negatives!r}")
         if self.ccl_negatives == "uniform" and (self.loss != "ccl" or self.num_mixed_negatives < 1):
             raise ConfigError("`retrieval.ccl_negatives=uniform` keeps only the uniformly drawn negatives of the "
                               "cosine contrastive loss: set `retrieval.loss=ccl` and `retrieval.negatives=mixed` "
@@ -286,12 +284,6 @@ class RetrievalConfig:
         if self.negatives == "cbns" and self.memory_size < 1:
             raise ConfigError("`retrieval.memory_size` should be >= 1 with negatives=cbns. "
                               f"Received: memory_size={self.memory_size}")
-        if self.drift_correction not in DRIFT_CORRECTIONS:
-            raise ConfigError(f"`retrieval.drift_correction` should be one of {', '.join(DRIFT_CORRECTIONS)}. "
-                              f"Received: {self.drift_correction!r}")
-        if self.item_gradient not in ITEM_GRADIENTS:
-            raise ConfigError(f"`retrieval.item_gradient` should be one of {', '.join(ITEM_GRADIENTS)}. "
-                              f"Received: {self.item_gradient!r}")
         if self.negatives == "mixed" and self.num_mixed_negatives < 1:
             raise ConfigError("`retrieval.num_mixed_negatives` should be >= 1 with negatives=mixed. "
                               f"Received: num_mixed_negatives={self.num_mixed_negatives}")
@@ -301,9 +293,6 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.dropout` should be in [0, 1). Received: {self.dropout}")
         if self.ssl_weight < 0:
             raise ConfigError(f"`retrieval.ssl_weight` should be >= 0. Received: {self.ssl_weight}")
-        if self.ssl_masking not in SSL_MASKINGS:
-            raise ConfigError(f"`retrieval.ssl_masking` should be one of {', '.join(SSL_MASKINGS)}. "
-                              f"Received: {self.ssl_masking!r}")
         if not 0 <= self.ssl_value_dropout < 1:
             raise ConfigError(f"`retrieval.ssl_value_dropout` should be in [0, 1). Received: {self.ssl_value_dropout}")
         if self.ssl_temperature <= 0:
@@ -314,9 +303,6 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.ssl_items` should be corpus or batch. Received: {self.ssl_items!r}")
         if self.ssl_share not in ("full", "partial"):
             raise ConfigError(f"`retrieval.ssl_share` should be full or partial. Received: {self.ssl_share!r}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ConfigError(f"`retrieval.distribution` should be one of {', '.join(DISTRIBUTIONS)}. "
-                              f"Received: {self.distribution!r}")
 
 
 RANKER_MODELS = ("can", "dnn", "din", "cartesian")
