@@ -246,16 +246,16 @@ class CrossBatchRetrieval(keras.layers.Layer):
     def _ccl_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
         """(Σ_i CCL_i over the batch, the uniform items and the bank, or the uniform items only, 0): no logQ,
         no bank share."""
-        candidates, ids, _, valid, _ = self._candidates(batch_embeddings, bank, uniform, positive_ids, log_q,
-                                                        corrected)
         if self.ccl_negatives == "uniform":
             if uniform is None:
                 raise ValueError("ccl_negatives='uniform' needs items drawn uniformly from the corpus: pass "
                                  "`extra_negatives`.")
-            # Candidates are [batch, uniform, bank]: keep the uniform block only.
-            position = tf.range(tf.shape(candidates)[0])
-            batch = tf.shape(batch_embeddings)[0]
-            valid = tf.logical_and(valid, tf.logical_and(position >= batch, position < batch + tf.shape(uniform[0])[0]))
+            bank = None  # its entries are never negatives here: skip their [B, M] similarities
+        candidates, ids, _, valid, _ = self._candidates(batch_embeddings, bank, uniform, positive_ids, log_q,
+                                                        corrected)
+        if self.ccl_negatives == "uniform":
+            # Candidates are [batch, uniform]: the batch's items are positives only.
+            valid = tf.logical_and(valid, tf.range(tf.shape(candidates)[0]) >= tf.shape(batch_embeddings)[0])
         losses = cosine_contrastive_loss(
             query, candidates, positive_ids=positive_ids, candidate_ids=ids, margin=self.margin,
             negative_weight=self.negative_weight, candidate_valid=valid,

@@ -142,10 +142,11 @@ def test_history_poolings_match_the_towers():
 
 
 def test_retrieval_losses_match_the_model():
-    from models.cross_batch_retrieval import LOSSES
-    from pipeline.config import RETRIEVAL_LOSSES
+    from models.cross_batch_retrieval import CCL_NEGATIVES as MODEL_CCL_NEGATIVES, LOSSES
+    from pipeline.config import CCL_NEGATIVES, RETRIEVAL_LOSSES
 
     assert RETRIEVAL_LOSSES == LOSSES
+    assert CCL_NEGATIVES == MODEL_CCL_NEGATIVES
 
 
 def test_preranker_choices_match_the_model():
