@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 
 def train_and_evaluate(cfg, base: str, name: str, callbacks=()) -> Tuple[Dict[str, Any], Dict[str, Any], float]:
@@ -28,3 +28,27 @@ def train_and_evaluate(cfg, base: str, name: str, callbacks=()) -> Tuple[Dict[st
     job.stage_export(model, w, 1)
     job.stage_index(cfg, w, 1)
     return summary, evaluate_retrieval(w, 1, cfg.evaluation), seconds
+
+
+def epoch_evaluation(data_dir: str, evaluation_config, log=print):
+    """A Keras callback that evaluates the model being trained on the test split after every
+    epoch (`pipeline.evaluation.ExactEvaluator`: exact search, training items removed) and
+    keeps the figures in its ``rows`` (one dict per epoch, with ``epoch`` counted from 1)."""
+    from models.tf_compat import keras
+    from pipeline.evaluation import ExactEvaluator
+
+    evaluator = ExactEvaluator(data_dir, evaluation_config)
+
+    class EpochEvaluation(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows: List[Dict[str, float]] = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            start = time.perf_counter()
+            row = {"epoch": epoch + 1, **evaluator(self.model.query_tower, self.model.item_tower)}
+            self.rows.append(row)
+            log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
+                + f" ({time.perf_counter() - start:.1f} s)")
+
+    return EpochEvaluation()

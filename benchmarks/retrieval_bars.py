@@ -13,7 +13,10 @@ under --cache (keyed by the data directory) so several runs share them.
 Writes recall@20, ndcg@20, recall@50, ndcg@50, precision@20 (hits / 20) and f1@20
 (2·P·R / (P + R) of the mean precision@20 and recall@20, the form BARS reports for
 Amazon-Electronics), epochs, training wall time and the median step time (measured over
-all steps after the first epoch's first 20).
+all steps after the first epoch's first 20). With --eval-every-epoch it also writes the
+test figures after every epoch (`per_epoch`: exact search on the towers in memory, the same
+users and exclusions; the last row equals the final figures), and the training time then
+includes those evaluations.
 """
 
 from __future__ import annotations
@@ -71,11 +74,14 @@ def main() -> None:
                         "training items")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config override, e.g. retrieval.learning_rate=0.003")
+    p.add_argument("--eval-every-epoch", action="store_true",
+                   help="also evaluate after every epoch (exact search, in memory) and write the curve as "
+                        "`per_epoch`")
     p.add_argument("--cache", default=os.path.join(REPO, ".cache", "benchmarks"))
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    from benchmarks.common import train_and_evaluate
+    from benchmarks.common import epoch_evaluation, train_and_evaluate
     from models.tf_compat import keras
     from pipeline.config import config_to_dict, load_config
 
@@ -101,8 +107,12 @@ def main() -> None:
             self.times.append(time.perf_counter() - self._t)
 
     timer = StepTimer()
+    callbacks = [timer]
+    if args.eval_every_epoch:
+        per_epoch = epoch_evaluation(os.path.join(base, "data"), config.evaluation)
+        callbacks.append(per_epoch)
     try:
-        summary, metrics, train_seconds = train_and_evaluate(config, base, run_name, callbacks=[timer])
+        summary, metrics, train_seconds = train_and_evaluate(config, base, run_name, callbacks=callbacks)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     precision, recall = metrics["retrieval.precision@20"], metrics["retrieval.recall@20"]
@@ -121,6 +131,7 @@ def main() -> None:
         "steps": len(timer.times),
         "loss": summary["loss"],
         **({"bank_share": summary["bank_share"]} if "bank_share" in summary else {}),
+        **({"per_epoch": per_epoch.rows} if args.eval_every_epoch else {}),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
         "config": config_to_dict(config)["retrieval"],
     }

@@ -108,6 +108,70 @@ def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequenc
     return np.concatenate(all_idx), np.concatenate(all_scores)
 
 
+def evaluation_users(truth: Dict[str, List[str]], known, config: EvaluationConfig, data_dir: str) -> List[str]:
+    """The test users evaluated: those of `truth` that are `known` (training users), or a
+    seeded sample of `config.max_users` of them, sorted."""
+    users = sorted(u for u in truth if u in known)
+    if config.max_users and len(users) > config.max_users:
+        rng = np.random.default_rng(config.seed)
+        users = sorted(rng.choice(users, size=config.max_users, replace=False).tolist())
+    if not users:
+        raise ValueError(f"no test user with positives in {data_dir}; cannot evaluate")
+    return users
+
+
+class ExactEvaluator:
+    """Exact Recall@K and NDCG@K of towers held in memory, for following a model while it
+    trains (no export, no index).
+
+    The users, the excluded training items and the metrics are those of the exact part of
+    `evaluate_retrieval`, so after the last epoch both give the same figures. The inputs
+    are read once; each call embeds the test users and the whole corpus.
+
+    Args:
+      data_dir: a materialized dataset directory.
+      config: the evaluation settings (`ks`, `max_users`, `seed`).
+    """
+
+    def __init__(self, data_dir: str, config: EvaluationConfig):
+        from models.features import Schema, padded_batch
+        from serving.user_store import UserStore
+
+        store = UserStore(data_dir)
+        truth = test_positives(data_dir)
+        self.users = evaluation_users(truth, store, config, data_dir)
+        self.ks = tuple(config.ks)
+        self._user_features = store.features(self.users)
+        rows = pq.read_table(os.path.join(data_dir, layout.ITEMS_FILE)).to_pylist()
+        self.item_ids = [str(r[ITEM_ID]) for r in rows]
+        self._item_features = padded_batch(Schema.load(os.path.join(data_dir, layout.SCHEMA_FILE)), "item", rows)
+        position = {it: i for i, it in enumerate(self.item_ids)}
+        self._seen = [[position[i] for i in store.seen(u) if i in position] for u in self.users]
+        self._relevant = [truth[u] for u in self.users]
+
+    def __call__(self, query_tower, item_tower, batch_size: int = 4096) -> Dict[str, float]:
+        """``{"recall@K": …, "ndcg@K": …}`` for every K of the config, of the two towers
+        (Keras models called with ``training=False``)."""
+        queries = _embed(query_tower, self._user_features, batch_size)
+        items = _embed(item_tower, self._item_features, batch_size)
+        idx, _ = exact_top_k(queries, items, max(self.ks), self._seen)
+        ranked = [[self.item_ids[i] for i in row] for row in idx]
+        out: Dict[str, float] = {}
+        for k in self.ks:
+            m = recall_ndcg_at_k(ranked, self._relevant, k)
+            out[f"recall@{k}"], out[f"ndcg@{k}"] = m["recall"], m["ndcg"]
+        return out
+
+
+def _embed(tower, features: Dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    from models.tf_compat import tf
+
+    n = len(next(iter(features.values())))
+    parts = [np.asarray(tower({k: tf.constant(v[s:s + batch_size]) for k, v in features.items()}, training=False))
+             for s in range(0, n, batch_size)]
+    return np.concatenate(parts, axis=0)
+
+
 def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> Dict[str, Any]:
     """Metrics of the exported models of `version` in `workdir`."""
     from pipeline.job import DATA_DIR, STATS_DIR, item_embeddings, read_item_frequencies
@@ -117,12 +181,7 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> 
     data_dir = os.path.join(workdir, DATA_DIR)
     rec = Recommender(workdir, version)
     truth = test_positives(data_dir)
-    users = sorted(u for u in truth if u in rec.users)
-    if config.max_users and len(users) > config.max_users:
-        rng = np.random.default_rng(config.seed)
-        users = sorted(rng.choice(users, size=config.max_users, replace=False).tolist())
-    if not users:
-        raise ValueError(f"no test user with positives in {data_dir}; cannot evaluate")
+    users = evaluation_users(truth, rec.users, config, data_dir)
 
     item_ids, item_emb = item_embeddings(exports.version_path(workdir, exports.ITEM_TOWER, version), data_dir)
     position = {it: i for i, it in enumerate(item_ids)}

@@ -10,12 +10,14 @@ from conftest import REPO, python_subprocess, recfunnel
 TINY = os.path.join(REPO, "pipeline", "configs", "tiny.yaml")
 
 
+OVERRIDES = ("preranker.enabled=true", "retrieval.ssl_weight=0.3", "preranker.search_epochs=2",
+             "preranker.retrain_epochs=2")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     w = str(tmp_path_factory.mktemp("run") / "w")
-    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--set", "preranker.enabled=true",
-                     "--set", "retrieval.ssl_weight=0.3",
-                     "--set", "preranker.search_epochs=2", "--set", "preranker.retrain_epochs=2")
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, *[a for o in OVERRIDES for a in ("--set", o)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # tiny.yaml trains with Adam: the self-supervised task on corpus items is flagged
     assert "self-supervised task on corpus items with Adam" in proc.stderr
@@ -71,6 +73,26 @@ def test_run_writes_the_public_contract(workdir):
     assert metrics["preranker.latency_ms_median"] > 0 and metrics["preranker.expected_latency_ms"] > 0
     page = open(os.path.join(workdir, "reports", "latest", "index.html")).read()
     assert 'src="preranker_tradeoff.png"' in page
+
+
+def test_in_memory_evaluation_gives_the_reported_metrics(workdir):
+    """`ExactEvaluator` on the trained towers (restored from the run's checkpoint) gives the
+    exact figures the run reported through its exported towers."""
+    import glob
+
+    from pipeline import job
+    from pipeline.config import load_config
+    from pipeline.evaluation import ExactEvaluator
+
+    config = load_config(TINY, OVERRIDES)
+    [ckpt] = glob.glob(os.path.join(workdir, "checkpoints", "retrieval", "*"))
+    model = job.restore_retrieval_model(config, workdir, ckpt)
+    got = ExactEvaluator(os.path.join(workdir, job.DATA_DIR), config.evaluation)(model.query_tower, model.item_tower)
+    with open(os.path.join(workdir, "reports", "latest", "metrics.json")) as f:
+        reported = json.load(f)
+    assert sorted(got) == sorted(f"{m}@{k}" for k in config.evaluation.ks for m in ("recall", "ndcg"))
+    for name, value in got.items():
+        assert value == pytest.approx(reported[f"retrieval.{name}"], abs=1e-6), name
 
 
 def test_query_prints_k_distinct_unseen_items(workdir):
