@@ -201,6 +201,13 @@ class Tower(keras.Model):
         layers.append(keras.layers.Dense(self.output_dim))
         self.mlp = keras.Sequential(layers, name=f"{side}_mlp")
 
+    def embedding_tables(self) -> List[tf.Variable]:
+        """The tower's embedding tables (the shared item-id table included), built on first use."""
+        layers = list(self.embeddings.values())
+        if self.item_embedding is not None:
+            layers.append(self.item_embedding.embedding)
+        return [layer.embeddings for layer in layers if layer.built]
+
     def feature_sizes(self) -> List[int]:
         """Width of each feature's slice of `embed_features`, in `features` order."""
         return feature_sizes(self.features, self.feature_dim)

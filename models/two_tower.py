@@ -45,6 +45,9 @@ class TwoTowerModel(tfrs.Model):
         items are the batch's ``ssl/<feature>`` entries when present (a separate
         stream, `models.ssl.with_ssl_items`), else the batch's own items.
       ssl_weight: α in L = L_main + α·L_self.
+      embedding_l2: λ of an L2 penalty λ·Σ‖E‖² over every embedding table E of both
+        towers (the shared item table once), added to the loss, which is summed over the
+        batch; 0 adds nothing. Its gradient touches every row of every table each step.
 
     Training logs show ``loss`` (the last step's total loss, as `tfrs.Model` reports
     it), ``main_loss`` (the retrieval loss summed over the global batch, averaged over
@@ -65,10 +68,13 @@ class TwoTowerModel(tfrs.Model):
                  numeric_stats=None, task: Optional[keras.layers.Layer] = None,
                  corpus: Optional[Mapping[str, object]] = None, num_mixed_negatives: int = 0,
                  ssl: Optional[ItemSelfSupervision] = None, ssl_weight: float = 0.0,
-                 history_pooling: str = "mean"):
+                 history_pooling: str = "mean", embedding_l2: float = 0.0):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
+        if embedding_l2 < 0:
+            raise ValueError(f"`embedding_l2` should be >= 0. Received: embedding_l2={embedding_l2}")
+        self.embedding_l2 = float(embedding_l2)
         self.schema = schema
         shared = SharedItemEmbedding(vocabularies[ITEM_ID], feature_dim)
         common = dict(vocabularies=vocabularies, feature_dim=feature_dim, hidden_units=hidden_units,
@@ -108,6 +114,8 @@ class TwoTowerModel(tfrs.Model):
         # the same numbers as one replica training on the global batch would.
         loss = self._main_loss(features, training)
         self.main_loss_tracker.update_state(cross_replica_sum(tf.stop_gradient(loss)))
+        if self.embedding_l2 and training:
+            loss += self.embedding_penalty()
         if self.ssl is None:
             return loss
         prefixed = SSL_PREFIX + ITEM_ID in features
@@ -116,6 +124,14 @@ class TwoTowerModel(tfrs.Model):
         pairs = cross_replica_sum(tf.cast(tf.shape(items[ITEM_ID])[0], self_loss.dtype))
         self.ssl_loss_tracker.update_state(cross_replica_sum(tf.stop_gradient(self_loss)) / pairs)
         return loss + self.ssl_weight * self_loss
+
+    def embedding_penalty(self) -> tf.Tensor:
+        """λ·Σ‖E‖² over the embedding tables, as this replica's share: the replicas' gradients
+        are summed, so each adds 1/R of it."""
+        tables = {id(v): v for tower in (self.query_tower, self.item_tower) for v in tower.embedding_tables()}
+        total = tf.add_n([tf.reduce_sum(tf.square(v)) for v in tables.values()])
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return self.embedding_l2 * total / replicas
 
     def _main_loss(self, features, training):
         user = {f.name: features[f.name] for f in self.schema.user_features}

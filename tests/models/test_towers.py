@@ -124,6 +124,74 @@ def test_two_tower_loss_matches_hand_computed_softmax_and_one_step_fit():
     assert float(model.compute_loss(feats)) < loss
 
 
+def test_embedding_l2_adds_the_penalty_of_every_table_once_while_training():
+    keras.utils.set_random_seed(0)
+    feats = {**{k: tf.constant(v) for k, v in _users().items()}, **{k: tf.constant(v) for k, v in _items().items()}}
+    plain = TwoTowerModel(SCHEMA, VOCABS, embedding_dim=4, feature_dim=4, hidden_units=(8,))
+    model = TwoTowerModel(SCHEMA, VOCABS, embedding_dim=4, feature_dim=4, hidden_units=(8,), embedding_l2=0.3)
+    base = float(model.compute_loss(feats))  # builds the tables
+    plain.compute_loss(feats)
+    # user id, tags and the item-id table shared by the item tower and the history: three tables
+    tables = {v.name: v.numpy() for t in (model.query_tower, model.item_tower) for v in t.embedding_tables()}
+    assert len(tables) == 3
+    by_hand = 0.3 * sum(float(np.square(t).sum()) for t in tables.values())
+    assert float(model.embedding_penalty()) == pytest.approx(by_hand, rel=1e-5)
+    assert float(model.compute_loss(feats, training=True)) == pytest.approx(base + by_hand, rel=1e-5)
+    # the logged retrieval loss leaves it out
+    assert float(model.main_loss_tracker.result()) == pytest.approx(base, rel=1e-5)
+    assert plain.embedding_l2 == 0.0 and float(plain.compute_loss(feats, training=True)) == pytest.approx(
+        float(plain.compute_loss(feats)), rel=1e-6)
+    # its gradient reaches rows the batch does not use (item i4), scaled by 2λ
+    item_table = model.item_tower.item_embedding.embedding.embeddings
+    with tf.GradientTape() as tape:
+        penalty = model.embedding_penalty()
+    grad = tf.convert_to_tensor(tape.gradient(penalty, item_table)).numpy()
+    row = model.item_tower.item_embedding.ids(tf.constant(["i4"])).numpy()[0]
+    np.testing.assert_allclose(grad[row], 2 * 0.3 * item_table.numpy()[row], rtol=1e-5)
+    with pytest.raises(ValueError, match="embedding_l2"):
+        TwoTowerModel(SCHEMA, VOCABS, embedding_l2=-1.0)
+
+
+EMBEDDING_L2_ON_TWO_REPLICAS = r"""
+import json, numpy as np
+from models.tf_compat import keras, tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from models.features import ITEM_ID, USER_ID, Feature, Kind, Schema
+from models.two_tower import TwoTowerModel
+
+schema = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
+                item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),))
+vocabs = {USER_ID: ["u0", "u1", "u2", "u3"], ITEM_ID: ["i0", "i1", "i2", "i3", "unused"]}
+batch = {USER_ID: np.array(["u0", "u1", "u2", "u3"]), ITEM_ID: np.array(["i0", "i1", "i2", "i3"])}
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = TwoTowerModel(schema, vocabs, embedding_dim=4, feature_dim=4, hidden_units=(8,), embedding_l2=0.25)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.query_tower({USER_ID: tf.constant(batch[USER_ID])})
+    model.item_tower({ITEM_ID: tf.constant(batch[ITEM_ID])})
+table = model.item_tower.item_embedding.embedding.embeddings
+row = int(model.item_tower.item_embedding.ids(tf.constant(["unused"])).numpy()[0])
+before = table.numpy()[row].tolist()
+model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0)
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "before": before, "after": table.numpy()[row].tolist()}))
+"""
+
+
+def test_embedding_l2_counts_once_over_two_replicas():
+    """A row no example touches moves by the penalty alone: one SGD step scales it by
+    1 − lr·2λ with two replicas as with one (each replica adds half of the penalty)."""
+    import json
+
+    from conftest import python_subprocess
+
+    proc = python_subprocess(EMBEDDING_L2_ON_TWO_REPLICAS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    np.testing.assert_allclose(out["after"], np.asarray(out["before"]) * (1 - 0.1 * 2 * 0.25), rtol=1e-5)
+
+
 def test_in_batch_task_removes_accidental_hits():
     keras.utils.set_random_seed(0)
     feats = {**{k: tf.constant(v) for k, v in _users().items()},
