@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--num-mixed-negatives", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--history-length", type=int, default=50)
-    p.add_argument("--history-mode", choices=["past", "all_other", "random_prefix"], default="all_other",
+    p.add_argument("--history-mode", choices=["past", "all_other", "random_prefix", "all"], default="all_other",
                    help="BARS files carry no time: by default an event's history is the user's other "
                         "training items")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -21,7 +21,7 @@ from serving.index import IndexConfig
 
 SOURCES = ("synthetic", "movielens", "movielens_tfds", "bars", "csv", "parquet")
 # pipeline.data.materialize.HISTORY_MODES, repeated so that loading a config does not import TensorFlow.
-HISTORY_MODES = ("past", "all_other", "random_prefix")
+HISTORY_MODES = ("past", "all_other", "random_prefix", "all")
 # models.distribution.DISTRIBUTIONS, repeated so that loading a config does not import TensorFlow.
 DISTRIBUTIONS = ("default", "mirrored", "multi_worker")
 # models.ssl.MASKINGS, for the same reason.
@@ -63,7 +63,8 @@ class DataConfig:
         training positives but the event's own item; for data without meaningful
         time order such as the BARS splits) or ``random_prefix`` (the training
         positives before it in a seeded random order of the user's: a different random
-        subset for every event, for the same data).
+        subset for every event, for the same data) or ``all`` (all the user's training
+        positives, the event's own included: the test-time sequence for every event).
       tfds_name: TFDS dataset name for ``movielens_tfds``.
       split: the train/test split.
       synthetic: generator settings for ``synthetic``.

@@ -36,7 +36,7 @@ from pipeline.data.splits import SplitConfig, assign_split
 log = logging.getLogger(__name__)
 
 POSITIVES = ("auto", "all", "label")
-HISTORY_MODES = ("past", "all_other", "random_prefix")
+HISTORY_MODES = ("past", "all_other", "random_prefix", "all")
 # Recorded in the read report: the order of the rows in the example shards.
 EXAMPLE_ORDER = "random"
 
@@ -83,7 +83,11 @@ def materialize(raw: RawDataset, out_dir: str, split: SplitConfig = SplitConfig(
     * ``history_mode="random_prefix"``: those before the event in a seeded random order
       of the user's training positives, for the same data: every event of a user sees
       a different random subset of the others (of random size), where ``all_other``
-      gives all of them nearly the same sequence.
+      gives all of them nearly the same sequence;
+    * ``history_mode="all"``: all of them, the event's own item included, for the same
+      data: every event of a user sees the sequence its test events see, so the query
+      carries nothing about which of the user's items is the target (with ``all_other``
+      the one item missing from a user's sequence names it).
 
     Test events see all training positives in every mode.
 
@@ -171,9 +175,10 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
         histories = _histories(chunk[USER_ID].to_numpy(), chunk[ITEM_ID].to_numpy(),
                                chunk["timestamp"].to_numpy(), is_pos & ~is_test, history_length,
                                last_history, seen)
-        if history_mode == "all_other":
+        if history_mode in ("all_other", "all"):
             histories = _all_other_histories(chunk[USER_ID].to_numpy(), chunk[ITEM_ID].to_numpy(),
-                                             is_pos & ~is_test, history_length, seen)
+                                             is_pos & ~is_test if history_mode == "all_other"
+                                             else np.zeros(len(chunk), dtype=bool), history_length, seen)
         elif history_mode == "random_prefix":
             histories = _random_prefix_histories(chunk[USER_ID].to_numpy(), is_pos & ~is_test, history_length,
                                                  seen, split.seed)
@@ -306,7 +311,8 @@ def _random_prefix_histories(users: np.ndarray, contributes: np.ndarray, history
 
 def _all_other_histories(users: np.ndarray, items: np.ndarray, contributes: np.ndarray, history_length: int,
                          seen: Dict[str, List[str]]) -> List[List[str]]:
-    """Each row's sequence: the user's training positives except the row's own item (last `history_length`)."""
+    """Each row's sequence: the user's training positives (the last `history_length`), without the
+    row's own item when the row `contributes` one of them."""
     out: List[List[str]] = []
     for u, it, c in zip(users, items, contributes):
         mine = seen.get(u, [])

@@ -43,7 +43,7 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval.ccl_margin=1.5", "`retrieval.ccl_margin` should be in"),
     ("retrieval.ccl_negative_weight=-1", "`retrieval.ccl_negative_weight` should be >= 0"),
     ("retrieval.embedding_l2=-0.1", "`retrieval.embedding_l2` should be >= 0"),
-    ("data.history_mode=future", "`data.history_mode` should be one of past, all_other, random_prefix"),
+    ("data.history_mode=future", "`data.history_mode` should be one of past, all_other, random_prefix, all"),
     ("preranker.mask_objective=ranker", "`preranker.mask_objective` should be one of labels, distillation"),
     ("preranker.retrain_selection=recall", "`preranker.retrain_selection` should be one of auc, distillation"),
 ])

@@ -174,5 +174,10 @@ def test_all_other_history_mode(tmp_path):
     # Training positives are a and c; every event sees the others (never d, the test item).
     assert [r["history"] for r in train] == [["c"], ["a", "c"], ["a"]]
     assert _read_examples(out, "test")[0]["history"] == ["a", "c"]
+    # `all`: every event sees all training positives, its own included, as the test event does
+    materialize(_raw(df), str(tmp_path / "all"), SplitConfig(method="leave_last_n", n=1), history_mode="all")
+    train = sorted(_read_examples(str(tmp_path / "all"), "train"), key=lambda r: r["ts"])
+    assert [r["history"] for r in train] == [["a", "c"]] * 3
+    assert _read_examples(str(tmp_path / "all"), "test")[0]["history"] == ["a", "c"]
     with pytest.raises(ValueError, match="history_mode"):
         materialize(_raw(df), out, SplitConfig(method="leave_last_n", n=1), history_mode="future")
