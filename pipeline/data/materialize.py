@@ -176,9 +176,10 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
                                chunk["timestamp"].to_numpy(), is_pos & ~is_test, history_length,
                                last_history, seen)
         if history_mode in ("all_other", "all"):
+            # `all`: no row leaves its own item out
+            leaves_out = is_pos & ~is_test if history_mode == "all_other" else np.zeros(len(chunk), dtype=bool)
             histories = _all_other_histories(chunk[USER_ID].to_numpy(), chunk[ITEM_ID].to_numpy(),
-                                             is_pos & ~is_test if history_mode == "all_other"
-                                             else np.zeros(len(chunk), dtype=bool), history_length, seen)
+                                             leaves_out, history_length, seen)
         elif history_mode == "random_prefix":
             histories = _random_prefix_histories(chunk[USER_ID].to_numpy(), is_pos & ~is_test, history_length,
                                                  seen, split.seed)
