@@ -134,7 +134,7 @@ class ExactEvaluator:
     """
 
     def __init__(self, data_dir: str, config: EvaluationConfig):
-        from models.features import Schema, padded_batch
+        from models.features import padded_batch
         from serving.user_store import UserStore
 
         store = UserStore(data_dir)
@@ -144,7 +144,7 @@ class ExactEvaluator:
         self._user_features = store.features(self.users)
         rows = pq.read_table(os.path.join(data_dir, layout.ITEMS_FILE)).to_pylist()
         self.item_ids = [str(r[ITEM_ID]) for r in rows]
-        self._item_features = padded_batch(Schema.load(os.path.join(data_dir, layout.SCHEMA_FILE)), "item", rows)
+        self._item_features = padded_batch(store.schema, "item", rows)
         position = {it: i for i, it in enumerate(self.item_ids)}
         self._seen = [[position[i] for i in store.seen(u) if i in position] for u in self.users]
         self._relevant = [truth[u] for u in self.users]
