@@ -34,7 +34,8 @@ def epoch_evaluation(data_dir: str, evaluation_config, log=print):
     """A Keras callback that evaluates the model being trained on the test split after every
     epoch (`pipeline.evaluation.ExactEvaluator`: exact search, training items removed) and
     keeps the figures in its ``rows`` (one dict per epoch: ``epoch`` counted from 1, the epoch's
-    mean training loss as ``train_loss``, then the test metrics)."""
+    mean training loss as ``train_loss``, its ``learning_rate`` under a schedule, then the test
+    metrics)."""
     from models.tf_compat import keras
     from pipeline.evaluation import ExactEvaluator
 
@@ -47,8 +48,10 @@ def epoch_evaluation(data_dir: str, evaluation_config, log=print):
 
         def on_epoch_end(self, epoch, logs=None):
             start = time.perf_counter()
-            loss = (logs or {}).get("main_loss", (logs or {}).get("loss"))
+            logs = logs or {}
+            loss = logs.get("main_loss", logs.get("loss"))
             row = {"epoch": epoch + 1, **({"train_loss": float(loss)} if loss is not None else {}),
+                   **({"learning_rate": float(logs["learning_rate"])} if "learning_rate" in logs else {}),
                    **evaluator(self.model.query_tower, self.model.item_tower)}
             self.rows.append(row)
             log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")

@@ -35,6 +35,8 @@ HISTORY_POOLINGS = ("mean", "attention")
 # models.cross_batch_retrieval.LOSSES and CCL_NEGATIVES, for the same reason.
 RETRIEVAL_LOSSES = ("softmax", "ccl")
 CCL_NEGATIVES = ("all", "uniform")
+# models.learning_rate.SCHEDULES, for the same reason.
+LR_SCHEDULES = ("constant", "step", "cosine")
 # models.preranking.training.MASK_OBJECTIVES and RETRAIN_SELECTIONS, for the same reason.
 PRERANKER_MASK_OBJECTIVES = ("labels", "distillation")
 PRERANKER_RETRAIN_SELECTIONS = ("auc", "distillation")
@@ -189,7 +191,14 @@ class RetrievalConfig:
       ssl_share: ``full`` (both tasks use the whole item-tower MLP) or ``partial``
         (shared hidden layers, an output layer of its own for the auxiliary task).
       optimizer: ``adam`` or ``adagrad``.
-      learning_rate: optimizer step size.
+      learning_rate: optimizer step size (of the first epoch).
+      learning_rate_schedule: ``constant``, ``step`` (the rate is multiplied by
+        `learning_rate_decay` after each epoch count in `learning_rate_boundaries`) or
+        ``cosine`` (from `learning_rate` at the first epoch to
+        `learning_rate`·`learning_rate_decay` at the last); set per epoch
+        (`models.learning_rate`).
+      learning_rate_decay: the factor of the ``step`` and ``cosine`` schedules.
+      learning_rate_boundaries: completed epochs after which ``step`` decays the rate.
       batch_size: positives per batch (the in-batch negatives).
       shuffle_buffer: training examples held by the shuffle buffer; each epoch is
         reshuffled within it (and the shards' order). A buffer holding the whole
@@ -241,6 +250,9 @@ class RetrievalConfig:
     ssl_share: str = "full"
     optimizer: str = "adam"
     learning_rate: float = 0.01
+    learning_rate_schedule: str = "constant"
+    learning_rate_decay: float = 0.1
+    learning_rate_boundaries: Tuple[int, ...] = ()
     batch_size: int = 512
     shuffle_buffer: int = 50_000
     epochs: int = 6
@@ -251,7 +263,7 @@ class RetrievalConfig:
         for name, choices in (("loss", RETRIEVAL_LOSSES), ("ccl_negatives", CCL_NEGATIVES),
                               ("history_pooling", HISTORY_POOLINGS), ("drift_correction", DRIFT_CORRECTIONS),
                               ("item_gradient", ITEM_GRADIENTS), ("ssl_masking", SSL_MASKINGS),
-                              ("distribution", DISTRIBUTIONS)):
+                              ("distribution", DISTRIBUTIONS), ("learning_rate_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"`retrieval.{name}` should be one of {', '.join(choices)}. "
                                   f"Received: {getattr(self, name)!r}")
@@ -264,6 +276,18 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.temperature` should be positive. Received: {self.temperature}")
         if self.learning_rate <= 0:
             raise ConfigError(f"`retrieval.learning_rate` should be positive. Received: {self.learning_rate}")
+        if not 0 <= self.learning_rate_decay <= 1 or (self.learning_rate_schedule == "step"
+                                                     and self.learning_rate_decay == 0):
+            raise ConfigError("`retrieval.learning_rate_decay` should be in (0, 1] (in [0, 1] with the cosine "
+                              f"schedule). Received: {self.learning_rate_decay}")
+        bounds = self.learning_rate_boundaries
+        if any(not 1 <= b < self.epochs for b in bounds) or list(bounds) != sorted(set(bounds)):
+            raise ConfigError("`retrieval.learning_rate_boundaries` should be increasing epoch counts in "
+                              f"[1, epochs - 1] = [1, {self.epochs - 1}]. Received: {list(bounds)}")
+        if (self.learning_rate_schedule == "step") != bool(bounds):
+            raise ConfigError("`retrieval.learning_rate_boundaries` are used by, and needed by, "
+                              "learning_rate_schedule=step. Received: "
+                              f"learning_rate_schedule={self.learning_rate_schedule}, boundaries={list(bounds)}")
         if not -1 <= self.ccl_margin < 1:
             raise ConfigError(f"`retrieval.ccl_margin` should be in [-1, 1). Received: {self.ccl_margin}")
         if self.ccl_negative_weight < 0:

@@ -330,6 +330,13 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
                      logs.get("main_loss", logs.get("loss", float("nan"))), parts)
 
     cbs = [_Progress(), *callbacks]
+    schedule = None
+    if r.learning_rate_schedule != "constant":
+        from models.learning_rate import EpochLearningRate
+
+        schedule = EpochLearningRate(r.learning_rate, r.learning_rate_schedule, r.epochs,
+                                     decay=r.learning_rate_decay, boundaries=r.learning_rate_boundaries)
+        cbs.insert(0, schedule)
     drift = None
     if r.drift_every_n_steps:
         from models.feature_drift import FeatureDriftCallback
@@ -355,7 +362,7 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
         tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, "final", "weights"))
     summary = {"loss": losses, "seconds": round(time.time() - start, 3),
                "replicas": int(model.distribute_strategy.num_replicas_in_sync)}
-    for name in ("ssl_loss", "bank_share"):
+    for name in ("ssl_loss", "bank_share", "learning_rate"):
         if name in history.history:
             summary[name] = [float(x) for x in history.history[name]]
     if drift is not None:

@@ -11,7 +11,7 @@ TINY = os.path.join(REPO, "pipeline", "configs", "tiny.yaml")
 
 
 OVERRIDES = ("preranker.enabled=true", "retrieval.ssl_weight=0.3", "preranker.search_epochs=2",
-             "preranker.retrain_epochs=2")
+             "preranker.retrain_epochs=2", "retrieval.learning_rate_schedule=cosine")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,8 @@ def test_run_writes_the_public_contract(workdir):
     training = metrics["retrieval_training"]
     assert len(training["ssl_loss"]) == len(training["loss"]) > 0
     assert all(x > 0 for x in training["ssl_loss"])
+    # the cosine schedule: tiny.yaml's 2 epochs at Adam 0.01 and 0.01 * learning_rate_decay 0.1
+    assert training["learning_rate"] == pytest.approx([0.01, 0.001])
     # the ranker stage: trained on the labelled clicks, measured on the test split, exported with the towers
     assert os.listdir(os.path.join(workdir, "export", "ranker")) == ["1"]
     assert metrics["ranker"]["model"] == "can"

@@ -43,6 +43,10 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval.ccl_margin=1.5", "`retrieval.ccl_margin` should be in"),
     ("retrieval.ccl_negative_weight=-1", "`retrieval.ccl_negative_weight` should be >= 0"),
     ("retrieval.embedding_l2=-0.1", "`retrieval.embedding_l2` should be >= 0"),
+    ("retrieval.learning_rate_schedule=exponential", "`retrieval.learning_rate_schedule` should be one of constant"),
+    ("retrieval.learning_rate_decay=1.5", r"`retrieval.learning_rate_decay` should be in \(0, 1\]"),
+    ("retrieval.learning_rate_schedule=step", "used by, and needed by, learning_rate_schedule=step"),
+    ("retrieval.learning_rate_boundaries=[3]", "used by, and needed by.*schedule=constant, boundaries=\\[3\\]"),
     ("data.history_mode=future", "`data.history_mode` should be one of past, all_other, random_prefix, all"),
     ("preranker.mask_objective=ranker", "`preranker.mask_objective` should be one of labels, distillation"),
     ("preranker.retrain_selection=recall", "`preranker.retrain_selection` should be one of auc, distillation"),
@@ -156,6 +160,31 @@ def test_preranker_choices_match_the_model():
 
     assert PRERANKER_MASK_OBJECTIVES == MASK_OBJECTIVES
     assert PRERANKER_RETRAIN_SELECTIONS == RETRAIN_SELECTIONS
+
+
+def test_learning_rate_schedules_match_the_model():
+    from models.learning_rate import SCHEDULES
+    from pipeline.config import LR_SCHEDULES
+
+    assert LR_SCHEDULES == SCHEDULES
+
+
+@pytest.mark.parametrize("boundaries", ["[0]", "[6]", "[4, 2]", "[2, 2]"])
+def test_learning_rate_boundaries_lie_inside_the_run(boundaries):
+    with pytest.raises(ConfigError, match=r"increasing epoch counts in \[1, epochs - 1\] = \[1, 5\]"):
+        load_config(None, ["retrieval.epochs=6", "retrieval.learning_rate_schedule=step",
+                           f"retrieval.learning_rate_boundaries={boundaries}"])
+
+
+def test_learning_rate_schedules_load():
+    step = load_config(None, ["retrieval.epochs=6", "retrieval.learning_rate_schedule=step",
+                              "retrieval.learning_rate_boundaries=[2, 4]"]).retrieval
+    assert step.learning_rate_boundaries == (2, 4)
+    cosine = load_config(None, ["retrieval.learning_rate_schedule=cosine", "retrieval.learning_rate_decay=0"])
+    assert cosine.retrieval.learning_rate_decay == 0.0
+    with pytest.raises(ConfigError, match="learning_rate_decay"):
+        load_config(None, ["retrieval.epochs=6", "retrieval.learning_rate_schedule=step",
+                           "retrieval.learning_rate_boundaries=[2]", "retrieval.learning_rate_decay=0"])
 
 
 def test_item_gradients_match_the_model():
