@@ -34,6 +34,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from pipeline.config import HISTORY_MODES, NEGATIVES  # noqa: E402  (TensorFlow-free)
+
 
 def prepare(data_dir: str, cache: str, history_length: int, history_mode: str) -> str:
     """Materialized data + statistics for `data_dir` (cached)."""
@@ -62,14 +64,14 @@ def prepare(data_dir: str, cache: str, history_length: int, history_mode: str) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--negatives", choices=["inbatch", "cbns", "mixed"], default="inbatch")
+    p.add_argument("--negatives", choices=NEGATIVES, default="inbatch")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--memory-size", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--num-mixed-negatives", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--history-length", type=int, default=50)
-    p.add_argument("--history-mode", choices=["past", "all_other", "random_prefix", "all"], default="all_other",
+    p.add_argument("--history-mode", choices=HISTORY_MODES, default="all_other",
                    help="BARS files carry no time: by default an event's history is the user's other "
                         "training items")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

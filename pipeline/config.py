@@ -37,6 +37,11 @@ RETRIEVAL_LOSSES = ("softmax", "ccl")
 CCL_NEGATIVES = ("all", "uniform")
 # models.learning_rate.SCHEDULES, for the same reason.
 LR_SCHEDULES = ("constant", "step", "cosine")
+# Choices the job reads itself (pipeline.job.build_retrieval_model, new_retrieval_model).
+NEGATIVES = ("inbatch", "cbns", "mixed")
+OPTIMIZERS = ("adam", "adagrad")
+SSL_ITEMS = ("corpus", "batch")
+SSL_SHARES = ("full", "partial")
 # models.preranking.training.MASK_OBJECTIVES and RETRAIN_SELECTIONS, for the same reason.
 PRERANKER_MASK_OBJECTIVES = ("labels", "distillation")
 PRERANKER_RETRAIN_SELECTIONS = ("auc", "distillation")
@@ -263,7 +268,9 @@ class RetrievalConfig:
         for name, choices in (("loss", RETRIEVAL_LOSSES), ("ccl_negatives", CCL_NEGATIVES),
                               ("history_pooling", HISTORY_POOLINGS), ("drift_correction", DRIFT_CORRECTIONS),
                               ("item_gradient", ITEM_GRADIENTS), ("ssl_masking", SSL_MASKINGS),
-                              ("distribution", DISTRIBUTIONS), ("learning_rate_schedule", LR_SCHEDULES)):
+                              ("distribution", DISTRIBUTIONS), ("learning_rate_schedule", LR_SCHEDULES),
+                              ("negatives", NEGATIVES), ("optimizer", OPTIMIZERS), ("ssl_items", SSL_ITEMS),
+                              ("ssl_share", SSL_SHARES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"`retrieval.{name}` should be one of {', '.join(choices)}. "
                                   f"Received: {getattr(self, name)!r}")
@@ -303,8 +310,6 @@ class RetrievalConfig:
         if self.loss == "ccl" and self.num_hard_negatives:
             raise ConfigError("`retrieval.num_hard_negatives` applies to the softmax loss, not to loss=ccl. "
                               f"Received: num_hard_negatives={self.num_hard_negatives}")
-        if self.negatives not in ("inbatch", "cbns", "mixed"):
-            raise ConfigError(f"`retrieval.negatives` should be inbatch, cbns or mixed. Received: {self.negatives!r}")
         for name in ("memory_size", "warmup_steps", "num_hard_negatives", "num_mixed_negatives",
                      "drift_every_n_steps"):
             if getattr(self, name) < 0:
@@ -315,8 +320,6 @@ class RetrievalConfig:
         if self.negatives == "mixed" and self.num_mixed_negatives < 1:
             raise ConfigError("`retrieval.num_mixed_negatives` should be >= 1 with negatives=mixed. "
                               f"Received: num_mixed_negatives={self.num_mixed_negatives}")
-        if self.optimizer not in ("adam", "adagrad"):
-            raise ConfigError(f"`retrieval.optimizer` should be adam or adagrad. Received: {self.optimizer!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"`retrieval.dropout` should be in [0, 1). Received: {self.dropout}")
         if self.embedding_l2 < 0:
@@ -329,10 +332,6 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.ssl_temperature` should be positive. Received: {self.ssl_temperature}")
         if self.ssl_batch_size < 2:
             raise ConfigError(f"`retrieval.ssl_batch_size` should be >= 2. Received: {self.ssl_batch_size}")
-        if self.ssl_items not in ("corpus", "batch"):
-            raise ConfigError(f"`retrieval.ssl_items` should be corpus or batch. Received: {self.ssl_items!r}")
-        if self.ssl_share not in ("full", "partial"):
-            raise ConfigError(f"`retrieval.ssl_share` should be full or partial. Received: {self.ssl_share!r}")
 
 
 RANKER_MODELS = ("can", "dnn", "din", "cartesian")
