@@ -330,13 +330,12 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
                      logs.get("main_loss", logs.get("loss", float("nan"))), parts)
 
     cbs = [_Progress(), *callbacks]
-    schedule = None
     if r.learning_rate_schedule != "constant":
         from models.learning_rate import EpochLearningRate
 
-        schedule = EpochLearningRate(r.learning_rate, r.learning_rate_schedule, r.epochs,
-                                     decay=r.learning_rate_decay, boundaries=r.learning_rate_boundaries)
-        cbs.insert(0, schedule)
+        # First, so the epoch's rate is in the logs every later callback (and the history) sees.
+        cbs.insert(0, EpochLearningRate(r.learning_rate, r.learning_rate_schedule, r.epochs,
+                                        decay=r.learning_rate_decay, boundaries=r.learning_rate_boundaries))
     drift = None
     if r.drift_every_n_steps:
         from models.feature_drift import FeatureDriftCallback
