@@ -120,6 +120,13 @@ def evaluation_users(truth: Dict[str, List[str]], known, config: EvaluationConfi
     return users
 
 
+def seen_positions(store, users: Sequence[str], position: Dict[str, int]) -> List[List[int]]:
+    """Per user, the corpus positions (`position`: item id → row) of the user's training items
+    (`store.seen`; items outside the corpus skipped): what the evaluation removes from each
+    user's ranking."""
+    return [[position[i] for i in store.seen(u) if i in position] for u in users]
+
+
 class ExactEvaluator:
     """Exact Recall@K and NDCG@K of towers held in memory, for following a model while it
     trains (no export, no index).
@@ -145,8 +152,7 @@ class ExactEvaluator:
         rows = pq.read_table(os.path.join(data_dir, layout.ITEMS_FILE)).to_pylist()
         self.item_ids = [str(r[ITEM_ID]) for r in rows]
         self._item_features = padded_batch(store.schema, "item", rows)
-        position = {it: i for i, it in enumerate(self.item_ids)}
-        self._seen = [[position[i] for i in store.seen(u) if i in position] for u in self.users]
+        self._seen = seen_positions(store, self.users, {it: i for i, it in enumerate(self.item_ids)})
         self._relevant = [truth[u] for u in self.users]
 
     def __call__(self, query_tower, item_tower, batch_size: int = 4096) -> Dict[str, float]:
@@ -186,7 +192,7 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> 
     item_ids, item_emb = item_embeddings(exports.version_path(workdir, exports.ITEM_TOWER, version), data_dir)
     position = {it: i for i, it in enumerate(item_ids)}
     queries = np.concatenate([rec.query_embeddings(users[s:s + 2048]) for s in range(0, len(users), 2048)])
-    seen_idx = [[position[i] for i in rec.users.seen(u) if i in position] for u in users]
+    seen_idx = seen_positions(rec.users, users, position)
     relevant = [truth[u] for u in users]
     kmax = max(config.ks)
 
