@@ -54,14 +54,23 @@ class MaskedAttentionPooling(keras.layers.Layer):
         if int(units) < 1:
             raise ValueError(f"`units` should be positive. Received: units={units}")
         self.units = int(units)
-        self.hidden = keras.layers.Dense(self.units, activation="tanh", name="hidden")
-        self.query = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="query")
+        # The sublayers compute in this layer's dtype policy (e.g. float16).
+        self.hidden = keras.layers.Dense(self.units, activation="tanh", dtype=self.dtype_policy, name="hidden")
+        self.query = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", dtype=self.dtype_policy,
+                                        name="query")
 
     def call(self, embeddings, ids):
         present = tf.not_equal(ids, 0)
         scores = tf.squeeze(self.query(self.hidden(embeddings)), axis=-1)
-        scores = tf.where(present, scores, tf.fill(tf.shape(scores), tf.cast(-1e9, scores.dtype)))
-        weights = tf.nn.softmax(scores, axis=1) * tf.cast(present, scores.dtype)
+        # A softmax over the present positions only, written out so that no stand-in
+        # score (which would overflow in float16) enters: shift by the largest present
+        # score (0 for an all-padding row), exponentiate, zero the padding, normalize.
+        zeros = tf.zeros_like(scores)
+        lowest = tf.fill(tf.shape(scores), tf.constant(scores.dtype.min, scores.dtype))
+        shift = tf.reduce_max(tf.where(present, scores, lowest), axis=1, keepdims=True)
+        shift = tf.where(tf.reduce_any(present, axis=1, keepdims=True), shift, tf.zeros_like(shift))
+        exps = tf.where(present, tf.exp(tf.where(present, scores - tf.stop_gradient(shift), zeros)), zeros)
+        weights = tf.math.divide_no_nan(exps, tf.reduce_sum(exps, axis=1, keepdims=True))
         return tf.reduce_sum(weights[..., tf.newaxis] * embeddings, axis=1)
 
     def get_config(self):

@@ -56,6 +56,30 @@ def test_masked_attention_pooling_by_hand():
         MaskedAttentionPooling(units=0)
 
 
+def test_masked_attention_pooling_in_float16_and_with_large_scores():
+    emb = np.array([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]], [[5.0, 5.0], [7.0, 7.0], [7.0, 7.0]]])
+    ids = tf.constant([[3, 4, 0], [0, 0, 0]])
+    w, b, v = np.array([[1.0, 0.0], [0.0, -1.0]]), np.array([0.0, 0.5]), np.array([[2.0], [1.0]])
+    outputs = {}
+    for dtype in ("float32", "float16"):
+        layer = MaskedAttentionPooling(units=2, dtype=dtype)
+        x = tf.constant(emb, dtype)
+        layer(x, ids)
+        layer.hidden.set_weights([w, b])
+        layer.query.set_weights([v])
+        outputs[dtype] = layer(x, ids).numpy().astype(np.float64)
+    # No NaN from the all-padding row (its weights are all zero), and float16 agrees with float32.
+    np.testing.assert_array_equal(outputs["float16"][1], [0.0, 0.0])
+    np.testing.assert_allclose(outputs["float16"], outputs["float32"], rtol=2e-3)
+    # Scores far apart (a softmax of 0 and 1000): all the weight on the larger, no overflow.
+    layer = MaskedAttentionPooling(units=1)
+    layer(tf.constant(emb, tf.float32), ids)
+    layer.hidden.set_weights([np.array([[1.0], [0.0]]), np.array([0.0])])
+    layer.query.set_weights([np.array([[1000.0]])])
+    # tanh(1) and tanh(3): scores 761.6 and 995.1.
+    np.testing.assert_allclose(layer(tf.constant(emb, tf.float32), ids).numpy(), [[3.0, 4.0], [0.0, 0.0]])
+
+
 def test_tower_with_attention_pooling_trains_the_query_and_round_trips():
     keras.utils.set_random_seed(1)
     assert HISTORY_POOLINGS == ("mean", "attention")
