@@ -246,14 +246,14 @@ class CrossBatchRetrieval(keras.layers.Layer):
     def _ccl_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
         """(Σ_i CCL_i over the batch, the uniform items and the bank, or the uniform items only, 0): no logQ,
         no bank share."""
-        if self.ccl_negatives == "uniform":
-            if uniform is None:
-                raise ValueError("ccl_negatives='uniform' needs items drawn uniformly from the corpus: pass "
-                                 "`extra_negatives`.")
-            bank = None  # its entries are never negatives here: skip their [B, M] similarities
-        candidates, ids, _, valid, _ = self._candidates(batch_embeddings, bank, uniform, positive_ids, log_q,
-                                                        corrected)
-        if self.ccl_negatives == "uniform":
+        uniform_only = self.ccl_negatives == "uniform"
+        if uniform_only and uniform is None:
+            raise ValueError("ccl_negatives='uniform' needs items drawn uniformly from the corpus: pass "
+                             "`extra_negatives`.")
+        # With uniform negatives only, the bank's entries are never negatives: skip their [B, M] similarities.
+        candidates, ids, _, valid, _ = self._candidates(batch_embeddings, None if uniform_only else bank, uniform,
+                                                        positive_ids, log_q, corrected)
+        if uniform_only:
             # Candidates are [batch, uniform]: the batch's items are positives only.
             valid = tf.logical_and(valid, tf.range(tf.shape(candidates)[0]) >= tf.shape(batch_embeddings)[0])
         losses = cosine_contrastive_loss(
