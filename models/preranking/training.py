@@ -370,29 +370,28 @@ def fit_distilled(model: PreRanker, train: Tuple[Mapping[str, Any], np.ndarray, 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=DistillationLoss(distillation_weight))
     ds = (tf.data.Dataset.from_tensor_slices(({n: features[n] for n in names}, y))
           .shuffle(len(y), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
-    if validation is None:
-        return fit_with_epoch_selection(model, ds, epochs, None, what="pre-ranker", patience=patience)
-    if select_on == "auc":
+    score, selection, aucs = None, {}, None
+    if validation is not None and select_on == "auc":
         def score():
             return auc(validation[1], predict_logits(model, validation[0]))
-        return fit_with_epoch_selection(model, ds, epochs, score, what="pre-ranker", patience=patience)
-    if len(validation) != 3:
-        raise ValueError("select_on='distillation' needs the ranker's logits of the validation rows: "
-                         "`validation` should be (features, labels, teacher logits)")
-    valid_y = np.asarray(validation[1], np.float32).reshape(-1)
-    valid_r = np.asarray(validation[2], np.float32).reshape(-1)
-    if len(valid_r) != len(valid_y):
-        raise ValueError(f"`validation` holds {len(valid_y)} labels but {len(valid_r)} teacher logits")
-    aucs: List[float] = []
+    elif validation is not None:
+        if len(validation) != 3:
+            raise ValueError("select_on='distillation' needs the ranker's logits of the validation rows: "
+                             "`validation` should be (features, labels, teacher logits)")
+        valid_y = np.asarray(validation[1], np.float32).reshape(-1)
+        valid_r = np.asarray(validation[2], np.float32).reshape(-1)
+        if len(valid_r) != len(valid_y):
+            raise ValueError(f"`validation` holds {len(valid_y)} labels but {len(valid_r)} teacher logits")
+        aucs = []
 
-    def validation_loss():
-        logits = predict_logits(model, validation[0])
-        aucs.append(round(auc(valid_y, logits), 5))
-        return float(np.mean(distillation_loss(valid_y, valid_r, logits, distillation_weight)))
-
-    fit = fit_with_epoch_selection(model, ds, epochs, validation_loss, what="pre-ranker", patience=patience,
-                                   score_name="validation_distillation_loss", higher_is_better=False)
-    fit["validation_auc"] = aucs
+        def score():
+            logits = predict_logits(model, validation[0])
+            aucs.append(round(auc(valid_y, logits), 5))
+            return float(np.mean(distillation_loss(valid_y, valid_r, logits, distillation_weight)))
+        selection = {"score_name": "validation_distillation_loss", "higher_is_better": False}
+    fit = fit_with_epoch_selection(model, ds, epochs, score, what="pre-ranker", patience=patience, **selection)
+    if aucs is not None:
+        fit["validation_auc"] = aucs
     return fit
 
 
