@@ -45,6 +45,7 @@ The plot (SVG) shows recall against median latency for the λ2 sweep and the bas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -386,12 +387,13 @@ def main(argv=None) -> None:
                                   latency_grid(input_width, args.operator_widths), n_cand, None, args.latency_repeats,
                                   args.seed)
     log(f"latency table measured in {time.perf_counter() - start:.1f} s: features {table.feature_costs}")
-    teacher_train = teacher_logits(ranker, train_x)
+    # The ranker's logits, computed once for every sweep point and the hand MLP.
+    teacher_train, teacher_valid = teacher_logits(ranker, train_x), teacher_logits(ranker, valid_x)
     sweep = []
-    import dataclasses as _dc
     for lam2 in args.lambda2:
-        config = _dc.replace(base, architecture_latency_weight=float(lam2))
-        model, metrics = train_preranker(schema, vocabs, train_frame, valid_frame, ranker, config, latency_table=table)
+        config = dataclasses.replace(base, architecture_latency_weight=float(lam2))
+        model, metrics = train_preranker(schema, vocabs, train_frame, valid_frame, ranker, config, latency_table=table,
+                                         teacher_outputs=(teacher_train, teacher_valid))
         fn = signature(export_preranker(model, os.path.join(tmp, f"autofas_{lam2:g}")))
         test_scores = predict_logits(model, test_x)
         summary = {k: metrics[k] for k in ("features", "hidden_units", "operators", "keep_probabilities",
@@ -408,8 +410,7 @@ def main(argv=None) -> None:
     # -- hand-designed distilled MLP ---------------------------------------------------------
     keras.utils.set_random_seed(args.seed)
     hand = PreRanker(schema, vocabs, hand_names, args.hand_hidden, args.embedding_dim, name="hand_mlp")
-    hand_valid = (valid_x, valid_y) + ((teacher_logits(ranker, valid_x),)
-                                       if args.retrain_selection == "distillation" else ())
+    hand_valid = (valid_x, valid_y) + ((teacher_valid,) if args.retrain_selection == "distillation" else ())
     hand_fit = fit_distilled(hand, (train_x, train_y, teacher_train), hand_valid, epochs=args.retrain_epochs,
                              batch_size=args.batch_size, learning_rate=base.learning_rate,
                              distillation_weight=args.lambda1, seed=args.seed, patience=args.retrain_patience,

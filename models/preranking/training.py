@@ -416,7 +416,9 @@ def latency_grid(input_width: int, operator_widths: Sequence[int]) -> List[int]:
 def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], train_frame, valid_frame, teacher,
                     config: PrerankerConfig = PrerankerConfig(), *,
                     numeric_stats: Optional[Mapping[str, Sequence[float]]] = None,
-                    latency_table: Optional[LatencyTable] = None) -> Tuple[PreRanker, Dict[str, Any]]:
+                    latency_table: Optional[LatencyTable] = None,
+                    teacher_outputs: Optional[Tuple[np.ndarray, Optional[np.ndarray]]] = None,
+                    ) -> Tuple[PreRanker, Dict[str, Any]]:
     """Searches, derives and retrains the AutoFAS pre-ranker.
 
     Args:
@@ -429,6 +431,9 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
       config: a `PrerankerConfig`.
       numeric_stats: feature → (mean, std).
       latency_table: reuse a measured table (None: measure now).
+      teacher_outputs: reuse the teacher's logits of ``(train_frame, valid_frame)`` rows
+        (`teacher_logits`; the second may be None without a validation frame), e.g. across
+        a sweep over one teacher (None: compute them now).
 
     Returns:
       ``(PreRanker, metrics)``; metrics: ``features``, ``hidden_units``, ``operators``,
@@ -448,13 +453,23 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
     all_names = [f.name for f in schema.features]
     train_x = inputs_from_frame(schema, train_frame, all_names)
     train_y = train_frame[LABEL].to_numpy(np.float32)
-    train_r = teacher_logits(teacher, train_x)
+    has_valid = valid_frame is not None and len(valid_frame) > 0
+    if teacher_outputs is not None:
+        train_r, valid_r = (None if r is None else np.asarray(r, np.float32).reshape(-1) for r in teacher_outputs)
+        n_valid = len(valid_frame) if valid_frame is not None else 0
+        if train_r is None or len(train_r) != len(train_frame) or (valid_r is not None and len(valid_r) != n_valid):
+            raise ValueError(f"`teacher_outputs` should hold one logit per train row ({len(train_frame)}) and "
+                             f"per validation row ({n_valid}) or None. Received lengths "
+                             f"{[None if r is None else len(r) for r in (train_r, valid_r)]}")
+    else:
+        train_r = teacher_logits(teacher, train_x)
+        valid_r = None
     valid = None
-    if valid_frame is not None and len(valid_frame):
+    if has_valid:
         valid_x = inputs_from_frame(schema, valid_frame, all_names)
         valid = (valid_x, valid_frame[LABEL].to_numpy(np.float32))
         if config.retrain_selection == "distillation":
-            valid = valid + (teacher_logits(teacher, valid_x),)
+            valid = valid + (teacher_logits(teacher, valid_x) if valid_r is None else valid_r,)
     teacher_seconds = time.perf_counter() - start
 
     keras.utils.set_random_seed(config.seed)

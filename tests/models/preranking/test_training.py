@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from models.features import HISTORY, ITEM_ID, LABEL, TIMESTAMP, USER_ID
 from models.preranking.latency import IDENTITY, LatencyTable
 from models.preranking.preranker import PreRanker
 from models.preranking.training import (PrerankerConfig, derived_latency, flat_metrics, latency_grid,
-                                        train_preranker)
+                                        teacher_logits, train_preranker)
 from models.ranking.models import RankingConfig, build_ranker, build_vocabularies, inputs_from_frame
 from models.ranking.sequences import build_sequences
 from models.tf_compat import keras
@@ -90,3 +91,14 @@ def test_train_preranker_end_to_end_on_tiny_synthetic_data():
     assert flat["preranker.expected_latency_ms"] == metrics["expected_latency_ms"]["total_ms"]
     logits = model.predict({n: v for n, v in inputs_from_frame(schema, valid, model.features).items()}, verbose=0)
     assert np.all(np.isfinite(logits))
+
+    # The teacher's logits computed once can be passed in (a sweep over one teacher): the teacher is not called.
+    outputs = (teacher_logits(teacher, inputs_from_frame(schema, train)),
+               teacher_logits(teacher, inputs_from_frame(schema, valid)))
+    quick = dataclasses.replace(config, search_epochs=1, search_warmup_epochs=0, retrain_epochs=1)
+    again, again_metrics = train_preranker(schema, vocabs, train, valid, None, quick, teacher_outputs=outputs)
+    retrain = again_metrics["retrain"]
+    assert retrain["epochs"] == 1 and len(retrain["validation_distillation_loss"]) == 1
+    with pytest.raises(ValueError, match=f"one logit per train row \\({len(train)}\\).*per validation row "
+                                         f"\\({len(valid)}\\).*\\[{len(train)}, {len(valid) - 1}\\]"):
+        train_preranker(schema, vocabs, train, valid, None, quick, teacher_outputs=(outputs[0], outputs[1][1:]))
