@@ -62,9 +62,10 @@ class MaskedAttentionPooling(keras.layers.Layer):
     def call(self, embeddings, ids):
         present = tf.not_equal(ids, 0)
         scores = tf.squeeze(self.query(self.hidden(embeddings)), axis=-1)
-        # A softmax over the present positions only, written out so that no stand-in
-        # score (which would overflow in float16) enters: shift by the largest present
-        # score (0 for an all-padding row), exponentiate, zero the padding, normalize.
+        # A softmax over the present positions only, written out so that padding never
+        # enters an exponential (a stand-in score such as -1e9 is -inf in float16, and an
+        # all-padding row then gave NaN): shift by the largest present score (0 for an
+        # all-padding row), exponentiate, zero the padding, normalize.
         zeros = tf.zeros_like(scores)
         lowest = tf.fill(tf.shape(scores), tf.constant(scores.dtype.min, scores.dtype))
         shift = tf.reduce_max(tf.where(present, scores, lowest), axis=1, keepdims=True)
