@@ -68,6 +68,9 @@ def _ints(text: str):
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
+    from models.preranking.training import MASK_OBJECTIVES, RETRAIN_SELECTIONS, PrerankerConfig
+
+    d = PrerankerConfig()  # the model's defaults are the benchmark's
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--out", required=True)
@@ -79,34 +82,35 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--users", type=int, default=1000, help="test users scored for recall (all when fewer)")
-    p.add_argument("--candidates", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--candidates", type=int, default=d.candidates)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--ranker-epochs", type=int, default=4)
     p.add_argument("--retrieval-epochs", type=int, default=5)
-    p.add_argument("--search-epochs", type=int, default=3)
-    p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--retrain-epochs", type=int, default=20)
-    p.add_argument("--retrain-patience", type=int, default=2)
-    p.add_argument("--mask-objective", choices=("labels", "distillation"), default="labels",
+    p.add_argument("--search-epochs", type=int, default=d.search_epochs)
+    p.add_argument("--warmup-epochs", type=int, default=d.search_warmup_epochs)
+    p.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs)
+    p.add_argument("--retrain-patience", type=int, default=d.retrain_patience)
+    p.add_argument("--mask-objective", choices=MASK_OBJECTIVES, default=d.mask_objective,
                    help="task term of Loss1 (the feature masks): BCE on the labels, or the distilled loss of Loss2")
-    p.add_argument("--retrain-selection", choices=("auc", "distillation"), default="distillation",
+    p.add_argument("--retrain-selection", choices=RETRAIN_SELECTIONS, default=d.retrain_selection,
                    help="validation score that picks the retraining epoch (AutoFAS and the hand MLP alike)")
-    p.add_argument("--embedding-dim", type=int, default=8)
-    p.add_argument("--num-mixops", type=int, default=3)
-    p.add_argument("--operator-widths", type=_ints, default=(16, 32, 64, 128))
-    p.add_argument("--lambda1", type=float, default=0.5, help="distillation weight")
-    p.add_argument("--lambda", dest="lambda_", type=float, default=0.02, help="feature latency weight (per ms)")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--num-mixops", type=int, default=d.num_mixops)
+    p.add_argument("--operator-widths", type=_ints, default=d.operator_widths)
+    p.add_argument("--lambda1", type=float, default=d.distillation_weight, help="distillation weight")
+    p.add_argument("--lambda", dest="lambda_", type=float, default=d.latency_weight,
+                   help="feature latency weight (per ms)")
     p.add_argument("--lambda2", type=float, nargs="+", default=[0.0, 0.03, 0.1, 0.3, 1.0],
                    help="architecture latency weights of the Pareto sweep (per ms)")
-    p.add_argument("--headline-lambda2", type=float, default=0.1,
+    p.add_argument("--headline-lambda2", type=float, default=d.architecture_latency_weight,
                    help="λ2 of the headline AutoFAS model (the PrerankerConfig default; one of --lambda2)")
     p.add_argument("--hand-hidden", type=_ints, default=(64, 32))
     p.add_argument("--hand-features", nargs="+", default=None,
                    help="features of the hand MLP (default: every feature of the schema)")
     p.add_argument("--latency-calls", type=int, default=200)
-    p.add_argument("--latency-repeats", type=int, default=30)
+    p.add_argument("--latency-repeats", type=int, default=d.latency_repeats)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
     args = p.parse_args(argv)
     if args.headline_lambda2 not in args.lambda2:
         p.error(f"--headline-lambda2 {args.headline_lambda2} should be one of --lambda2 {args.lambda2}")

@@ -38,6 +38,11 @@ def learning_rate_at(epoch: int, base: float, schedule: str = "constant", epochs
         raise ValueError(f"`schedule` should be one of {', '.join(SCHEDULES)}. Received: {schedule!r}")
     if epoch < 0 or epochs < 1:
         raise ValueError(f"`epoch` should be >= 0 and `epochs` >= 1. Received: epoch={epoch}, epochs={epochs}")
+    if not 0 <= decay <= 1 or (schedule == "step" and decay == 0):
+        raise ValueError("`decay` should be in (0, 1] (in [0, 1] with the cosine schedule). "
+                         f"Received: decay={decay}, schedule={schedule!r}")
+    if any(b < 1 for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
+        raise ValueError(f"`boundaries` should be increasing epoch counts >= 1. Received: {list(boundaries)}")
     if schedule == "constant":
         return float(base)
     if schedule == "step":

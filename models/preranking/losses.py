@@ -26,26 +26,41 @@ References:
 
 from __future__ import annotations
 
+from typing import Tuple
+
 from models.tf_compat import keras, tf
+
+
+def distillation_terms(labels, teacher_logits, logits) -> Tuple[tf.Tensor, tf.Tensor]:
+    """The two per-example terms of the distilled loss: ``(BCE(y, σ(p)), (r − p)²)``, each ``[B]``.
+
+    Args:
+      labels: ``[B]`` click labels in [0, 1].
+      teacher_logits: ``[B]`` ranker logits r.
+      logits: ``[B]`` pre-ranker logits p.
+    """
+    y = tf.reshape(tf.cast(labels, tf.float32), [-1])
+    r = tf.reshape(tf.cast(teacher_logits, tf.float32), [-1])
+    p = tf.reshape(tf.cast(logits, tf.float32), [-1])
+    return tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=p), tf.square(r - p)
 
 
 def distillation_loss(labels, teacher_logits, logits, distillation_weight: float) -> tf.Tensor:
     """Per-example ``(1 − λ1)·BCE(y, σ(p)) + λ1·(r − p)²``: ``[B]``.
 
     Args:
-      labels: ``[B]`` click labels in [0, 1].
-      teacher_logits: ``[B]`` ranker logits r.
-      logits: ``[B]`` pre-ranker logits p.
+      labels, teacher_logits, logits: as `distillation_terms`.
       distillation_weight: λ1 in [0, 1].
     """
+    _check_weight(distillation_weight)
+    bce, squared = distillation_terms(labels, teacher_logits, logits)
+    return (1.0 - distillation_weight) * bce + distillation_weight * squared
+
+
+def _check_weight(distillation_weight) -> None:
     if not 0.0 <= float(distillation_weight) <= 1.0:
         raise ValueError(f"`distillation_weight` should be in [0, 1]. Received: "
                          f"distillation_weight={distillation_weight!r}")
-    y = tf.reshape(tf.cast(labels, tf.float32), [-1])
-    r = tf.reshape(tf.cast(teacher_logits, tf.float32), [-1])
-    p = tf.reshape(tf.cast(logits, tf.float32), [-1])
-    bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=p)
-    return (1.0 - distillation_weight) * bce + distillation_weight * tf.square(r - p)
 
 
 class DistillationLoss(keras.losses.Loss):
@@ -53,9 +68,7 @@ class DistillationLoss(keras.losses.Loss):
 
     def __init__(self, distillation_weight: float = 0.5, name: str = "distillation", **kwargs):
         super().__init__(name=name, **kwargs)
-        if not 0.0 <= float(distillation_weight) <= 1.0:
-            raise ValueError(f"`distillation_weight` should be in [0, 1]. Received: "
-                             f"distillation_weight={distillation_weight!r}")
+        _check_weight(distillation_weight)
         self.distillation_weight = float(distillation_weight)
 
     def call(self, y_true, y_pred):
@@ -65,4 +78,4 @@ class DistillationLoss(keras.losses.Loss):
         return {**super().get_config(), "distillation_weight": self.distillation_weight}
 
 
-__all__ = ["DistillationLoss", "distillation_loss"]
+__all__ = ["DistillationLoss", "distillation_loss", "distillation_terms"]

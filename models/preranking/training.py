@@ -28,7 +28,7 @@ from models.features import LABEL, Schema
 from models.preranking.autofas import AutoFASSearch, DerivedArchitecture, derive_from_model
 from models.preranking.latency import (IDENTITY, LatencyTable, architecture_latency, expected_architecture_latency,
                                        expected_feature_latency, expected_input_width)
-from models.preranking.losses import DistillationLoss, distillation_loss
+from models.preranking.losses import DistillationLoss, distillation_loss, distillation_terms
 from models.preranking.measurement import measure_latency_table
 from models.preranking.preranker import PreRanker
 from models.ranking.metrics import auc
@@ -227,10 +227,7 @@ class AutoFASSearchTrainer:
         """Loss1, Loss2 and their parts for one batch (one mask draw from `seed`)."""
         cfg, model = self.config, self.model
         logits = model(features, seed=seed, training=True)
-        y = tf.cast(tf.reshape(labels, [-1]), tf.float32)
-        r = tf.cast(tf.reshape(teacher_logits, [-1]), tf.float32)
-        bce = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
-        distill = tf.reduce_mean(tf.square(r - logits))
+        bce, distill = (tf.reduce_mean(t) for t in distillation_terms(labels, teacher_logits, logits))
         theta = model.mask.keep_probabilities()
         alphas = model.operator_probabilities()
         width = expected_input_width(theta, model.feature_widths)
@@ -240,7 +237,7 @@ class AutoFASSearchTrainer:
                                                            model.operator_widths, width, self.table)
         arch_latency = expected_architecture_latency(alphas, model.operator_widths, tf.stop_gradient(width),
                                                      self.table)
-        distilled = (1.0 - cfg.distillation_weight) * bce + cfg.distillation_weight * distill
+        distilled = tf.reduce_mean(distillation_loss(labels, teacher_logits, logits, cfg.distillation_weight))
         mask_task = bce if cfg.mask_objective == "labels" else distilled
         loss1 = mask_task + cfg.latency_weight * (feature_latency + arch_latency_masks)
         loss2 = distilled + cfg.architecture_latency_weight * arch_latency

@@ -26,6 +26,11 @@ def test_cosine_runs_from_the_base_rate_to_its_fraction():
     ({"schedule": "linear"}, "`schedule` should be one of constant, step, cosine. Received: 'linear'"),
     ({"epoch": -1}, "Received: epoch=-1"),
     ({"epochs": 0}, "epochs=0"),
+    ({"schedule": "step", "decay": 0.0, "boundaries": (1,)}, r"`decay` should be in \(0, 1\].*decay=0.0"),
+    ({"schedule": "cosine", "decay": -0.5}, "decay=-0.5"),
+    ({"schedule": "cosine", "decay": 1.5}, "decay=1.5"),
+    ({"schedule": "step", "boundaries": (2, 1)}, r"increasing epoch counts >= 1. Received: \[2, 1\]"),
+    ({"schedule": "step", "boundaries": (0,)}, r"Received: \[0\]"),
 ])
 def test_bad_arguments_name_the_value(kwargs, message):
     args = {"epoch": 0, "base": 0.1, "schedule": "constant", "epochs": 3, **kwargs}
