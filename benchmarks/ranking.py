@@ -79,6 +79,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--orders", type=int, default=2)
     p.add_argument("--coaction-initializer", default="uniform",
                    help="Keras initializer of CAN's co-action tables")
+    p.add_argument("--coaction-l2", type=float, default=0.0,
+                   help="L2 penalty on the co-action tables of CAN and the Cartesian model (per step, whole tables)")
     p.add_argument("--combination-independent", action="store_true",
                    help="CAN: each (induction, feed) pair gets its own micro-MLP")
     p.add_argument("--order-independent", action="store_true", help="CAN: each order gets its own micro-MLP")
@@ -259,7 +261,7 @@ def main(argv=None) -> None:
                            coaction_feed_dim=args.feed_dim,
                            coaction_layer_sizes=tuple(int(x) for x in args.coaction_layers.split(",")),
                            coaction_orders=args.orders, cartesian_max_buckets=args.cartesian_max_buckets,
-                           coaction_initializer=args.coaction_initializer,
+                           coaction_initializer=args.coaction_initializer, coaction_l2=args.coaction_l2,
                            combination_independent=args.combination_independent,
                            order_independent=args.order_independent, sequence_pooling=args.sequence_pooling,
                            coaction_item_features=args.coaction_item_features,

@@ -90,6 +90,10 @@ class RankingConfig:
         ``"coaction_then_mean"`` or ``"mean_then_coaction"`` (`co_action`).
       coaction_initializer: Keras initializer name of CAN's co-action tables (the
         representation embeddings keep Keras' default ``"uniform"``).
+      coaction_l2: λ of an L2 penalty λ·Σw² on the co-action parameters (CAN's
+        induction and feed tables, the Cartesian model's cross tables), added to the
+        training loss; every row of a table counts at each step. 0 (the default, the
+        papers' setting) adds none.
       attention_units: hidden layers of DIN's activation unit.
       cartesian_dim: embedding size of the Cartesian ids (None = `embedding_dim`).
       cartesian_max_buckets: largest table of one Cartesian pair; larger products are
@@ -111,6 +115,7 @@ class RankingConfig:
     combination_independent: bool = False
     sequence_pooling: str = "coaction_then_mean"
     coaction_initializer: str = "uniform"
+    coaction_l2: float = 0.0
     attention_units: Tuple[int, ...] = (32,)
     cartesian_dim: Optional[int] = None
     cartesian_max_buckets: int = 2 ** 17
@@ -136,6 +141,11 @@ class RankingConfig:
                 raise ValueError(f"`{name}` should hold positive sizes. Received: {name}={getattr(self, name)}")
         if not self.coaction_layer_sizes:
             raise ValueError("`coaction_layer_sizes` should not be empty")
+        l2 = self.coaction_l2
+        number = isinstance(l2, (int, float, np.integer, np.floating)) and not isinstance(l2, bool)
+        if not (number and np.isfinite(l2) and l2 >= 0):
+            raise ValueError(f"`coaction_l2` should be a finite number >= 0. Received: coaction_l2={l2!r}")
+        object.__setattr__(self, "coaction_l2", float(l2))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` should be in [0, 1). Received: dropout={self.dropout}")
         if self.combine_orders not in ORDER_COMBINATIONS:
@@ -610,6 +620,11 @@ class DIN(RankingModel):
         return self.attention(query, embeddings, ids[feature.name])
 
 
+def _coaction_regularizer(config: RankingConfig):
+    """The L2 penalty of a co-action table (`RankingConfig.coaction_l2`), or None."""
+    return keras.regularizers.L2(config.coaction_l2) if config.coaction_l2 else None
+
+
 class CartesianDNN(RankingModel):
     """The base plus one embedded Cartesian-product id per co-action pair.
 
@@ -631,7 +646,8 @@ class CartesianDNN(RankingModel):
             product = (self.vocab_size(u) - 1) * (self.vocab_size(i) - 1)
             self.pair_buckets[key] = int(min(product, cfg.cartesian_max_buckets))
             self.cross_embeddings[key] = keras.layers.Embedding(
-                self.pair_buckets[key] + 1, cfg.cartesian_dim or cfg.embedding_dim, name=f"{key}_cross_embedding")
+                self.pair_buckets[key] + 1, cfg.cartesian_dim or cfg.embedding_dim,
+                embeddings_regularizer=_coaction_regularizer(cfg), name=f"{key}_cross_embedding")
 
     def extra_parts(self, ids):
         parts = []
@@ -672,11 +688,13 @@ class CAN(RankingModel):
         self.induction_embeddings = {
             name: keras.layers.Embedding(self.vocab_size(name), self.unit.induction_dim,
                                          embeddings_initializer=cfg.coaction_initializer,
+                                         embeddings_regularizer=_coaction_regularizer(cfg),
                                          name=f"{name}_induction_embedding")
             for name in self.induction_features}
         self.feed_embeddings = {
             name: keras.layers.Embedding(self.vocab_size(name), cfg.coaction_feed_dim,
                                          embeddings_initializer=cfg.coaction_initializer,
+                                         embeddings_regularizer=_coaction_regularizer(cfg),
                                          name=f"{name}_feed_embedding")
             for name in self.feed_features}
 

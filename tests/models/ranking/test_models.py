@@ -157,6 +157,10 @@ def test_errors_name_the_problem():
         RankingConfig(combine_orders="max")
     with pytest.raises(ValueError, match="coaction_initializer"):
         RankingConfig(coaction_initializer="golden")
+    for bad in (-0.1, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=f"`coaction_l2` should be a finite number >= 0. Received: "
+                                             f"coaction_l2={bad!r}"):
+            RankingConfig(coaction_l2=bad)
     with pytest.raises(ValueError, match="Unknown ranking config"):
         RankingConfig.from_dict({"embedding_size": 3})
     with pytest.raises(ValueError, match="price"):
@@ -167,6 +171,30 @@ def test_errors_name_the_problem():
         DIN(no_seq, {USER_ID: ["u"], ITEM_ID: ["i"]}, CONFIG)
     with pytest.raises(ValueError, match="no user feature"):
         CAN(no_seq, {USER_ID: ["u"], ITEM_ID: ["i"]}, CONFIG)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_coaction_l2_penalizes_exactly_the_coaction_tables(model_type):
+    """λ·Σw² over CAN's induction and feed tables or the Cartesian cross tables, in the
+    training loss; nothing for DNN and DIN, and nothing at λ = 0."""
+    config = RankingConfig(**{**CONFIG.to_dict(), "coaction_l2": 0.01})
+    model = build_ranker(model_type, SCHEMA, VOCABS, config)
+    x, y = _tensors(_batch()), tf.constant([1.0, 0.0, 1.0])
+    logits = model(x)
+    tables = {"can": lambda m: [*m.induction_embeddings.values(), *m.feed_embeddings.values()],
+              "cartesian": lambda m: list(m.cross_embeddings.values())}.get(model_type, lambda m: [])(model)
+    penalty = 0.01 * sum(float(np.sum(t.embeddings.numpy().astype(np.float64) ** 2)) for t in tables)
+    assert sum(t.input_dim * t.output_dim for t in tables) == model.coaction_parameter_count()
+    assert (float(tf.add_n(model.losses)) if model.losses else 0.0) == pytest.approx(penalty, rel=1e-5)
+    if model_type in ("can", "cartesian"):
+        assert penalty > 0
+    bce = float(tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits)))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    history = model.fit(x, y, batch_size=3, epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(bce + penalty, rel=1e-5)
+    unpenalized = build_ranker(model_type, SCHEMA, VOCABS, CONFIG)
+    unpenalized(x)
+    assert not unpenalized.losses
 
 
 def test_export_then_load_in_a_fresh_process_gives_the_same_scores(tmp_path):
