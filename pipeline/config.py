@@ -361,6 +361,8 @@ class RankerConfig:
       order_independent, combination_independent: CAN's independence switches.
       sequence_pooling: ``coaction_then_sum`` or ``sum_then_coaction`` (Eq. 10), or the
         means ``coaction_then_mean`` / ``mean_then_coaction``.
+      coaction_l2: λ of an L2 penalty λ·Σw² on the co-action tables (CAN's, or the
+        Cartesian model's cross tables); 0 = none.
       epochs: the maximum number of epochs; the epoch with the best validation AUC is kept.
       validation_fraction: each user's last training events held out to pick the epoch.
       batch_size, learning_rate, seed: training.
@@ -377,6 +379,7 @@ class RankerConfig:
     order_independent: bool = False
     combination_independent: bool = False
     sequence_pooling: str = "coaction_then_mean"
+    coaction_l2: float = 0.0
     epochs: int = 3
     validation_fraction: float = 0.1
     batch_size: int = 512
@@ -397,6 +400,8 @@ class RankerConfig:
                 raise ConfigError(f"`ranker.{name}` should hold positive sizes. Received: {list(getattr(self, name))}")
         if not self.coaction_layer_sizes:
             raise ConfigError("`ranker.coaction_layer_sizes` should not be empty")
+        if not 0 <= self.coaction_l2 < float("inf"):
+            raise ConfigError(f"`ranker.coaction_l2` should be a finite number >= 0. Received: {self.coaction_l2}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"`ranker.validation_fraction` should be in [0, 1). Received: {self.validation_fraction}")
         if not self.learning_rate > 0:

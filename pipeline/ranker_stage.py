@@ -85,7 +85,7 @@ def ranking_model_config(config):
                          coaction_layer_sizes=config.coaction_layer_sizes, coaction_orders=config.coaction_orders,
                          order_independent=config.order_independent,
                          combination_independent=config.combination_independent,
-                         sequence_pooling=config.sequence_pooling)
+                         sequence_pooling=config.sequence_pooling, coaction_l2=config.coaction_l2)
 
 
 def _compiled_model(config, schema: Schema, vocabularies):

@@ -51,6 +51,8 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval.learning_rate_schedule=step", "used by, and needed by, learning_rate_schedule=step"),
     ("retrieval.learning_rate_boundaries=[3]", "used by, and needed by.*schedule=constant, boundaries=\\[3\\]"),
     ("data.history_mode=future", "`data.history_mode` should be one of past, all_other, random_prefix, all"),
+    ("ranker.coaction_l2=-0.01", "`ranker.coaction_l2` should be a finite number >= 0. Received: -0.01"),
+    ("ranker.coaction_l2=.inf", "`ranker.coaction_l2` should be a finite number >= 0. Received: inf"),
     ("preranker.mask_objective=ranker", "`preranker.mask_objective` should be one of labels, distillation"),
     ("preranker.retrain_selection=recall", "`preranker.retrain_selection` should be one of auc, distillation"),
 ])
@@ -232,3 +234,17 @@ def test_preranker_defaults_are_the_models():
     for flag, choices in (("--mask-objective", MASK_OBJECTIVES), ("--retrain-selection", RETRAIN_SELECTIONS)):
         for choice in choices:
             bench._parse_args(["--dataset", "synthetic", "--out", "unused.json", flag, choice])
+
+
+def test_ranker_fields_reach_the_ranking_model():
+    from models.ranking.models import RankingConfig
+    from pipeline.config import RankerConfig
+    from pipeline.ranker_stage import ranking_model_config
+
+    stage = RankerConfig(embedding_dim=4, hidden_units=(16,), coaction_feed_dim=6, coaction_layer_sizes=(3,),
+                         coaction_orders=3, order_independent=True, combination_independent=True,
+                         sequence_pooling="sum_then_coaction", coaction_l2=0.01)
+    model = ranking_model_config(stage)
+    shared = {f for f in RankerConfig.__dataclass_fields__} & {f for f in RankingConfig.__dataclass_fields__}
+    assert shared and all(getattr(model, f) == getattr(stage, f) for f in shared)
+    assert model.coaction_l2 == 0.01
