@@ -115,6 +115,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="features of the hand MLP (default: every feature of the schema)")
     p.add_argument("--latency-calls", type=int, default=200)
     p.add_argument("--latency-repeats", type=int, default=d.latency_repeats)
+    p.add_argument("--latency-items", choices=("encoded", "strings"),
+                   default="encoded" if d.latency_items_encoded else "strings",
+                   help="how the latency table's item features arrive: ids encoded in advance (the serving "
+                        "cascade's path) or strings looked up per candidate (serving_default)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=d.seed)
     args = p.parse_args(argv)
@@ -399,13 +403,14 @@ def main(argv=None) -> None:
                            search_warmup_epochs=args.warmup_epochs, retrain_epochs=args.retrain_epochs,
                            retrain_patience=args.retrain_patience, retrain_selection=args.retrain_selection,
                            mask_objective=args.mask_objective, batch_size=args.batch_size, candidates=n_cand,
-                           latency_repeats=args.latency_repeats, seed=args.seed)
+                           latency_repeats=args.latency_repeats, latency_items_encoded=args.latency_items == "encoded",
+                           seed=args.seed)
     input_width = sum(1 if f.kind.value == "numeric" else args.embedding_dim for f in schema.features)
     start = time.perf_counter()
     table = measure_latency_table(schema, vocabs, {k: v[:n_cand] for k, v in train_x.items()}, names,
                                   args.embedding_dim, args.operator_widths,
                                   latency_grid(input_width, args.operator_widths), n_cand, None, args.latency_repeats,
-                                  args.seed)
+                                  args.seed, items_encoded=args.latency_items == "encoded")
     log(f"latency table measured in {time.perf_counter() - start:.1f} s: features {table.feature_costs}")
     # The ranker's logits, computed once for every sweep point and the hand MLP.
     teacher_train, teacher_valid = teacher_logits(ranker, train_x), teacher_logits(ranker, valid_x)

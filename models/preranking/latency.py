@@ -4,10 +4,10 @@ Costs are milliseconds to score one request of ``candidates`` candidates (the se
 unit of the pre-ranker) and come from micro-benchmarks on the serving machine
 (`models.preranking.measurement`), never from FLOP counts:
 
-* ``feature_costs[i]`` = L_i, the cost of fetching and embedding feature i (string
-  lookup + embedding gather + pooling, once for the user, N times for an item
-  feature), plus the configured cost of features a deployment fetches from an external
-  store;
+* ``feature_costs[i]`` = L_i, the cost of fetching and embedding feature i (embedding
+  gather + pooling, once for the user after a string lookup, N times for an item
+  feature on ids the server encoded in advance), plus the configured cost of features a
+  deployment fetches from an external store;
 * ``operator_costs[a][b]`` = T_{a×b}, the cost of one ReLU dense layer ``a → b`` on the
   N candidate rows, for ``a`` on the grid ``input_widths`` (linear interpolation
   between grid points, clamped at its ends) and ``b`` in ``output_widths`` (exact:

@@ -9,11 +9,15 @@ them) is timed for ``k = 1`` and ``k = chain``; the cost is
 warm-up) because the serving machine may be shared and timings under load are noisy;
 negative differences (noise) are clipped to 0.
 
-* Feature cost L_i: ``StringLookup`` of the feature's vocabulary + embedding gather
-  (+ masked mean for multi-valued and sequence features) — how the pre-ranker fetches
-  features — for one user row (user features, broadcast afterwards) or N candidate
-  rows (item features), plus an externally configured cost for features a deployment
-  fetches from a remote store.
+* Feature cost L_i: embedding gather (+ masked mean for multi-valued and sequence
+  features) — how the pre-ranker fetches features — for one user row (user features,
+  broadcast afterwards) or N candidate rows (item features), plus an externally
+  configured cost for features a deployment fetches from a remote store. A user
+  feature arrives as strings and is looked up (``StringLookup``) first. An item
+  feature arrives as the vocabulary ids the serving cascade encoded once when it loaded
+  the model (the ``score_users_encoded`` signature, `models.signatures`), so its cost
+  has no lookup; ``items_encoded=False`` measures the ``serving_default`` path, where
+  candidates arrive as strings and each is looked up per request.
 * Operator cost T_{a×b}: one ReLU dense layer ``[N, a] → [N, b]``.
 """
 
@@ -87,17 +91,22 @@ def measure_operator_costs(input_widths: Sequence[int], output_widths: Sequence[
 
 
 def _feature_chain(feature, vocabulary: Sequence[str], values: np.ndarray, embedding_dim: int,
-                   k: int) -> Callable[[], Any]:
+                   k: int, encoded: bool = False) -> Callable[[], Any]:
+    """``k`` independent fetches of one feature: (lookup +) gather (+ masked mean). With
+    `encoded`, the input is already vocabulary ids (int32) and nothing is looked up."""
     lookups = [make_lookup(vocabulary, f"{feature.name}_{c}") for c in range(k)]
     width = 1 if feature.kind == Kind.NUMERIC else embedding_dim
     tables = [keras.layers.Embedding(int(lookups[0].vocabulary_size()), width) for _ in range(k)]
     inputs = tf.constant(values)
+    if encoded:
+        inputs = tf.cast(lookups[0](inputs), tf.int32)
+        lookups = [None] * k
 
     @tf.function
     def run(x):
         outs = []
         for lookup, table in zip(lookups, tables):
-            ids = lookup(x)
+            ids = x if lookup is None else lookup(x)
             emb = table(ids)
             if feature.kind in (Kind.MULTI_CATEGORICAL, Kind.SEQUENCE):
                 mask = tf.cast(tf.not_equal(ids, 0), emb.dtype)[..., tf.newaxis]
@@ -121,13 +130,16 @@ def _numeric_chain(values: np.ndarray, k: int) -> Callable[[], Any]:
 
 def measure_feature_costs(schema: Schema, vocabularies: Mapping[str, Sequence[str]],
                           samples: Mapping[str, np.ndarray], features: Sequence[str], embedding_dim: int,
-                          candidates: int = 1000, repeats: int = 30, chain: int = 4) -> Dict[str, float]:
+                          candidates: int = 1000, repeats: int = 30, chain: int = 4,
+                          items_encoded: bool = True) -> Dict[str, float]:
     """L_i (ms) of fetching and embedding each feature for one request.
 
     Args:
       samples: feature → model-input rows (`inputs_from_frame` layout, at least one
         row); item features are tiled to `candidates` rows, user features take one row.
       features: the features to measure.
+      items_encoded: item features arrive as vocabulary ids encoded in advance (the
+        serving cascade's path), not as strings (see the module docstring).
     """
     out = {}
     for name in features:
@@ -141,7 +153,8 @@ def measure_feature_costs(schema: Schema, vocabularies: Mapping[str, Sequence[st
             out[name] = marginal_cost_ms(lambda k: _numeric_chain(values, k), chain, repeats)
         else:
             vocab = vocabularies[feature.vocabulary_name]
-            out[name] = marginal_cost_ms(lambda k: _feature_chain(feature, vocab, values, embedding_dim, k),
+            encoded = items_encoded and feature.side == "item"
+            out[name] = marginal_cost_ms(lambda k: _feature_chain(feature, vocab, values, embedding_dim, k, encoded),
                                          chain, repeats)
     return out
 
@@ -150,12 +163,13 @@ def measure_latency_table(schema: Schema, vocabularies: Mapping[str, Sequence[st
                           samples: Mapping[str, np.ndarray], features: Sequence[str], embedding_dim: int,
                           operator_widths: Sequence[int], input_widths: Sequence[int], candidates: int = 1000,
                           external_costs: Optional[Mapping[str, float]] = None, repeats: int = 30,
-                          seed: int = 0) -> LatencyTable:
+                          seed: int = 0, items_encoded: bool = True) -> LatencyTable:
     """Measures L_i and T_{a×b} on this machine and returns the `LatencyTable`.
 
     ``output_widths`` = the dense operator widths and 1 (the logit head);
     `input_widths` should cover the full input width and every operator width.
-    `external_costs` (ms) are added to the measured cost of the named features.
+    `external_costs` (ms) are added to the measured cost of the named features;
+    `items_encoded` as in `measure_feature_costs`.
     """
     external = dict(external_costs or {})
     unknown = sorted(set(external) - set(features))
@@ -164,7 +178,7 @@ def measure_latency_table(schema: Schema, vocabularies: Mapping[str, Sequence[st
                          f"searched: {list(features)}")
     start = time.perf_counter()
     feature_costs = measure_feature_costs(schema, vocabularies, samples, features, embedding_dim, candidates,
-                                          repeats)
+                                          repeats, items_encoded=items_encoded)
     measured = dict(feature_costs)
     for name, cost in external.items():
         feature_costs[name] += float(cost)
@@ -175,6 +189,7 @@ def measure_latency_table(schema: Schema, vocabularies: Mapping[str, Sequence[st
     # remove inversions that are measurement noise.
     costs = np.maximum.accumulate(costs, axis=0)
     details = {"method": "marginal cost in a compiled chain, median over repeats", "repeats": int(repeats),
+               "item_features": "encoded ids" if items_encoded else "strings",
                "measured_feature_costs": measured, "external_feature_costs": external,
                "seconds": round(time.perf_counter() - start, 2)}
     return LatencyTable(candidates=int(candidates), feature_costs=feature_costs, input_widths=tuple(grid),

@@ -90,6 +90,9 @@ class PrerankerConfig:
       external_feature_costs: feature → extra ms per request for features a deployment
         fetches from an external store (added to the measured lookup cost).
       latency_repeats: timed calls per micro-benchmark (medians are used).
+      latency_items_encoded: item features cost what they cost on the serving cascade's
+        path, vocabulary ids encoded when the model is loaded (True), or a string lookup
+        per candidate as through ``serving_default`` (False); see `measurement`.
       search_max_events: the search runs on a seeded uniform sample of at most this many
         training events (0 = all of them); retraining always uses all of them. The
         search only has to rank features and operators, which a sample does nearly as
@@ -120,6 +123,7 @@ class PrerankerConfig:
     candidates: int = 1000
     external_feature_costs: Tuple[Tuple[str, float], ...] = ()
     latency_repeats: int = 30
+    latency_items_encoded: bool = True
     search_max_events: int = 0
     seed: int = 0
 
@@ -479,7 +483,8 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
             schema, vocabularies, {n: train_x[n][:config.candidates] for n in candidates}, candidates,
             config.embedding_dim, config.operator_widths,
             latency_grid(search_model.input_width, config.operator_widths), config.candidates,
-            dict(config.external_feature_costs), config.latency_repeats, config.seed)
+            dict(config.external_feature_costs), config.latency_repeats, config.seed,
+            items_encoded=config.latency_items_encoded)
         measure_seconds = time.perf_counter() - t
     else:
         measure_seconds = 0.0

@@ -226,7 +226,8 @@ def test_preranker_defaults_are_the_models():
             "search_epochs": args.search_epochs, "search_warmup_epochs": args.warmup_epochs,
             "retrain_epochs": args.retrain_epochs, "retrain_patience": args.retrain_patience,
             "retrain_selection": args.retrain_selection, "mask_objective": args.mask_objective,
-            "batch_size": args.batch_size, "seed": args.seed}
+            "batch_size": args.batch_size, "seed": args.seed, "latency_repeats": args.latency_repeats,
+            "latency_items_encoded": args.latency_items == "encoded", "candidates": args.candidates}
     assert same == {name: getattr(model, name) for name in same}
     # and it offers the model's choices (a choice the model lacks fails in PrerankerConfig)
     from models.preranking.training import MASK_OBJECTIVES, RETRAIN_SELECTIONS

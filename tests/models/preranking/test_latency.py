@@ -126,3 +126,34 @@ def test_measured_operator_costs_grow_with_the_layer_size():
     assert costs.shape == (2, 2) and np.all(costs >= 0)
     # 1000×256×256 multiply-adds cost far more than 1000×8×1.
     assert costs[1, 1] > costs[0, 0]
+
+
+@pytest.mark.parametrize("items_encoded", [True, False])
+def test_item_features_are_looked_up_only_on_the_strings_path(monkeypatch, items_encoded):
+    """The cascade scores candidates on ids encoded when the model was loaded: with
+    `items_encoded` an item feature's cost has no string lookup; a user feature always has one."""
+    from models.preranking import measurement
+    from preranking_helpers import SCHEMA, VOCABS, batch
+
+    calls, make_lookup = [], measurement.make_lookup
+
+    def counting_lookup(vocabulary, name):
+        layer = make_lookup(vocabulary, name)
+
+        def lookup(x):
+            calls.append((name, x.dtype.name))
+            return layer(x)
+        lookup.vocabulary_size = layer.vocabulary_size
+        return lookup
+
+    monkeypatch.setattr(measurement, "make_lookup", counting_lookup)
+    costs = measurement.measure_feature_costs(SCHEMA, VOCABS, batch(), ["age", "tags"], 4, candidates=8, repeats=3,
+                                              items_encoded=items_encoded)
+    assert set(costs) == {"age", "tags"} and all(c >= 0 for c in costs.values())
+    tags = [dtype for name, dtype in calls if name.startswith("tags")]
+    ages = [dtype for name, dtype in calls if name.startswith("age")]
+    # Each chain (1 and 4 fetches) is traced twice (the first trace builds the embedding tables):
+    # 2 × (1 + 4) lookups of a string feature; the encoded path looks the tags up once per chain,
+    # outside the timed function, to make its ids.
+    assert ages and all(d == "string" for d in ages) and len(ages) == 2 * (1 + 4)
+    assert len(tags) == (2 if items_encoded else 2 * (1 + 4))
