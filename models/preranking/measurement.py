@@ -9,10 +9,11 @@ them) is timed for ``k = 1`` and ``k = chain``; the cost is
 warm-up) because the serving machine may be shared and timings under load are noisy;
 negative differences (noise) are clipped to 0.
 
-* Feature cost L_i: embedding gather (+ masked mean for multi-valued and sequence
-  features) — how the pre-ranker fetches features — for one user row (user features,
-  broadcast afterwards) or N candidate rows (item features), plus an externally
-  configured cost for features a deployment fetches from a remote store. A user
+* Feature cost L_i: the feature's input array made a tensor, embedding gather (+ masked
+  mean for multi-valued and sequence features) — how the pre-ranker fetches features,
+  each an input of its own — for one user row (user features, broadcast afterwards) or
+  N candidate rows (item features), plus an externally configured cost for features a
+  deployment fetches from a remote store. A user
   feature arrives as strings and is looked up (``StringLookup``) first. An item
   feature arrives as the vocabulary ids the serving cascade encoded once when it loaded
   the model (the ``score_users_encoded`` signature, `models.signatures`), so its cost
@@ -92,20 +93,21 @@ def measure_operator_costs(input_widths: Sequence[int], output_widths: Sequence[
 
 def _feature_chain(feature, vocabulary: Sequence[str], values: np.ndarray, embedding_dim: int,
                    k: int, encoded: bool = False) -> Callable[[], Any]:
-    """``k`` independent fetches of one feature: (lookup +) gather (+ masked mean). With
-    `encoded`, the input is already vocabulary ids (int32) and nothing is looked up."""
+    """``k`` independent fetches of one feature, each from its own input as a served call
+    receives it: array → tensor, (lookup +) gather (+ masked mean). With `encoded`, the
+    input is already vocabulary ids (int32) and nothing is looked up."""
     lookups = [make_lookup(vocabulary, f"{feature.name}_{c}") for c in range(k)]
     width = 1 if feature.kind == Kind.NUMERIC else embedding_dim
     tables = [keras.layers.Embedding(int(lookups[0].vocabulary_size()), width) for _ in range(k)]
-    inputs = tf.constant(values)
     if encoded:
-        inputs = tf.cast(lookups[0](inputs), tf.int32)
+        values = lookups[0](tf.constant(values)).numpy().astype(np.int32)
         lookups = [None] * k
+    arrays = [values.copy() for _ in range(k)]  # one request input per fetch
 
     @tf.function
-    def run(x):
+    def run(xs):
         outs = []
-        for lookup, table in zip(lookups, tables):
+        for x, lookup, table in zip(xs, lookups, tables):
             ids = x if lookup is None else lookup(x)
             emb = table(ids)
             if feature.kind in (Kind.MULTI_CATEGORICAL, Kind.SEQUENCE):
@@ -114,18 +116,18 @@ def _feature_chain(feature, vocabulary: Sequence[str], values: np.ndarray, embed
             outs.append(emb)
         return outs
 
-    return lambda: [t.numpy() for t in run(inputs)][:0]
+    return lambda: [t.numpy() for t in run([tf.convert_to_tensor(a) for a in arrays])][:0]
 
 
 def _numeric_chain(values: np.ndarray, k: int) -> Callable[[], Any]:
-    inputs = tf.constant(values.astype(np.float32))
+    arrays = [values.astype(np.float32) for _ in range(k)]
     shifts = [tf.Variable(float(c)) for c in range(k)]
 
     @tf.function
-    def run(x):
-        return [((x - s) / 1.5)[:, tf.newaxis] for s in shifts]
+    def run(xs):
+        return [((x - s) / 1.5)[:, tf.newaxis] for x, s in zip(xs, shifts)]
 
-    return lambda: [t.numpy() for t in run(inputs)][:0]
+    return lambda: [t.numpy() for t in run([tf.convert_to_tensor(a) for a in arrays])][:0]
 
 
 def measure_feature_costs(schema: Schema, vocabularies: Mapping[str, Sequence[str]],
