@@ -13,12 +13,12 @@ negative differences (noise) are clipped to 0.
   mean for multi-valued and sequence features) — how the pre-ranker fetches features,
   each an input of its own — for one user row (user features, broadcast afterwards) or
   N candidate rows (item features), plus an externally configured cost for features a
-  deployment fetches from a remote store. A user
-  feature arrives as strings and is looked up (``StringLookup``) first. An item
-  feature arrives as the vocabulary ids the serving cascade encoded once when it loaded
-  the model (the ``score_users_encoded`` signature, `models.signatures`), so its cost
-  has no lookup; ``items_encoded=False`` measures the ``serving_default`` path, where
-  candidates arrive as strings and each is looked up per request.
+  deployment fetches from a remote store. A user feature arrives as strings and is
+  looked up (``StringLookup``) first. An item feature arrives as the vocabulary ids the
+  serving cascade encoded once when it loaded the model (the ``score_users_encoded``
+  signature, `models.signatures`), so its cost has no lookup; ``items_encoded=False``
+  measures the ``serving_default`` path, where candidates arrive as strings and each is
+  looked up per request.
 * Operator cost T_{a×b}: one ReLU dense layer ``[N, a] → [N, b]``.
 """
 
