@@ -360,6 +360,7 @@ def main(argv=None) -> None:
         per_user_recall[name] = recalls
         out = {"recall_top10_in_top100": round(float(np.mean(recalls)), 4), "auc": round(auc(test_y, test_scores), 4)}
         out.update(extra or {})
+        evaluated.append((name, out))
         log(f"{name}: recall {out['recall_top10_in_top100']} AUC {out['auc']}")
         return out
 
@@ -372,6 +373,7 @@ def main(argv=None) -> None:
 
     results: Dict[str, Any] = {}
     timed: List = []  # (name, signature, inputs) of every model, timed together at the end
+    evaluated: List = []  # (name, result entry) of every model, for its latencies
     per_user_recall: Dict[str, List[float]] = {}  # model → recall of each test user, for paired comparisons
     ranker_signatures = signature(export_ranker(ranker, os.path.join(tmp, "can")))
     ranker_fn = ranker_signatures["serving_default"]
@@ -397,20 +399,20 @@ def main(argv=None) -> None:
     results["two_tower"] = evaluate("two-tower", tt_signatures, tt_inputs, tt_test)
 
     # -- AutoFAS: latency table once, then the λ2 sweep -------------------------------------
+    items_encoded = args.latency_items == "encoded"
     base = PrerankerConfig(embedding_dim=args.embedding_dim, num_mixops=args.num_mixops,
                            operator_widths=args.operator_widths, latency_weight=args.lambda_,
                            distillation_weight=args.lambda1, search_epochs=args.search_epochs,
                            search_warmup_epochs=args.warmup_epochs, retrain_epochs=args.retrain_epochs,
                            retrain_patience=args.retrain_patience, retrain_selection=args.retrain_selection,
                            mask_objective=args.mask_objective, batch_size=args.batch_size, candidates=n_cand,
-                           latency_repeats=args.latency_repeats, latency_items_encoded=args.latency_items == "encoded",
-                           seed=args.seed)
+                           latency_repeats=args.latency_repeats, latency_items_encoded=items_encoded, seed=args.seed)
     input_width = sum(1 if f.kind.value == "numeric" else args.embedding_dim for f in schema.features)
     start = time.perf_counter()
     table = measure_latency_table(schema, vocabs, {k: v[:n_cand] for k, v in train_x.items()}, names,
                                   args.embedding_dim, args.operator_widths,
                                   latency_grid(input_width, args.operator_widths), n_cand, None, args.latency_repeats,
-                                  args.seed, items_encoded=args.latency_items == "encoded")
+                                  args.seed, items_encoded=items_encoded)
     log(f"latency table measured in {time.perf_counter() - start:.1f} s: features {table.feature_costs}")
     # The ranker's logits, computed once for every sweep point and the hand MLP.
     teacher_train, teacher_valid = teacher_logits(ranker, train_x), teacher_logits(ranker, valid_x)
@@ -455,9 +457,7 @@ def main(argv=None) -> None:
 
     # -- latency: every model in interleaved rounds, so load changes hit all alike -----------
     latencies = _interleaved_latency(timed, args.latency_calls, n_cand)
-    entries = {"CAN ranker": results["can_ranker"], "two-tower": results["two_tower"], "hand MLP": results["hand_mlp"],
-               **{f"AutoFAS λ2={e['lambda2']:g}": e for e in sweep}}
-    for name, entry in entries.items():
+    for name, entry in evaluated:
         # The two-tower takes precomputed item embeddings: its one signature is already the served form.
         entry["latency"] = latencies[name]
         entry["latency_encoded"] = latencies.get(name + ENCODED, latencies[name])

@@ -102,8 +102,8 @@ def measure_latency(model, schema: Schema, frame, calls: int = 50) -> Dict[str, 
     """Median/p99 milliseconds of scoring 1,000 candidates of one user as the serving
     cascade scores them: through the encoded-items function, the candidates' features
     encoded once in advance (`models.signatures`)."""
-    from models.ranking.models import inputs_from_frame, scoring_signatures
-    from models.signatures import ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, USER_INDEX
+    from models.ranking.models import encode_items_function, inputs_from_frame, multi_user_scoring_function
+    from models.signatures import USER_INDEX
     from models.tf_compat import tf
 
     rng = np.random.default_rng(0)
@@ -113,9 +113,9 @@ def measure_latency(model, schema: Schema, frame, calls: int = 50) -> Dict[str, 
     user_specs, item_specs = model.tensor_specs()  # a pre-ranker takes only its selected features
     user = inputs_from_frame(schema, user_row, list(user_specs))
     candidates = inputs_from_frame(schema, items.iloc[pick], list(item_specs))
-    signatures = scoring_signatures(model)
-    encoded = signatures[ENCODE_ITEMS_SIGNATURE](**{k: tf.constant(v) for k, v in candidates.items()})
-    fn = signatures[ENCODED_SCORING_SIGNATURE]
+    # Only the two functions the served call needs (the export traces all four later).
+    encoded = encode_items_function(model, item_specs)(**{k: tf.constant(v) for k, v in candidates.items()})
+    fn = multi_user_scoring_function(model, user_specs, item_specs, items_encoded=True)
     args = {**{k: tf.constant(v) for k, v in user.items()}, **{k: encoded[k] for k in item_specs},
             USER_INDEX: tf.zeros([LATENCY_CANDIDATES], tf.int32)}
     for _ in range(5):
