@@ -266,7 +266,7 @@ def main(argv=None) -> None:
     from models.ranking.metrics import auc
     from models.ranking.models import RankingConfig, build_ranker, build_vocabularies, export_ranker, inputs_from_frame
     from models.ranking.training import fit_ranker, last_events_mask
-    from models.signatures import ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, USER_INDEX
+    from models.signatures import ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, several_user_arguments
     from models.two_tower import TwoTowerModel
     from ranking import load_impressions
 
@@ -354,8 +354,8 @@ def main(argv=None) -> None:
         timed.append((name, fn, inputs))
         if ENCODED_SCORING_SIGNATURE in signatures:
             encoded = signatures[ENCODE_ITEMS_SIGNATURE](**{k: v for k, v in inputs.items() if k in item_x})
-            served = {**{k: v for k, v in inputs.items() if k not in item_x}, **encoded,
-                      USER_INDEX: tf.zeros([len(candidates[0])], tf.int32)}
+            served = several_user_arguments({k: v for k, v in inputs.items() if k not in item_x}, encoded,
+                                            tf.zeros([len(candidates[0])], tf.int32))
             timed.append((name + ENCODED, signatures[ENCODED_SCORING_SIGNATURE], served))
         per_user_recall[name] = recalls
         out = {"recall_top10_in_top100": round(float(np.mean(recalls)), 4), "auc": round(auc(test_y, test_scores), 4)}

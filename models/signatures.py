@@ -19,6 +19,8 @@ gathered or looked up per candidate. Exports older than these two signatures hav
 the first two.
 """
 
+from typing import Any, Dict, Mapping
+
 SERVING_DEFAULT = "serving_default"
 MULTI_USER_SIGNATURE = "score_users"
 USER_INDEX = "user_index"
@@ -26,4 +28,21 @@ ENCODE_ITEMS_SIGNATURE = "encode_items"
 ENCODED_SCORING_SIGNATURE = "score_users_encoded"
 
 __all__ = ["SERVING_DEFAULT", "MULTI_USER_SIGNATURE", "USER_INDEX", "ENCODE_ITEMS_SIGNATURE",
-           "ENCODED_SCORING_SIGNATURE"]
+           "ENCODED_SCORING_SIGNATURE", "several_user_arguments"]
+
+
+def several_user_arguments(user_features: Mapping[str, Any], item_features: Mapping[str, Any],
+                           user_index: Any) -> Dict[str, Any]:
+    """The keyword arguments of `score_users` and `score_users_encoded`: U users' features
+    (U rows), N candidates' item features (as `serving_default` takes them, or as
+    `encode_items` returns them) and ``user_index`` ([N] int32, the user row of each
+    candidate). Values pass through unchanged: the caller makes them tensors."""
+    for name in (*user_features, *item_features):
+        if name == USER_INDEX:
+            raise ValueError(f"A feature may not be named {USER_INDEX!r}: the several-user signatures take "
+                             f"it as the candidates' user rows")
+    both = sorted(set(user_features) & set(item_features))
+    if both:
+        raise ValueError(f"Features {both} are given both as user and as item features")
+    return {**user_features, **item_features, USER_INDEX: user_index}
+

@@ -103,7 +103,7 @@ def measure_latency(model, schema: Schema, frame, calls: int = 50) -> Dict[str, 
     cascade scores them: through the encoded-items function, the candidates' features
     encoded once in advance (`models.signatures`)."""
     from models.ranking.models import encode_items_function, inputs_from_frame, multi_user_scoring_function
-    from models.signatures import USER_INDEX
+    from models.signatures import several_user_arguments
     from models.tf_compat import tf
 
     rng = np.random.default_rng(0)
@@ -116,8 +116,8 @@ def measure_latency(model, schema: Schema, frame, calls: int = 50) -> Dict[str, 
     # Only the two functions the served call needs (the export traces all four later).
     encoded = encode_items_function(model, item_specs)(**{k: tf.constant(v) for k, v in candidates.items()})
     fn = multi_user_scoring_function(model, user_specs, item_specs, items_encoded=True)
-    args = {**{k: tf.constant(v) for k, v in user.items()}, **{k: encoded[k] for k in item_specs},
-            USER_INDEX: tf.zeros([LATENCY_CANDIDATES], tf.int32)}
+    args = several_user_arguments({k: tf.constant(v) for k, v in user.items()}, {k: encoded[k] for k in item_specs},
+                                  tf.zeros([LATENCY_CANDIDATES], tf.int32))
     for _ in range(5):
         fn(**args)["scores"].numpy()
     times = []

@@ -44,7 +44,7 @@ import numpy as np
 from models import data_layout as layout
 from models.features import ITEM_ID, OOV_TOKEN, Kind, Schema, normalize_value, padded_batch
 from models.signatures import (ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, MULTI_USER_SIGNATURE,
-                               USER_INDEX)
+                               USER_INDEX, several_user_arguments)
 from models.tf_compat import tf
 from serving import exports
 from serving.index import LoadedIndex, load_index
@@ -160,9 +160,8 @@ class CandidateScorer:
         if encoded and self._encoded is None:
             raise ValueError(f"{self.name} export {self.path} has no `{ENCODED_SCORING_SIGNATURE}` signature")
         if encoded or (user_index is not None and self._multi is not None):  # a several-user signature
-            args.update({n: user_tensors[n] for n in self.user_inputs})
             index = np.zeros(count, np.int32) if user_index is None else np.asarray(user_index, dtype=np.int32)
-            args[USER_INDEX] = tf.constant(index)
+            args = several_user_arguments({n: user_tensors[n] for n in self.user_inputs}, args, tf.constant(index))
             fn = self._encoded if encoded else self._multi
         elif user_index is None:
             args.update({n: user_tensors[n] for n in self.user_inputs})
