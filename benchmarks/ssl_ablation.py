@@ -19,6 +19,7 @@ frequent training items; `evaluation.head_fraction`). Variants:
   dropout     feature dropout: each feature masked with p = 1/2 in each view independently
   rfm         random complementary feature masking
   cfm         correlated feature masking (by the statistics' mutual information)
+  cfm_nmi     cfm with the partners ranked by normalized MI (`retrieval.ssl_correlation`)
   spread_out  identity views (no masking, no value dropout): the spread-out regularizer
   cfm_batch   cfm, but its items are the training batch's (power-law) instead of the
               uniform corpus stream
@@ -48,6 +49,7 @@ VARIANTS = {
     "dropout": "retrieval.ssl_masking=independent",
     "rfm": "retrieval.ssl_masking=random",
     "cfm": "retrieval.ssl_masking=correlated",
+    "cfm_nmi": "retrieval.ssl_masking=correlated retrieval.ssl_correlation=normalized_mi",
     "spread_out": "retrieval.ssl_masking=none retrieval.ssl_value_dropout=0",
     "cfm_batch": "retrieval.ssl_masking=correlated retrieval.ssl_items=batch",
 }

@@ -72,13 +72,20 @@ def with_ssl_items(dataset, ssl_items):
 MASKINGS = ("random", "correlated", "independent", "none")
 
 
-def mutual_information_matrix(feature_names, mi_features, mi, item_id: str = "item_id") -> np.ndarray:
+def mutual_information_matrix(feature_names, mi_features, mi, item_id: str = "item_id",
+                              normalized: bool = False, num_items: Optional[int] = None) -> np.ndarray:
     """Pairwise MI over the masked feature set, from the statistics job's ``feature_mi.json``.
 
     The statistics job measures MI between the categorical item features
     (`mi_features`, matrix `mi` with entropies H(f) on the diagonal). The item id is
     a feature too: every other feature is a function of it, so MI(id; f) = H(f).
     Features the job does not cover (numeric ones) get MI 0 with every other feature.
+
+    With `normalized`, each pair's MI is divided by the geometric mean of the two
+    entropies, NMI(a; b) = MI(a; b) / √(H(a)·H(b)) (1 on the diagonal, 0 where an
+    entropy is 0), so that a feature with many values (the id above all: it shares all
+    of H(f) with every f) is not every feature's closest partner for being large
+    alone. The id's entropy is log `num_items` (each item once in the item table).
 
     Returns ``[F, F]`` in `feature_names` order.
     """
@@ -97,7 +104,18 @@ def mutual_information_matrix(feature_names, mi_features, mi, item_id: str = "it
                 out[a, b] = mi[position[fb], position[fb]]
             elif fb == item_id and fa in position:
                 out[a, b] = mi[position[fa], position[fa]]
-    return out
+    if not normalized:
+        return out
+    if item_id in names:
+        if num_items is None or num_items < 1:
+            raise ValueError(f"normalized MI with the item id needs `num_items` >= 1 (its entropy is log n). "
+                             f"Received: num_items={num_items}")
+        out[names.index(item_id), names.index(item_id)] = np.log(num_items)
+    entropy = np.diag(out).copy()
+    denominator = np.sqrt(np.outer(entropy, entropy))
+    nmi = np.divide(out, denominator, out=np.zeros_like(out), where=denominator > 0)
+    np.fill_diagonal(nmi, (entropy > 0).astype(np.float64))
+    return nmi
 
 
 def draw_masks(masking: str, num_features: int, mutual_information=None):

@@ -26,6 +26,7 @@ HISTORY_MODES = ("past", "all_other", "random_prefix", "all")
 DISTRIBUTIONS = ("default", "mirrored", "multi_worker")
 # models.ssl.MASKINGS, for the same reason.
 SSL_MASKINGS = ("random", "correlated", "independent", "none")
+SSL_CORRELATIONS = ("mi", "normalized_mi")
 # models.cross_batch_retrieval.DRIFT_CORRECTIONS, for the same reason.
 DRIFT_CORRECTIONS = ("mean", "none")
 # models.cross_batch_retrieval.ITEM_GRADIENTS, for the same reason.
@@ -186,6 +187,9 @@ class RetrievalConfig:
         ``random`` (RFM: a random half), ``independent`` (each feature dropped with
         probability 1/2 in each view; feature dropout) or ``none`` (no masking: with
         `ssl_value_dropout` 0 the loss is the spread-out regularizer).
+      ssl_correlation: what ranks a CFM seed feature's partners: ``mi`` (mutual
+        information, the paper's) or ``normalized_mi`` (MI / √(H(a)·H(b)), so that
+        high-entropy features, the item id above all, do not win for their size).
       ssl_value_dropout: fraction of the values of multi-valued item features dropped
         in each view (each keeps at least one).
       ssl_temperature: τ of the contrastive loss.
@@ -248,6 +252,7 @@ class RetrievalConfig:
     drift_every_n_steps: int = 50
     ssl_weight: float = 0.0
     ssl_masking: str = "correlated"
+    ssl_correlation: str = "mi"
     ssl_value_dropout: float = 0.2
     ssl_temperature: float = 0.1
     ssl_batch_size: int = 512
@@ -268,6 +273,7 @@ class RetrievalConfig:
         for name, choices in (("loss", RETRIEVAL_LOSSES), ("ccl_negatives", CCL_NEGATIVES),
                               ("history_pooling", HISTORY_POOLINGS), ("drift_correction", DRIFT_CORRECTIONS),
                               ("item_gradient", ITEM_GRADIENTS), ("ssl_masking", SSL_MASKINGS),
+                              ("ssl_correlation", SSL_CORRELATIONS),
                               ("distribution", DISTRIBUTIONS), ("learning_rate_schedule", LR_SCHEDULES),
                               ("negatives", NEGATIVES), ("optimizer", OPTIMIZERS), ("ssl_items", SSL_ITEMS),
                               ("ssl_share", SSL_SHARES)):

@@ -192,7 +192,8 @@ def build_ssl_task(config: RunConfig, schema: Schema, feature_mi: Optional[Mappi
         if feature_mi is None:
             raise ValueError("retrieval.ssl_masking=correlated needs the feature mutual information")
         mi = mutual_information_matrix([f.name for f in schema.item_features], feature_mi["features"],
-                                       feature_mi["mi"])
+                                       feature_mi["mi"], normalized=r.ssl_correlation == "normalized_mi",
+                                       num_items=feature_mi.get("num_items"))
     return ItemSelfSupervision(feature_sizes(schema.item_features, r.feature_dim), masking=r.ssl_masking,
                                mutual_information=mi, value_dropout=r.ssl_value_dropout,
                                temperature=r.ssl_temperature, share=r.ssl_share, output_dim=r.embedding_dim,

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -97,6 +99,34 @@ def test_mutual_information_matrix_adds_item_id_by_entropy():
                                      [2.0, 0.7, 0.0, 2.0]])
     with pytest.raises(ValueError, match="2x2"):
         ssl.mutual_information_matrix(["category"], ["category", "brand"], [[1.0]])
+
+
+def test_normalized_mutual_information_matrix_by_hand():
+    mi = [[1.5, 0.7], [0.7, 2.0]]
+    out = ssl.mutual_information_matrix(["item_id", "category", "price", "brand"], ["category", "brand"], mi,
+                                        normalized=True, num_items=8)
+    h_id = math.log(8)
+    np.testing.assert_allclose(out, [[1.0, 1.5 / math.sqrt(h_id * 1.5), 0.0, 2.0 / math.sqrt(h_id * 2.0)],
+                                     [1.5 / math.sqrt(h_id * 1.5), 1.0, 0.0, 0.7 / math.sqrt(3.0)],
+                                     [0.0, 0.0, 0.0, 0.0],
+                                     [2.0 / math.sqrt(h_id * 2.0), 0.7 / math.sqrt(3.0), 0.0, 1.0]])
+    with pytest.raises(ValueError, match="num_items"):
+        ssl.mutual_information_matrix(["item_id", "category"], ["category", "brand"], mi, normalized=True)
+
+
+def test_normalized_mi_lets_cfm_group_a_hierarchy_without_the_id():
+    # category ⊂ subcategory (MI = H(category)), color independent; 1,000 items. By MI the
+    # id (MI(id; f) = H(f)) ties or beats every partner; normalized, category's closest
+    # partner is subcategory, and color's is the id (it shares nothing with the others).
+    names = ["item_id", "category", "subcategory", "color"]
+    mi = [[2.3, 2.3, 0.0], [2.3, 3.9, 0.01], [0.0, 0.01, 1.6]]
+    raw = ssl.mutual_information_matrix(names, names[1:], mi)
+    nmi = ssl.mutual_information_matrix(names, names[1:], mi, normalized=True, num_items=1000)
+    assert raw[2, 0] > raw[2, 1] and raw[1, 0] >= raw[1, 2]
+    assert np.argmax(np.where(np.eye(4, dtype=bool), -1, nmi)[1]) == 2
+    assert np.argmax(np.where(np.eye(4, dtype=bool), -1, nmi)[2]) == 1
+    assert np.argmax(np.where(np.eye(4, dtype=bool), -1, nmi)[3]) == 0
+    np.testing.assert_allclose(nmi, nmi.T)
 
 
 def test_tf_value_dropout_keeps_one_and_rate():

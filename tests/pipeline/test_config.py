@@ -33,6 +33,7 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval=3", "`retrieval` should be a mapping"),
     ("retrieval.ssl_masking=cfm", "`retrieval.ssl_masking` should be one of random, correlated"),
     ("retrieval.ssl_weight=-1", "`retrieval.ssl_weight` should be >= 0"),
+    ("retrieval.ssl_correlation=nmi", "`retrieval.ssl_correlation` should be one of mi, normalized_mi"),
     ("retrieval.ssl_items=train", "`retrieval.ssl_items` should be one of corpus, batch. Received: 'train'"),
     ("retrieval.ssl_share=half", "`retrieval.ssl_share` should be one of full, partial"),
     ("retrieval.negatives=hard", "`retrieval.negatives` should be one of inbatch, cbns, mixed"),
@@ -126,6 +127,25 @@ def test_ssl_maskings_match_the_model():
     from pipeline.config import SSL_MASKINGS
 
     assert SSL_MASKINGS == MASKINGS
+
+
+def test_ssl_correlation_picks_the_matrix_cfm_ranks_partners_by():
+    import numpy as np
+
+    from models.ssl import mutual_information_matrix
+    from pipeline import job
+    from pipeline.config import load_config
+    from pipeline.data.synthetic import SyntheticConfig, synthetic_schema
+
+    schema = synthetic_schema(SyntheticConfig())
+    names = [f.name for f in schema.item_features]
+    mi_features = [n for n in names if n in ("category", "subcategory", "brand")]
+    stats = {"features": mi_features, "mi": [[2.4, 2.4, 2.1], [2.4, 3.8, 3.5], [2.1, 3.5, 5.4]], "num_items": 3000}
+    for correlation, normalized in (("mi", False), ("normalized_mi", True)):
+        config = load_config(None, ["retrieval.ssl_weight=1.0", f"retrieval.ssl_correlation={correlation}"])
+        task = job.build_ssl_task(config, schema, stats)
+        expected = mutual_information_matrix(names, mi_features, stats["mi"], normalized=normalized, num_items=3000)
+        np.testing.assert_allclose(task.get_config()["mutual_information"], expected, rtol=1e-6)
 
 
 def test_drift_corrections_match_the_model():
