@@ -45,4 +45,3 @@ def several_user_arguments(user_features: Mapping[str, Any], item_features: Mapp
     if both:
         raise ValueError(f"Features {both} are given both as user and as item features")
     return {**user_features, **item_features, USER_INDEX: user_index}
-
