@@ -18,8 +18,9 @@ frequent training items; `evaluation.head_fraction`). Variants:
   baseline    no auxiliary task
   dropout     feature dropout: each feature masked with p = 1/2 in each view independently
   rfm         random complementary feature masking
-  cfm         correlated feature masking (by the statistics' mutual information)
-  cfm_nmi     cfm with the partners ranked by normalized MI (`retrieval.ssl_correlation`)
+  cfm         correlated feature masking, partners ranked by normalized mutual
+              information (the default `retrieval.ssl_correlation`)
+  cfm_mi      cfm with the partners ranked by mutual information (the paper's)
   spread_out  identity views (no masking, no value dropout): the spread-out regularizer
   cfm_batch   cfm, but its items are the training batch's (power-law) instead of the
               uniform corpus stream
@@ -48,8 +49,8 @@ VARIANTS = {
     "baseline": "retrieval.ssl_weight=0",
     "dropout": "retrieval.ssl_masking=independent",
     "rfm": "retrieval.ssl_masking=random",
-    "cfm": "retrieval.ssl_masking=correlated",
-    "cfm_nmi": "retrieval.ssl_masking=correlated retrieval.ssl_correlation=normalized_mi",
+    "cfm": "retrieval.ssl_masking=correlated retrieval.ssl_correlation=normalized_mi",
+    "cfm_mi": "retrieval.ssl_masking=correlated retrieval.ssl_correlation=mi",
     "spread_out": "retrieval.ssl_masking=none retrieval.ssl_value_dropout=0",
     "cfm_batch": "retrieval.ssl_masking=correlated retrieval.ssl_items=batch",
 }

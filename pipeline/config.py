@@ -187,9 +187,9 @@ class RetrievalConfig:
         ``random`` (RFM: a random half), ``independent`` (each feature dropped with
         probability 1/2 in each view; feature dropout) or ``none`` (no masking: with
         `ssl_value_dropout` 0 the loss is the spread-out regularizer).
-      ssl_correlation: what ranks a CFM seed feature's partners: ``mi`` (mutual
-        information, the paper's) or ``normalized_mi`` (MI / √(H(a)·H(b)), so that
-        high-entropy features, the item id above all, do not win for their size).
+      ssl_correlation: what ranks a CFM seed feature's partners: ``normalized_mi``
+        (MI / √(H(a)·H(b)), so that high-entropy features, the item id above all, do not
+        win for their size) or ``mi`` (mutual information, the paper's).
       ssl_value_dropout: fraction of the values of multi-valued item features dropped
         in each view (each keeps at least one).
       ssl_temperature: τ of the contrastive loss.
@@ -252,7 +252,7 @@ class RetrievalConfig:
     drift_every_n_steps: int = 50
     ssl_weight: float = 0.0
     ssl_masking: str = "correlated"
-    ssl_correlation: str = "mi"
+    ssl_correlation: str = "normalized_mi"
     ssl_value_dropout: float = 0.2
     ssl_temperature: float = 0.1
     ssl_batch_size: int = 512
