@@ -56,7 +56,7 @@ import numpy as np
 from models.features import ITEM_ID, PAD_TOKEN, USER_ID, Feature, Kind, Schema, pad_values
 from models.ranking.co_action import (ORDER_COMBINATIONS, SEQUENCE_POOLINGS, CoActionUnit)
 from models.signatures import (ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, MULTI_USER_SIGNATURE,
-                               SERVING_DEFAULT, USER_INDEX)
+                               SERVING_DEFAULT, USER_INDEX, several_user_arguments)
 from models.tf_compat import keras, tf
 from models.towers import make_lookup
 
@@ -204,11 +204,10 @@ def multi_user_scoring_function(model, user_specs: Mapping[str, Any], item_specs
     those ``encode_items`` returns (`encoded_item_specs`), so no string is looked up
     per candidate.
     """
-    if USER_INDEX in user_specs or USER_INDEX in item_specs:
-        raise ValueError(f"A feature may not be named {USER_INDEX!r}: the {MULTI_USER_SIGNATURE} signature "
-                         f"uses that input name")
     if items_encoded:
         item_specs = encoded_item_specs(item_specs)
+    # Checked first: no feature may be named `user_index` or be both a user and an item feature.
+    specs = several_user_arguments(user_specs, item_specs, tf.TensorSpec([None], tf.int32, name=USER_INDEX))
 
     @tf.function
     def score_users(**features):
@@ -217,8 +216,7 @@ def multi_user_scoring_function(model, user_specs: Mapping[str, Any], item_specs
                                         items_encoded=items_encoded)
         return {"scores": tf.sigmoid(logits), "logits": logits}
 
-    return score_users.get_concrete_function(
-        **user_specs, **item_specs, **{USER_INDEX: tf.TensorSpec([None], tf.int32, name=USER_INDEX)})
+    return score_users.get_concrete_function(**specs)
 
 
 def encoded_item_specs(item_specs: Mapping[str, Any]) -> Dict[str, Any]:

@@ -21,3 +21,12 @@ def test_several_user_arguments_names_a_feature_given_twice():
 def test_several_user_arguments_rejects_a_feature_named_user_index():
     with pytest.raises(ValueError, match=f"may not be named '{USER_INDEX}'"):
         several_user_arguments({USER_INDEX: [1]}, {"item_id": [2]}, [0])
+
+
+def test_the_scoring_function_of_a_model_rejects_a_feature_named_user_index():
+    from models.ranking.models import multi_user_scoring_function
+    from models.tf_compat import tf
+
+    spec = tf.TensorSpec([None], tf.string)
+    with pytest.raises(ValueError, match=f"may not be named '{USER_INDEX}'"):
+        multi_user_scoring_function(None, {USER_INDEX: spec}, {"item_id": spec})
