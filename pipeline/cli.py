@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
     q.add_argument("--cold-start", action="store_true",
                    help="answer unknown users with the cold-start embedding (unknown id, empty history)")
-    q.add_argument("--version", type=int, help="export version (default: newest)")
+    q.add_argument("--version", type=int,
+                   help="export version (default: the promoted one, else the newest complete one)")
 
     sv = sub.add_parser("serve", help="HTTP service over a workdir's exports (retrieval → pre-ranker → ranker)",
                         description="Serves POST /v1/recommend, POST /v1/retrieve, GET /v1/models, /healthz, "

@@ -320,6 +320,10 @@ class RetrievalConfig:
                      "drift_every_n_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`retrieval.{name}` should be >= 0. Received: {getattr(self, name)}")
+        if self.negatives == "inbatch" and self.memory_size:
+            raise ConfigError("`retrieval.memory_size` builds a memory bank, which negatives=inbatch does not use: "
+                              "set `retrieval.negatives=cbns` (or `mixed`, which combines with a bank) or "
+                              f"memory_size=0. Received: negatives=inbatch, memory_size={self.memory_size}")
         if self.negatives == "cbns" and self.memory_size < 1:
             raise ConfigError("`retrieval.memory_size` should be >= 1 with negatives=cbns. "
                               f"Received: memory_size={self.memory_size}")
@@ -449,6 +453,9 @@ class PrerankerStageConfig:
       search_max_events: the search runs on a seeded sample of at most this many
         training events (0 = all); retraining uses all of them.
       latency_repeats: timed calls per latency micro-benchmark (medians are used).
+      candidates: candidates per request that the latency model times; set it to
+        what the pre-ranker scores when serving (`recfunnel serve
+        --retrieval-candidates`).
       batch_size, learning_rate, seed: training.
       external_feature_costs: feature → extra milliseconds per request for features a
         deployment fetches from an external store (added to the measured costs).
@@ -467,6 +474,7 @@ class PrerankerStageConfig:
     retrain_selection: str = "distillation"
     search_max_events: int = 30_000
     latency_repeats: int = 15
+    candidates: int = 1000
     batch_size: int = 512
     learning_rate: float = 0.003
     seed: int = 0
@@ -474,7 +482,7 @@ class PrerankerStageConfig:
 
     def __post_init__(self):
         for name in ("num_mixops", "search_epochs", "retrain_epochs", "retrain_patience", "batch_size",
-                     "latency_repeats"):
+                     "latency_repeats", "candidates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`preranker.{name}` should be >= 1. Received: {getattr(self, name)}")
         if self.search_max_events < 0:

@@ -39,7 +39,7 @@ def autofas_config(config):
                            search_epochs=p.search_epochs, retrain_epochs=p.retrain_epochs,
                            retrain_patience=p.retrain_patience, mask_objective=p.mask_objective,
                            retrain_selection=p.retrain_selection, search_max_events=p.search_max_events,
-                           latency_repeats=p.latency_repeats,
+                           latency_repeats=p.latency_repeats, candidates=p.candidates,
                            batch_size=p.batch_size, learning_rate=p.learning_rate,
                            external_feature_costs=tuple(sorted(p.external_feature_costs.items())), seed=p.seed)
 

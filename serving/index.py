@@ -43,8 +43,8 @@ class IndexConfig:
       brute_force_max_items: the corpus size up to which ``auto`` stays exact.
       num_leaves: ScaNN partitions; 0 = about sqrt(N).
       leaves_to_search: partitions searched per query; 0 = tuned at build time on
-        sample queries to reach `target_recall` against exact search (a third of
-        the partitions when no sample queries are given).
+        sample queries to reach `target_recall` against exact search (without sample
+        queries: a third of the partitions, at least 10, at most all of them).
       target_recall: recall@10 against exact search that tuning aims for (when even a
         full search misses it: the cheapest setting within `UNREACHABLE_TOLERANCE` of a
         full search's recall, see `tune_search`).

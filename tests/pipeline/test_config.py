@@ -62,6 +62,17 @@ def test_bad_values_are_rejected_naming_the_key(override, message):
         load_config(None, [override])
 
 
+def test_a_memory_bank_needs_negatives_that_use_it():
+    with pytest.raises(ConfigError, match="negatives=inbatch does not use.*memory_size=1024"):
+        load_config(None, ["retrieval.memory_size=1024"])
+    with pytest.raises(ConfigError, match="memory_size` should be >= 1 with negatives=cbns"):
+        load_config(None, ["retrieval.negatives=cbns"])
+    assert load_config(None, ["retrieval.negatives=cbns", "retrieval.memory_size=64"]).retrieval.memory_size == 64
+    mixed = load_config(None, ["retrieval.negatives=mixed", "retrieval.num_mixed_negatives=8",
+                               "retrieval.memory_size=64"])
+    assert mixed.retrieval.memory_size == 64
+
+
 def test_ccl_needs_normalized_towers_and_no_hard_negatives():
     with pytest.raises(ConfigError, match="retrieval.normalize=true"):
         load_config(None, ["retrieval.loss=ccl", "retrieval.normalize=false"])
@@ -120,6 +131,40 @@ def test_default_yaml_states_the_built_in_defaults():
     with open(path) as f:
         shipped = yaml.safe_load(f)
     assert shipped == config_to_dict(RunConfig()), "regenerate it with `recfunnel config`"
+
+
+def _flat_keys(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_readme_configuration_reference_lists_every_key():
+    """Each row of README's "Configuration reference" names keys as `section.key` / `other` (same section);
+    `x.*` stands for every key under x. The rows and the config's keys are the same set."""
+    import os
+    import re
+
+    import pipeline
+    from pipeline.config import config_to_dict
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(pipeline.__file__)), "README.md")
+    with open(readme, encoding="utf-8") as f:
+        section = f.read().split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    listed = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names = re.findall(r"`([^`]+)`", line.split("|")[1])
+        prefix = names[0].rsplit(".", 1)[0] + "."
+        listed.update([names[0]] + [prefix + n for n in names[1:]])
+    keys = set(_flat_keys(config_to_dict(RunConfig())))
+    wildcards = [n[:-1] for n in listed if n.endswith(".*")]
+    covered = {k for k in keys if k in listed or any(k.startswith(w) for w in wildcards)}
+    assert sorted(keys - covered) == [], "config keys missing from the README reference"
+    assert sorted(n for n in listed if not n.endswith(".*") and n not in keys) == [], "README keys not in the config"
 
 
 def test_ssl_maskings_match_the_model():
@@ -235,6 +280,7 @@ def test_preranker_defaults_are_the_models():
     assert (job.search_max_events, job.latency_repeats, job.latency_weight) == (30_000, 15, 0.01)
     assert (model.search_max_events, model.latency_repeats, model.latency_weight) == (0, 30, 0.02)
     assert dataclasses.replace(job, search_max_events=0, latency_repeats=30, latency_weight=0.02) == model
+    assert autofas_config(load_config(None, ["preranker.candidates=300"])).candidates == 300
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "benchmarks", "preranker.py")
     spec = importlib.util.spec_from_file_location("preranker_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
