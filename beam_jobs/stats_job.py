@@ -9,7 +9,8 @@ Reads ``<data_dir>`` (layout in `models.data_layout`: ``interactions/train-*.par
     dead_letter.jsonl      one JSON object per malformed record (no particular order):
                            {"file", "record" (0-based row in the file), "reason",
                             "user_id", "item_id"}
-    summary.json           rows read/rejected by reason, runtime, runner, sizes
+    summary.json           rows read/rejected by reason, runtime, runner, sizes (its presence,
+                           next to nothing but these files, marks a statistics output)
 
 Rejection reasons for interactions, checked in this order (a row gets the first):
 ``null_user_id``, ``empty_user_id``, ``null_item_id``, ``empty_item_id``,
@@ -56,9 +57,16 @@ after it keep its partitioning (``Reshuffle`` is a no-op there). The job creates
 element per Parquet *file*, so ``--dask_partition_size=1`` lets the workers read the
 interaction shards in parallel.
 
+The rejected fraction is rejected rows / rows read from the input: the rows of every
+split in ``<data_dir>`` plus the rows the reader rejected before writing it
+(``upstream_rejections``); rejected rows are those plus the training rows this job
+rejects.
+
 The pipeline writes into a temporary sibling of ``output_dir``; only after the
-pipeline succeeded and the rejected fraction is within bounds is it moved into place
-(replacing an existing ``output_dir``), so a failed run leaves nothing half-written.
+pipeline succeeded and the rejected fraction is within bounds is it moved into place,
+so a failed run leaves nothing half-written. An existing ``output_dir`` is replaced
+only when it is empty or a previous statistics output (`check_output_dir`): an existing
+file, or a directory holding anything else, is refused before any work.
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ from beam_jobs.options import resolve_runner, validate_pipeline_args
 from beam_jobs.singletons import CombineToSingleton, JoinSingletons
 from beam_jobs.vocabularies import Vocabularies, table_vocabulary_features
 from models import data_layout
+from models.data_layout import DataError
 from models.features import ITEM_ID, LABEL, USER_ID, Schema
 
 FREQUENCIES_FILE = "item_frequencies.csv"
@@ -97,6 +106,8 @@ VOCAB_DIR = "vocab"
 DEAD_LETTER_FILE = "dead_letter.jsonl"
 DEAD_LETTER_PARTS_DIR = "dead_letter.parts"
 SUMMARY_FILE = "summary.json"
+# Everything a finished run leaves in its output directory.
+OUTPUT_ENTRIES = frozenset((FREQUENCIES_FILE, FEATURE_MI_FILE, VOCAB_DIR, DEAD_LETTER_FILE, SUMMARY_FILE))
 
 METRICS_NAMESPACE = "recfunnel.stats"
 # Kinds of the validation steps' (kind, payload) outputs, split by `SplitByKind`.
@@ -110,20 +121,33 @@ POSITIVES = ("auto", "all", "label")
 LocatedBatch = Tuple[str, int, pa.Table]
 
 
-class TooManyRejectedRows(ValueError):
-    """More interactions were malformed than `max_rejected_fraction` allows."""
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.6g}%"
+
+
+class TooManyRejectedRows(DataError):
+    """More rows were rejected than `max_rejected_fraction` allows (bad input data).
+
+    `rows_read` counts every row read from the input (all splits plus the rejected
+    rows); `source` names that input.
+    """
 
     def __init__(self, rows_read: int, rows_rejected: int, rejected_by_reason: Dict[str, int],
-                 max_rejected_fraction: float, data_dir: str):
+                 max_rejected_fraction: float, source: str):
         self.rows_read = rows_read
         self.rows_rejected = rows_rejected
         self.rejected_by_reason = dict(rejected_by_reason)
         self.max_rejected_fraction = max_rejected_fraction
         fraction = rows_rejected / rows_read if rows_read else 1.0
         super().__init__(
-            f"{rows_rejected} of {rows_read} interactions in {data_dir} are malformed "
-            f"({fraction:.2%} > max_rejected_fraction={max_rejected_fraction:.2%}); "
+            source, None, None,
+            f"{rows_rejected} of {rows_read} interaction rows read were rejected as malformed "
+            f"({_percent(fraction)} > max_rejected_fraction={_percent(max_rejected_fraction)}); "
             f"by reason: {self.rejected_by_reason}. No statistics were written.")
+
+
+class OutputNotReplaceable(ValueError):
+    """The output path is an existing file, or a directory the job did not write."""
 
 
 # -- reading --------------------------------------------------------------------
@@ -452,7 +476,11 @@ def check_written_files(paths: Sequence[str], expected: Sequence[str]) -> List[s
 
 def summarize_counts(counts: Dict[str, int], num_frequent_items: int,
                      vocabulary_sizes: Dict[str, int]) -> Dict[str, Any]:
-    """Nests ``{"<table>/<key>": n}`` into the summary's counting part."""
+    """Nests ``{"<table>/<key>": n}`` into the summary's counting part.
+
+    ``validated_rows`` counts the interaction rows this job read and checked (one
+    split); `run_statistics` adds ``rows_read``, the rows read from the input.
+    """
     tables: Dict[str, Dict[str, Any]] = {}
     for key, value in counts.items():
         table, name = key.split("/", 1)
@@ -467,7 +495,7 @@ def summarize_counts(counts: Dict[str, int], num_frequent_items: int,
     interactions = tables.pop("interactions", {"rows_read": 0, "rows_rejected": 0,
                                                "rejected_by_reason": {}})
     return {
-        "rows_read": interactions["rows_read"],
+        "validated_rows": interactions["rows_read"],
         "positive_rows": interactions.get("positive_rows", 0),
         "rows_rejected": interactions["rows_rejected"],
         "rejected_by_reason": interactions["rejected_by_reason"],
@@ -605,8 +633,60 @@ def _remove(path: str) -> None:
         FileSystems.delete([path])
 
 
+def _is_statistics_summary(path: str) -> bool:
+    try:
+        summary = _read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"rows_rejected", "vocabulary_sizes"} <= summary.keys()
+
+
+def _existing(output_dir: str) -> Tuple[str, List[str]]:
+    """``("absent", [])``, ``("file", [])`` or ``("dir", [names directly inside])``."""
+    if _is_local(output_dir):
+        if os.path.isdir(output_dir):
+            return "dir", sorted(os.listdir(output_dir))
+        return ("file" if os.path.lexists(output_dir) else "absent"), []
+    # Object stores: a "directory" is the prefix of the objects under it.
+    prefix = output_dir.rstrip("/") + "/"
+    names = sorted({p[len(prefix):].split("/", 1)[0] for p in _match(prefix + "**") if p.startswith(prefix)})
+    if names:
+        return "dir", names
+    return ("file" if FileSystems.exists(output_dir) else "absent"), []
+
+
+def check_output_dir(output_dir: str, name: str = "output_dir") -> None:
+    """Raises `OutputNotReplaceable` unless the job may write `output_dir`.
+
+    It may when nothing is there, when it is an empty directory, or when it is a
+    previous statistics output: a directory with this job's ``summary.json`` and
+    nothing but the files the job writes (`OUTPUT_ENTRIES`). Those are replaced as a
+    whole on success; anything else (a file, a directory with other files) would be
+    lost, so it is refused. `name` is how messages call the path (e.g. ``--output``).
+    """
+    kind, entries = _existing(output_dir)
+    if kind == "absent" or (kind == "dir" and not entries):
+        return
+    if kind == "file":
+        raise OutputNotReplaceable(
+            f"{name} {output_dir!r} is an existing file, not a directory; the statistics job writes a "
+            "directory there. Choose a new or empty directory.")
+    foreign = [e for e in entries if e not in OUTPUT_ENTRIES]
+    if SUMMARY_FILE not in entries or not _is_statistics_summary(FileSystems.join(output_dir, SUMMARY_FILE)):
+        why = f"it has no statistics {SUMMARY_FILE}"
+    elif foreign:
+        why = f"besides the statistics it holds {foreign[:5]}" + (" ..." if len(foreign) > 5 else "")
+    else:
+        return
+    raise OutputNotReplaceable(
+        f"{name} {output_dir!r} is a non-empty directory that is not a previous statistics output "
+        f"({why}; it holds {entries[:5]}{' ...' if len(entries) > 5 else ''}). The job replaces its output "
+        "directory as a whole, which would delete these files. Choose a new or empty directory.")
+
+
 def _publish(write_dir: str, output_dir: str) -> None:
-    """Moves the finished `write_dir` to `output_dir`, replacing what was there."""
+    """Moves the finished `write_dir` to `output_dir`, replacing what was there
+    (`check_output_dir` has allowed it)."""
     if _is_local(output_dir):
         backup = None
         if os.path.exists(output_dir):
@@ -631,11 +711,33 @@ def _read_json(path: str) -> Dict[str, Any]:
         return json.loads(f.read().decode("utf-8"))
 
 
+def _rows_by_split(data_dir: str, split: str) -> Dict[str, int]:
+    """Interaction rows of each split in `data_dir` (from the Parquet footers)."""
+    rows = {}
+    for name in dict.fromkeys(data_layout.SPLITS + (split,)):
+        files = _match(FileSystems.join(data_dir, data_layout.INTERACTIONS_DIR, f"{name}-*.parquet"))
+        if files:
+            rows[name] = 0
+            for path in files:
+                with FileSystems.open(path, compression_type="uncompressed") as f:
+                    rows[name] += pq.ParquetFile(f).metadata.num_rows
+    return rows
+
+
+def _recorded_source(data_dir: str) -> Optional[str]:
+    """The ``source`` the reader recorded in `data_dir`'s read report, if any."""
+    path = FileSystems.join(data_dir, data_layout.READ_REPORT_FILE)
+    try:
+        source = _read_json(path).get("source") if FileSystems.exists(path) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) and source else None
+
+
 def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir: str) -> None:
     """Adds the reader's rejections to the summary and the dead-letter file."""
     by_reason = {f"reader: {k}": int(v) for k, v in upstream.get("rejected_by_reason", {}).items()}
     rejected = sum(by_reason.values())
-    summary["rows_read"] += rejected  # rows the reader dropped never reached the shards
     summary["rows_rejected"] += rejected
     merged = dict(summary.get("rejected_by_reason", {}))
     merged.update(by_reason)
@@ -689,7 +791,8 @@ def runner_name(pipeline_args: Sequence[str]) -> str:
 def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] = (),
                    min_count: int = 1, max_rejected_fraction: float = 0.01,
                    split: str = "train", positives: str = "auto",
-                   upstream_rejections: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   upstream_rejections: Optional[Dict[str, Any]] = None,
+                   source: Optional[str] = None) -> Dict[str, Any]:
     """Runs the statistics pipeline over a materialized dataset.
 
     Args:
@@ -701,21 +804,32 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
         first by `beam_jobs.options.validate_pipeline_args` (unknown flags and missing
         runner settings are errors).
       min_count: vocabulary pruning threshold for side features (ids are never pruned).
-      max_rejected_fraction: fail when rejected interactions / rows read exceeds this.
+      max_rejected_fraction: fail when rejected rows / rows read exceeds this, where
+        rows read are the rows of every split in `data_dir` plus the upstream
+        rejections, and rejected rows are the upstream rejections plus the `split` rows
+        this job rejects.
       split: which interaction shards to count (``"train"``).
       upstream_rejections: rows rejected before the data reached this job (by the
         reader that built `data_dir`): ``{"rows_read", "rejected_by_reason",
         "examples": [{"file", "line", "field", "reason"}]}``. They count toward the
-        threshold, appear in the summary and are written to the dead-letter file.
+        threshold (as rejected rows and as rows read), appear in the summary and are
+        written to the dead-letter file.
+      source: the input the data was read from (a path), named in messages and in the
+        summary; default: the ``source`` recorded in `data_dir`'s read report, else
+        `data_dir`.
       positives: which valid rows the item frequencies (and so the ``item_id`` order)
         count: ``"label"`` rows with ``label > 0`` (the retrieval positives), ``"all"``
         every row, ``"auto"`` (default) ``"label"`` when the schema has a label.
 
     Returns:
-      The summary written to ``summary.json``.
+      The summary written to ``summary.json``: ``rows_read`` (rows read from the input,
+      as above), ``rows_by_split``, ``validated_rows`` (the `split` rows this job
+      checked), ``rows_rejected``, ``rejected_by_reason``, ``rejected_fraction``, ...
 
     Raises:
-      TooManyRejectedRows: too many malformed interactions (nothing is written).
+      TooManyRejectedRows: too many malformed rows (a `DataError`; nothing is written).
+      OutputNotReplaceable: `output_dir` is a file or a directory that is neither empty
+        nor a previous statistics output (checked before any work).
       ValueError: no interaction was read, or an argument (or pipeline option) is invalid.
       FileNotFoundError: the dataset is incomplete.
     """
@@ -726,6 +840,7 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
                          f"Received: max_rejected_fraction={max_rejected_fraction!r}")
     output_dir = output_dir.rstrip("/") or output_dir
     options = validate_pipeline_args(pipeline_args, {"data_dir": data_dir, "output_dir": output_dir})
+    check_output_dir(output_dir)
     schema_path = FileSystems.join(data_dir, data_layout.SCHEMA_FILE)
     if not FileSystems.exists(schema_path):
         raise FileNotFoundError(f"Schema file not found: {schema_path}")
@@ -746,15 +861,21 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
             if client is not None and hasattr(client, "close"):
                 client.close()
         summary = _read_json(FileSystems.join(write_dir, SUMMARY_FILE))
+        source = source or _recorded_source(data_dir) or data_dir
         if upstream_rejections:
             _merge_upstream(summary, upstream_rejections, write_dir)
+        if summary["validated_rows"] == 0:
+            raise ValueError(f"No {split} interactions were read from {source} (dataset {data_dir}).")
+        summary["rows_by_split"] = _rows_by_split(data_dir, split)
+        # Rows the reader rejected never reached the shards: add them to the rows read.
+        summary["rows_read"] = sum(summary["rows_by_split"].values()) + summary.get("reader", {}).get(
+            "rows_rejected", 0)
         rows_read, rows_rejected = summary["rows_read"], summary["rows_rejected"]
-        if rows_read == 0:
-            raise ValueError(f"No {split} interactions were read from {data_dir}.")
         if rows_rejected / rows_read > max_rejected_fraction:
             raise TooManyRejectedRows(rows_read, rows_rejected, summary["rejected_by_reason"],
-                                      max_rejected_fraction, data_dir)
+                                      max_rejected_fraction, source)
         summary.update({
+            "source": source,
             "data_dir": data_dir,
             "output_dir": output_dir,
             "split": split,
@@ -767,6 +888,7 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
             "runtime_seconds": round(time.time() - start, 3),
         })
         write_json(summary, FileSystems.join(write_dir, SUMMARY_FILE))
+        check_output_dir(output_dir)  # again: something may have appeared there meanwhile
         _publish(write_dir, output_dir)
     finally:
         _remove(write_dir)

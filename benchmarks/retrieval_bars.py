@@ -91,7 +91,8 @@ def main() -> None:
     overrides = [f"retrieval.negatives={args.negatives}", f"retrieval.batch_size={args.batch_size}",
                  f"retrieval.memory_size={args.memory_size}", f"retrieval.warmup_steps={args.warmup_steps}",
                  f"retrieval.num_mixed_negatives={args.num_mixed_negatives}", f"retrieval.epochs={args.epochs}",
-                 "index.kind=brute_force", "evaluation.ks=[20, 50]", *args.overrides]
+                 "index.kind=brute_force", "evaluation.ks=[20, 50]", "promotion.metric=retrieval.recall@20",
+                 *args.overrides]
     config = load_config(None, overrides)
     run_name = f"run-{os.getpid()}"
     run_dir = os.path.join(base, run_name)

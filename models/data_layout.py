@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import List
+from typing import List, Optional
 
 SCHEMA_FILE = "schema.json"
 USERS_FILE = "users.parquet"
@@ -30,6 +30,20 @@ READ_REPORT_FILE = "read_report.json"
 INTERACTIONS_DIR = "interactions"
 EXAMPLES_DIR = "examples"
 SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """Bad input data: names the file (or input), the 1-based line and the field where known.
+
+    Raised by the readers for a malformed row and by the statistics job when too many
+    rows were rejected; `recfunnel` exits with code 3 on it.
+    """
+
+    def __init__(self, path: str, line: Optional[int], field: Optional[str], reason: str):
+        self.path, self.line, self.field, self.reason = path, line, field, reason
+        where = path if line is None else f"{path}, line {line}"
+        what = f", field {field!r}" if field else ""
+        super().__init__(f"{where}{what}: {reason}")
 
 
 def shard_name(split: str, index: int, num_shards: int, suffix: str) -> str:

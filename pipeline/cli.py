@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--cold-start", action="store_true",
                    help="answer unknown users with the cold-start embedding (unknown id, empty history)")
     q.add_argument("--version", type=int,
-                   help="export version (default: the promoted one, else the newest complete one)")
+                   help="export version (default: the promoted one; before any promotion, the newest "
+                        "complete one no quality gate rejected)")
 
     sv = sub.add_parser("serve", help="HTTP service over a workdir's exports (retrieval → pre-ranker → ranker)",
                         description="Serves POST /v1/recommend, POST /v1/retrieve, GET /v1/models, /healthz, "
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8500, help="(default: %(default)s)")
     sv.add_argument("--version", type=int, help="serve only this export version (default: follow --follow)")
     sv.add_argument("--follow", choices=("promoted", "latest"), default="promoted",
-                    help="which version to serve and reload: the promoted one, else the newest complete one "
+                    help="which version to serve and reload: the promoted one, else the newest unrejected one "
                          "(default), or the newest complete one even when not promoted")
     sv.add_argument("--poll-interval", type=float, default=5.0,
                     help="seconds between checks for a new version; 0 = never reload (default: %(default)s)")
@@ -155,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "workdir": os.path.abspath(args.workdir), "seconds": metrics["total_seconds"],
                 "version": metrics["export_version"], "promoted": metrics["promotion"]["promote"],
                 "skipped_stages": metrics["skipped_stages"]}, indent=2))
-            return EXIT_OK if metrics["promotion"]["promote"] else EXIT_NOT_PROMOTED
+            return EXIT_NOT_PROMOTED if metrics["promotion"]["promote"] is False else EXIT_OK
         if args.command == "query":
             return _query(args)
         if args.command == "serve":
@@ -188,7 +189,11 @@ def _query(args) -> int:
     if not os.path.isdir(args.workdir):
         print(f"recfunnel: workdir not found: {args.workdir}", file=sys.stderr)
         return EXIT_USAGE
-    rec = Recommender(args.workdir, args.version)
+    try:  # nothing exported yet, no such version, or every version turned down by its gate
+        rec = Recommender(args.workdir, args.version)
+    except FileNotFoundError as e:
+        print(f"recfunnel: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         out = rec.recommend(args.user_id, k=args.k, exclude_seen=not args.include_seen,
                             allow_unknown=args.cold_start)
@@ -206,8 +211,14 @@ def _serve(args) -> int:
     if not 0 <= args.port <= 65535:
         print(f"recfunnel: --port should be in [0, 65535]. Received: {args.port}", file=sys.stderr)
         return EXIT_USAGE
+    from serving import exports
     from serving.cascade import CascadeConfig
     from serving.service import ServiceConfig, serve
+
+    if args.version is not None and args.version not in exports.complete_versions(args.workdir):
+        print(f"recfunnel: --version {args.version} is not a complete export of {args.workdir}; complete "
+              f"versions: {exports.complete_versions(args.workdir)}", file=sys.stderr)
+        return EXIT_USAGE
 
     try:
         config = ServiceConfig(
@@ -232,8 +243,12 @@ def _serve(args) -> int:
 
 
 def _stats(args, pipeline_args: List[str]) -> int:
+    fraction = args.max_rejected_fraction
+    if fraction is not None and not 0.0 <= fraction <= 1.0:  # NaN too
+        print(f"recfunnel: --max-rejected-fraction should be in [0, 1]. Received: {fraction}", file=sys.stderr)
+        return EXIT_USAGE
     from beam_jobs.options import validate_pipeline_args
-    from beam_jobs.stats_job import run_statistics
+    from beam_jobs.stats_job import check_output_dir, run_statistics
     from pipeline.config import load_config
     from pipeline.data.materialize import materialize
     from pipeline.job import read_source
@@ -243,21 +258,24 @@ def _stats(args, pipeline_args: List[str]) -> int:
     overrides = ["data.bad_rows=skip", f"data.source={args.dataset}"] + (
         [f"data.path={args.data_dir}"] if args.data_dir else [])
     config = load_config(args.config, overrides + list(args.overrides))
-    fraction = (args.max_rejected_fraction if args.max_rejected_fraction is not None
-                else config.stats.max_rejected_fraction)
+    if fraction is None:
+        fraction = config.stats.max_rejected_fraction
     beam_args = list(config.stats.pipeline_args) + pipeline_args
     try:  # before any work: a typo costs nothing
         validate_pipeline_args(beam_args, {"output": args.output})
-    except ValueError as e:
+        check_output_dir(args.output.rstrip("/") or args.output, name="--output")
+    except ValueError as e:  # a bad option, or an --output that is not replaceable
         print(f"recfunnel: {e}", file=sys.stderr)
         return EXIT_USAGE
     raw = read_source(config)
     with tempfile.TemporaryDirectory(prefix="recfunnel-stats-") as tmp:
         data_dir = os.path.join(tmp, "data")
         read = materialize(raw, data_dir, config.data.split, config.data.positives, config.data.history_mode)
+        # Too many rejected rows raise `TooManyRejectedRows`, a `DataError`: exit 3.
         summary = run_statistics(data_dir, args.output, pipeline_args=beam_args,
                                  min_count=config.stats.min_count, max_rejected_fraction=fraction,
-                                 positives=read["positives"], upstream_rejections=read["read"])
+                                 positives=read["positives"], upstream_rejections=read["read"],
+                                 source=args.data_dir or raw.source)
     print(json.dumps(summary, indent=2, default=str))
     return EXIT_OK
 

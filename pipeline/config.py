@@ -1,14 +1,19 @@
 """Typed, validated run configuration: YAML file + ``--set section.key=value`` overrides.
 
 Every section is a frozen dataclass whose fields are documented where it is
-defined. Unknown keys and values of the wrong type are rejected before any work
-starts, with the dotted key in the message.
+defined. Unknown keys, values of the wrong type, non-finite numbers and settings that
+cannot work together are rejected before any work starts, with the dotted key, the
+value received and where it came from (the file, or the ``--set`` override) in the
+message.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import os
+import re
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -46,10 +51,84 @@ SSL_SHARES = ("full", "partial")
 # models.preranking.training.MASK_OBJECTIVES and RETRAIN_SELECTIONS, for the same reason.
 PRERANKER_MASK_OBJECTIVES = ("labels", "distillation")
 PRERANKER_RETRAIN_SELECTIONS = ("auc", "distillation")
+# The sources whose reader brings its own train/test split (`RawDataset.predefined_split`).
+SOURCES_WITH_SPLIT = ("bars",)
+# The sources read by `pipeline.data.tabular.read_tabular`, with `data.tabular` as its options.
+TABULAR_SOURCES = ("csv", "parquet")
+# The metrics pipeline.evaluation writes at every K of `evaluation.ks`, as ``<prefix>.<name>@K``.
+CUTOFF_METRICS = {
+    "retrieval": ("recall", "ndcg", "precision"),
+    "retrieval.tail": ("recall", "ndcg"),
+    "index": ("recall", "ndcg", "recall_vs_exact"),
+    "baseline.popularity": ("recall", "ndcg"),
+}
 
 
 class ConfigError(ValueError):
-    """A configuration file or override is invalid."""
+    """A configuration file or override is invalid.
+
+    Attributes:
+      key: the dotted key at fault, when a single one is known.
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key
+
+
+# A backticked key in a message: `section.key`, `key[0]`, `key['name']`.
+_KEY_IN_MESSAGE = re.compile(r"`([A-Za-z_][\w.]*)((?:\[[^\]`]*\])*)`")
+
+
+def _qualify(message: str, prefix: str, names: typing.Iterable[str]) -> str:
+    """Rewrites the keys of `message` that name a field of the section at `prefix` as full dotted keys.
+
+    ``split.method`` or ``method`` under ``data.split`` become ``data.split.method``; keys
+    already full or of other sections are kept.
+    """
+    names = set(names)
+    if not prefix:
+        return message
+
+    def full(m):
+        path, subscripts = m.group(1), m.group(2)
+        name = path.rsplit(".", 1)[-1]
+        qualified = f"{prefix}.{name}"
+        if name in names and (qualified == path or qualified.endswith("." + path)):
+            return f"`{qualified}{subscripts}`"
+        return m.group(0)
+
+    return _KEY_IN_MESSAGE.sub(full, message)
+
+
+def _keys_in(message: str) -> List[str]:
+    """The backticked keys of a message, without subscripts, in order."""
+    return [m.group(1) for m in _KEY_IN_MESSAGE.finditer(message)]
+
+
+def _check_tabular(source: str, tabular: Mapping[str, Any]) -> None:
+    """Checks `data.tabular` by constructing the reader's `TabularOptions` from it."""
+    from pipeline.data.tabular import TabularOptions
+
+    fields = dataclasses.fields(TabularOptions)
+    names = [f.name for f in fields]
+    unknown = sorted(str(k) for k in tabular if k not in names)
+    if unknown:
+        keys = ", ".join(f"`data.tabular.{u}`" for u in unknown)
+        raise ConfigError(f"unknown key(s) {keys} in `data.tabular`; known keys: {names}",
+                          key=f"data.tabular.{unknown[0]}")
+    for f in fields:
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in tabular:
+            raise ConfigError(f"`data.tabular.{f.name}` is required for `data.source`={source!r} (see "
+                              f"pipeline.data.tabular.read_tabular). Received: data.tabular={dict(tabular)!r}",
+                              key=f"data.tabular.{f.name}")
+    try:
+        TabularOptions(**tabular)
+    except (TypeError, ValueError) as e:
+        message = _qualify(str(e), "data.tabular", names)
+        if not _keys_in(message):
+            message = f"invalid `data.tabular`: {message}"
+        raise ConfigError(message) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +153,15 @@ class DataConfig:
         subset for every event, for the same data) or ``all`` (all the user's training
         positives, the event's own included: the test-time sequence for every event).
       tfds_name: TFDS dataset name for ``movielens_tfds``.
-      split: the train/test split.
+      split: the train/test split (``predefined`` only with a source that brings one:
+        ``bars``).
       synthetic: generator settings for ``synthetic``.
-      tabular: reader options for ``csv``/``parquet`` (columns mapping, feature tables;
-        see `pipeline.data.tabular.read_tabular`).
+      tabular: reader options for ``csv``/``parquet``: the fields of
+        `pipeline.data.tabular.TabularOptions` (``columns`` required; feature tables,
+        ``format``, ``timestamp_format``; see `pipeline.data.tabular.read_tabular`),
+        checked when the config is loaded. Without ``format``, a `path` whose name ends
+        in a known extension (``.csv``, ``.tsv``, ``.parquet``, ...) decides the format
+        (it is then filled in); otherwise the source does.
     """
 
     source: str = "synthetic"
@@ -94,8 +178,12 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ConfigError(f"`data.source` should be one of {SOURCES}. Received: source={self.source!r}")
+        if self.split.method == "predefined" and self.source not in SOURCES_WITH_SPLIT:
+            raise ConfigError(f"`data.split.method` is 'predefined', but `data.source`={self.source!r} brings no "
+                              f"split of its own (only {', '.join(SOURCES_WITH_SPLIT)} does): use auto, "
+                              "leave_last_n, time or random. Received: method='predefined'")
         if self.source != "synthetic" and not self.path:
-            raise ConfigError(f"`data.path` is required for data.source={self.source!r}")
+            raise ConfigError(f"`data.path` is required for `data.source`={self.source!r}")
         if self.bad_rows not in ("fail", "skip"):
             raise ConfigError(f"`data.bad_rows` should be 'fail' or 'skip'. Received: {self.bad_rows!r}")
         if self.positives not in ("auto", "all", "label"):
@@ -105,6 +193,15 @@ class DataConfig:
                               f"Received: {self.history_mode!r}")
         if self.history_length < 1:
             raise ConfigError(f"`data.history_length` should be >= 1. Received: {self.history_length}")
+        if self.source in TABULAR_SOURCES:
+            _check_tabular(self.source, self.tabular)
+            if "format" not in self.tabular:
+                # Without `format` the file name decides: a .tsv file is read as TSV with source csv.
+                from pipeline.data.tabular import format_from_name
+
+                named = format_from_name(self.path)
+                if named is not None and named != self.source:
+                    object.__setattr__(self, "tabular", {**self.tabular, "format": named})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +223,8 @@ class StatsConfig:
         if self.min_count < 1:
             raise ConfigError(f"`stats.min_count` should be >= 1. Received: {self.min_count}")
         if not 0 <= self.max_rejected_fraction <= 1:
-            raise ConfigError(f"`stats.max_rejected_fraction` should be in [0, 1]. Received: {self.max_rejected_fraction}")
+            raise ConfigError("`stats.max_rejected_fraction` should be in [0, 1]. "
+                              f"Received: {self.max_rejected_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,6 +648,43 @@ class RunConfig:
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()
 
+    def __post_init__(self):
+        found = _non_finite(self, "")
+        if found is not None:
+            key, value = found
+            raise ConfigError(f"`{key}` should be a finite number. Received: {value}", key=key)
+        metric = re.fullmatch(r"(.+)\.([a-z_]+)@(\d+)", self.promotion.metric)
+        if metric is not None and metric.group(1) in CUTOFF_METRICS:
+            prefix, name, k = metric.group(1), metric.group(2), int(metric.group(3))
+            if name not in CUTOFF_METRICS[prefix]:
+                raise ConfigError(f"`promotion.metric` {self.promotion.metric!r} is not a metric the evaluation "
+                                  f"writes; at each K of `evaluation.ks` it writes {prefix}.<name>@K for "
+                                  f"<name> in {', '.join(CUTOFF_METRICS[prefix])}", key="promotion.metric")
+            if k not in self.evaluation.ks:
+                raise ConfigError(f"`promotion.metric` {self.promotion.metric!r} is measured at K={k}, which is "
+                                  f"not among `evaluation.ks` {list(self.evaluation.ks)}: add {k} to "
+                                  "evaluation.ks or gate on a metric at one of its cut-offs", key="promotion.metric")
+
+
+def _non_finite(value: Any, key: str) -> Optional[Tuple[str, float]]:
+    """(dotted key, value) of the first NaN or infinite number in a config (sections, lists, mappings)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        children = [(f"{key}.{name}" if key else name, v) for name, v in items]
+    elif isinstance(value, (list, tuple)):
+        children = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, Mapping):
+        children = [(f"{key}.{k}", v) for k, v in value.items()]
+    else:
+        return None
+    for child_key, child in children:
+        found = _non_finite(child, child_key)
+        if found is not None:
+            return found
+    return None
+
 
 # -- loading -------------------------------------------------------------------------
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -559,7 +694,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"`{key}` should be a mapping. Received: {value!r}")
+            raise ConfigError(f"`{key}` should be a mapping. Received: {value!r}", key=key)
         return _build(tp, value, key)
     if tp is Any:
         return value
@@ -570,28 +705,28 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _convert(value, inner[0], key)
     if origin in (tuple, Tuple, list, List, Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"`{key}` should be a list. Received: {value!r}")
+            raise ConfigError(f"`{key}` should be a list. Received: {value!r}", key=key)
         elem = args[0] if args else Any
         return tuple(_convert(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (dict, Dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"`{key}` should be a mapping. Received: {value!r}")
+            raise ConfigError(f"`{key}` should be a mapping. Received: {value!r}", key=key)
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"`{key}` should be true or false. Received: {value!r}")
+            raise ConfigError(f"`{key}` should be true or false. Received: {value!r}", key=key)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"`{key}` should be an integer. Received: {value!r}")
+            raise ConfigError(f"`{key}` should be an integer. Received: {value!r}", key=key)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"`{key}` should be a number. Received: {value!r}")
+            raise ConfigError(f"`{key}` should be a number. Received: {value!r}", key=key)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"`{key}` should be a string. Received: {value!r}")
+            raise ConfigError(f"`{key}` should be a string. Received: {value!r}", key=key)
         return value
     return value
 
@@ -599,12 +734,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(str(u) for u in set(values) - names)
     if unknown:
         where = f"`{prefix}`" if prefix else "the top level"
         keys = ", ".join(f"`{prefix}.{u}`" if prefix else f"`{u}`" for u in unknown)
         raise ConfigError(f"unknown key(s) {keys} "
-                          f"in {where}; known keys: {sorted(names)}")
+                          f"in {where}; known keys: {sorted(names)}",
+                          key=f"{prefix}.{unknown[0]}" if prefix else unknown[0])
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -614,7 +750,12 @@ def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"invalid `{prefix or 'config'}`: {e}") from None
+        # Sections defined outside this module name their keys without the section
+        # (`split.method`, `num_users`): the message gets the full dotted keys.
+        message = _qualify(str(e), prefix, names)
+        if not _keys_in(message):
+            message = f"invalid `{prefix or 'config'}`: {message}"
+        raise ConfigError(message) from None
 
 
 def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
@@ -643,29 +784,89 @@ def parse_override(text: str) -> Tuple[str, Any]:
     return key, value
 
 
+def _read_file(path: str) -> Dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, not a config file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} "
+                          f"(offset {e.start})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level should be a mapping of sections")
+    return loaded
+
+
+def _has_key(tree: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _origin(error: ConfigError, path: Optional[str], file_tree: Mapping[str, Any],
+            overrides: Sequence[Tuple[str, str]]) -> str:
+    """Where the values an error names came from: ``--set key=value`` overrides, the file, or both.
+
+    A key counts as set by the last override of it or of a section holding it, else by
+    the file when the file has it. When none of the keys named was set anywhere (a
+    default in conflict with another setting), every source is named.
+    """
+    keys = list(dict.fromkeys(([error.key] if error.key else []) + _keys_in(str(error))))
+    blamed: List[str] = []
+    in_file = False
+    for key in keys:
+        setters = [text for dotted, text in overrides
+                   if key == dotted or key.startswith((dotted + ".", dotted + "["))]
+        if setters:
+            if f"--set {setters[-1]}" not in blamed:
+                blamed.append(f"--set {setters[-1]}")
+        elif path and _has_key(file_tree, key):
+            in_file = True
+    sources = ([path] if in_file else []) + blamed
+    if not sources:
+        sources = ([path] if path else []) + [f"--set {text}" for _, text in overrides]
+    return " and ".join(sources)
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Reads a YAML config (or the defaults) and applies ``key=value`` overrides."""
-    tree: Dict[str, Any] = {}
-    if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                loaded = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level should be a mapping of sections")
-        tree = loaded
+    """Reads a YAML config (or the defaults) and applies ``key=value`` overrides.
+
+    Raises:
+      ConfigError: naming the key, the value and where it came from (`path`, or the
+        ``--set`` override).
+    """
+    file_tree = _read_file(path) if path else {}
+    tree = copy.deepcopy(file_tree)
+    applied: List[Tuple[str, str]] = []
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        try:
+            _set_dotted(tree, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"--set {text}: {e}") from None
+        applied.append((key, text))
     try:
         return _build(RunConfig, tree)
     except ConfigError as e:
-        raise ConfigError(f"{path + ': ' if path else ''}{e}") from None
+        origin = _origin(e, path, file_tree, applied)
+        raise ConfigError(f"{origin}: {e}" if origin else str(e), key=e.key) from None
 
 
 def config_to_dict(config) -> Dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 from models import data_layout as layout
 from models.features import ITEM_ID, Kind, Schema
 from pipeline import preranker_stage, ranker_stage
-from pipeline.config import RunConfig, config_to_dict, dump_config
+from pipeline.config import ConfigError, RunConfig, config_to_dict, dump_config
 
 log = logging.getLogger("recfunnel")
 
@@ -418,6 +418,43 @@ def stage_export(model, workdir: str, version: int) -> Dict[str, str]:
     return {"query_tower": q_path, "item_tower": i_path}
 
 
+def export_serving_data(workdir: str, version: int) -> str:
+    """Copies the tables serving reads (`exports.SERVING_DATA_FILES` of ``<workdir>/data``) to
+    ``export/serving_data/<version>`` atomically: the version keeps them when a later run
+    rewrites the data. A table identical to the newest earlier copy is hard-linked to it."""
+    from serving import exports
+
+    src = os.path.join(workdir, DATA_DIR)
+    path = exports.version_path(workdir, exports.SERVING_DATA, version)
+    earlier = [v for v in exports.versions(workdir, exports.SERVING_DATA) if v < version]
+    previous = exports.version_path(workdir, exports.SERVING_DATA, earlier[-1]) if earlier else None
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in exports.SERVING_DATA_FILES:
+        source, target = os.path.join(src, name), os.path.join(tmp, name)
+        old = os.path.join(previous, name) if previous else None
+        if old and os.path.exists(old) and _same_file_content(source, old):
+            os.link(old, target)
+        else:
+            shutil.copy2(source, target)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def _same_file_content(a: str, b: str, chunk: int = 1 << 20) -> bool:
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def export_ranker_version(model, workdir: str, version: int, name: str = "ranker") -> str:
     """Writes a ranker's (or pre-ranker's) SavedModel to ``export/<name>/<version>`` atomically,
     with its one-user (``serving_default``) and several-user (``score_users``) signatures."""
@@ -505,7 +542,7 @@ def _cleanup_incomplete_exports(workdir: str) -> None:
 
     promoted = exports.promoted_version(workdir)
     complete = None
-    for model in exports.MODELS:
+    for model in exports.ARTIFACTS:
         d = exports.model_dir(workdir, model)
         if os.path.isdir(d):
             for name in os.listdir(d):
@@ -514,9 +551,9 @@ def _cleanup_incomplete_exports(workdir: str) -> None:
         if model in exports.REQUIRED_MODELS:
             vs = set(exports.versions(workdir, model))
             complete = vs if complete is None else complete & vs
-    # A run's optional models (ranker) are exported with its towers, so they too are
-    # incomplete when the towers or the index of their version are missing.
-    for model in exports.MODELS:
+    # A run's optional models (ranker) and data tables are exported with its towers, so they
+    # too are incomplete when the towers or the index of their version are missing.
+    for model in exports.ARTIFACTS:
         for v in exports.versions(workdir, model):
             if v not in (complete or set()) and v != promoted:
                 log.warning("removing incomplete export %s version %d", model, v)
@@ -531,6 +568,14 @@ def _source_paths(config: RunConfig) -> List[str]:
         if config.data.tabular.get(key):
             paths.append(str(config.data.tabular[key]))
     return paths
+
+
+class _NotRunYet(Exception):
+    """A stage after `only_stage` has never run: an ``--only-stage`` run ends there."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
 
 
 def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
@@ -552,6 +597,16 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
     for name, value in (("from_stage", from_stage), ("only_stage", only_stage)):
         if value is not None and value not in STAGES:
             raise ValueError(f"`{name}` should be one of {STAGES}. Received: {value!r}")
+    from beam_jobs.options import validate_pipeline_args
+
+    try:  # a typo in the Beam flags fails now, not after the data stage
+        validate_pipeline_args(list(config.stats.pipeline_args), {"data_dir": os.path.join(workdir, DATA_DIR),
+                                                                   "output_dir": os.path.join(workdir, STATS_DIR)})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"`stats.pipeline_args`: {e}") from e
+    if only_stage not in (None, STAGES[0]) and not os.path.isdir(workdir):
+        raise ConfigError(f"--only-stage {only_stage} needs the earlier stages' outputs, and workdir {workdir} does "
+                          f"not exist: run the job without --only-stage first")
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir):
         started = time.time()
@@ -569,145 +624,160 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
         def prior(stage: str) -> Dict[str, Any]:
             record = state.load(stage)
             if record is None:
+                if only_stage is not None and STAGES.index(stage) < STAGES.index(only_stage):
+                    raise ConfigError(f"--only-stage {only_stage} needs the output of stage {stage!r}, which has "
+                                      f"not completed in {workdir}: run the job without --only-stage first")
+                if only_stage is not None:
+                    raise _NotRunYet(stage)
                 raise FileNotFoundError(f"stage {stage!r} has not completed in {workdir}; run it first")
             return record
 
         metrics: Dict[str, Any] = {"run_id": run_id, "skipped_stages": []}
-        data_dir = os.path.join(workdir, DATA_DIR)
-        stats_dir = os.path.join(workdir, STATS_DIR)
+        try:
+            data_dir = os.path.join(workdir, DATA_DIR)
+            stats_dir = os.path.join(workdir, STATS_DIR)
 
-        # data
-        fp_data = digest({"data": config_to_dict(config.data), "source": content_hash(_source_paths(config))})
-        if wanted("data") and not state.is_current("data", fp_data, [os.path.join(data_dir, layout.SCHEMA_FILE)]):
-            with timer("data"):
-                state.record("data", fp_data, stage_data(config, workdir))
-        else:
-            metrics["skipped_stages"].append("data")
-        metrics["data"] = prior("data")["summary"]
-
-        # statistics
-        fp_stats = digest({"stats": config_to_dict(config.stats), "data": prior("data")["fingerprint"]})
-        if wanted("statistics") and not state.is_current("statistics", fp_stats,
-                                                         [os.path.join(stats_dir, "item_frequencies.csv")]):
-            with timer("statistics"):
-                state.record("statistics", fp_stats, stage_stats(config, workdir))
-        else:
-            metrics["skipped_stages"].append("statistics")
-        metrics["statistics"] = prior("statistics")["summary"]
-
-        # retrieval training (checkpointed: a killed run resumes from the last epoch)
-        fp_ret = digest({"retrieval": config_to_dict(config.retrieval), "stats": prior("statistics")["fingerprint"]})
-        ckpt = os.path.join(workdir, "checkpoints", "retrieval", fp_ret[:16])
-        model = None
-        if wanted("retrieval") and not state.is_current("retrieval", fp_ret, [os.path.join(ckpt, "final")]):
-            with timer("retrieval_training"):
-                model, summary = stage_train(config, workdir, checkpoint_dir=ckpt)
-                state.record("retrieval", fp_ret, {**summary, "checkpoint": ckpt})
-        else:
-            metrics["skipped_stages"].append("retrieval")
-        metrics["retrieval_training"] = prior("retrieval")["summary"]
-
-        # ranker (labelled data only); its weights and vocabularies go to a checkpoint
-        ranker_model = None
-        has_labels = Schema.load(os.path.join(data_dir, layout.SCHEMA_FILE)).has_label
-        ranker_on = config.ranker.enabled and has_labels
-        fp_rank = digest({"ranker": config_to_dict(config.ranker), "data": prior("data")["fingerprint"]})
-        rank_ckpt = os.path.join(workdir, "checkpoints", "ranker", fp_rank[:16])
-        if ranker_on:
-            if wanted("ranker") and not state.is_current(
-                    "ranker", fp_rank, [os.path.join(rank_ckpt, ranker_stage.VOCABULARIES_FILE)]):
-                with timer("ranker"):
-                    ranker_model, summary = ranker_stage.stage_ranker(config, workdir, rank_ckpt)
-                    state.record("ranker", fp_rank, summary)
+            # data
+            fp_data = digest({"data": config_to_dict(config.data), "source": content_hash(_source_paths(config))})
+            if wanted("data") and not state.is_current("data", fp_data, [os.path.join(data_dir, layout.SCHEMA_FILE)]):
+                with timer("data"):
+                    state.record("data", fp_data, stage_data(config, workdir))
             else:
-                metrics["skipped_stages"].append("ranker")
-            metrics["ranker"] = prior("ranker")["summary"]
-            metrics.update(ranker_stage.flat_metrics(metrics["ranker"]))
-        else:
-            reason = "ranker.enabled is false" if not config.ranker.enabled else "the data have no labels"
-            log.info("stage ranker: off (%s)", reason)
-            metrics["ranker"] = {"skipped": reason}
+                metrics["skipped_stages"].append("data")
+            metrics["data"] = prior("data")["summary"]
 
-        # pre-ranker: AutoFAS distilled from this run's ranker
-        preranker_model = None
-        preranker_on = ranker_on and config.preranker.enabled
-        fp_pre = digest({"preranker": config_to_dict(config.preranker),
-                         "ranker": prior("ranker")["fingerprint"] if ranker_on else None})
-        pre_ckpt = os.path.join(workdir, "checkpoints", "preranker", fp_pre[:16])
-        if preranker_on:
-            if wanted("preranker") and not state.is_current(
-                    "preranker", fp_pre, [os.path.join(pre_ckpt, preranker_stage.MODEL_CONFIG_FILE)]):
-                with timer("preranker"):
-                    if ranker_model is None:
-                        ranker_model = ranker_stage.restore_ranker(config, workdir,
-                                                                   prior("ranker")["summary"]["checkpoint"])
-                    preranker_model, summary = preranker_stage.stage_preranker(config, workdir, ranker_model,
-                                                                               pre_ckpt)
-                    state.record("preranker", fp_pre, summary)
+            # statistics
+            fp_stats = digest({"stats": config_to_dict(config.stats), "data": prior("data")["fingerprint"]})
+            if wanted("statistics") and not state.is_current("statistics", fp_stats,
+                                                             [os.path.join(stats_dir, "item_frequencies.csv")]):
+                with timer("statistics"):
+                    state.record("statistics", fp_stats, stage_stats(config, workdir))
             else:
-                metrics["skipped_stages"].append("preranker")
-            metrics["preranker"] = prior("preranker")["summary"]
-            metrics.update(preranker_stage.flat_metrics(metrics["preranker"]))
-        else:
-            reason = ("preranker.enabled is false" if ranker_on else "there is no ranker to distil from")
-            log.info("stage preranker: off (%s)", reason)
-            metrics["preranker"] = {"skipped": reason}
+                metrics["skipped_stages"].append("statistics")
+            metrics["statistics"] = prior("statistics")["summary"]
 
-        # export (a new version, written atomically)
-        exported = ([exports.QUERY_TOWER, exports.ITEM_TOWER] + ([exports.RANKER] if ranker_on else [])
-                    + ([exports.PRERANKER] if preranker_on else []))
-        fp_exp = digest({"retrieval": prior("retrieval")["fingerprint"],
-                         "ranker": prior("ranker")["fingerprint"] if ranker_on else None,
-                         "preranker": prior("preranker")["fingerprint"] if preranker_on else None})
-        rec = state.load("export")
-        version = rec["summary"]["version"] if rec else None
-        export_outputs = [exports.version_path(workdir, m, version) for m in exported] if version else ["/nonexistent"]
-        if wanted("export") and not state.is_current("export", fp_exp, export_outputs):
-            with timer("export"):
-                _cleanup_incomplete_exports(workdir)
-                if model is None:
-                    model = restore_retrieval_model(config, workdir, prior("retrieval")["summary"]["checkpoint"])
-                version = exports.next_version(workdir)
-                stage_export(model, workdir, version)
-                if ranker_on:
-                    if ranker_model is None:
-                        ranker_model = ranker_stage.restore_ranker(config, workdir,
-                                                                   prior("ranker")["summary"]["checkpoint"])
-                    export_ranker_version(ranker_model, workdir, version)
-                if preranker_on:
-                    if preranker_model is None:
-                        preranker_model = preranker_stage.restore_preranker(prior("preranker")["summary"]["checkpoint"])
-                    export_ranker_version(preranker_model, workdir, version, exports.PRERANKER)
-                state.record("export", fp_exp, {"version": version, "models": exported})
-        else:
-            metrics["skipped_stages"].append("export")
-        version = prior("export")["summary"]["version"]
+            # retrieval training (checkpointed: a killed run resumes from the last epoch)
+            fp_ret = digest({"retrieval": config_to_dict(config.retrieval),
+                             "stats": prior("statistics")["fingerprint"]})
+            ckpt = os.path.join(workdir, "checkpoints", "retrieval", fp_ret[:16])
+            model = None
+            if wanted("retrieval") and not state.is_current("retrieval", fp_ret, [os.path.join(ckpt, "final")]):
+                with timer("retrieval_training"):
+                    model, summary = stage_train(config, workdir, checkpoint_dir=ckpt)
+                    state.record("retrieval", fp_ret, {**summary, "checkpoint": ckpt})
+            else:
+                metrics["skipped_stages"].append("retrieval")
+            metrics["retrieval_training"] = prior("retrieval")["summary"]
 
-        # index
-        fp_idx = digest({"index": config_to_dict(config.index), "export": prior("export")["fingerprint"]})
-        if wanted("index") and not state.is_current("index", fp_idx,
-                                                    [exports.version_path(workdir, exports.INDEX, version)]):
-            with timer("index"):
-                state.record("index", fp_idx, stage_index(config, workdir, version))
-        else:
-            metrics["skipped_stages"].append("index")
-        metrics["index_build"] = prior("index")["summary"]["params"]
+            # ranker (labelled data only); its weights and vocabularies go to a checkpoint
+            ranker_model = None
+            has_labels = Schema.load(os.path.join(data_dir, layout.SCHEMA_FILE)).has_label
+            ranker_on = config.ranker.enabled and has_labels
+            fp_rank = digest({"ranker": config_to_dict(config.ranker), "data": prior("data")["fingerprint"]})
+            rank_ckpt = os.path.join(workdir, "checkpoints", "ranker", fp_rank[:16])
+            if ranker_on:
+                if wanted("ranker") and not state.is_current(
+                        "ranker", fp_rank, [os.path.join(rank_ckpt, ranker_stage.VOCABULARIES_FILE)]):
+                    with timer("ranker"):
+                        ranker_model, summary = ranker_stage.stage_ranker(config, workdir, rank_ckpt)
+                        state.record("ranker", fp_rank, summary)
+                else:
+                    metrics["skipped_stages"].append("ranker")
+                metrics["ranker"] = prior("ranker")["summary"]
+                metrics.update(ranker_stage.flat_metrics(metrics["ranker"]))
+            else:
+                reason = "ranker.enabled is false" if not config.ranker.enabled else "the data have no labels"
+                log.info("stage ranker: off (%s)", reason)
+                metrics["ranker"] = {"skipped": reason}
 
-        # evaluation
-        fp_eval = digest({"evaluation": config_to_dict(config.evaluation), "index": prior("index")["fingerprint"]})
-        if wanted("evaluation") and not state.is_current("evaluation", fp_eval):
-            with timer("evaluation"):
-                state.record("evaluation", fp_eval, evaluate_retrieval(workdir, version, config.evaluation))
-        else:
-            metrics["skipped_stages"].append("evaluation")
-        metrics.update(prior("evaluation")["summary"])
+            # pre-ranker: AutoFAS distilled from this run's ranker
+            preranker_model = None
+            preranker_on = ranker_on and config.preranker.enabled
+            fp_pre = digest({"preranker": config_to_dict(config.preranker),
+                             "ranker": prior("ranker")["fingerprint"] if ranker_on else None})
+            pre_ckpt = os.path.join(workdir, "checkpoints", "preranker", fp_pre[:16])
+            if preranker_on:
+                if wanted("preranker") and not state.is_current(
+                        "preranker", fp_pre, [os.path.join(pre_ckpt, preranker_stage.MODEL_CONFIG_FILE)]):
+                    with timer("preranker"):
+                        if ranker_model is None:
+                            ranker_model = ranker_stage.restore_ranker(config, workdir,
+                                                                       prior("ranker")["summary"]["checkpoint"])
+                        preranker_model, summary = preranker_stage.stage_preranker(config, workdir, ranker_model,
+                                                                                   pre_ckpt)
+                        state.record("preranker", fp_pre, summary)
+                else:
+                    metrics["skipped_stages"].append("preranker")
+                metrics["preranker"] = prior("preranker")["summary"]
+                metrics.update(preranker_stage.flat_metrics(metrics["preranker"]))
+            else:
+                reason = ("preranker.enabled is false" if ranker_on else "there is no ranker to distil from")
+                log.info("stage preranker: off (%s)", reason)
+                metrics["preranker"] = {"skipped": reason}
 
-        # promotion: only a version that passes the quality gate becomes the served one
-        metrics["export_version"] = version
-        metrics["promotion"] = promote_if_better(workdir, version, metrics, config.promotion)
-        metrics["stage_seconds"] = timer.seconds
-        metrics["total_seconds"] = round(time.time() - started, 3)
-        metrics["config"] = config_to_dict(config)
-        path = write_report(workdir, run_id, config, metrics)
-        log.info("report written to %s", path)
-        return metrics
+            # export (a new version, written atomically)
+            exported = ([exports.QUERY_TOWER, exports.ITEM_TOWER, exports.SERVING_DATA]
+                        + ([exports.RANKER] if ranker_on else []) + ([exports.PRERANKER] if preranker_on else []))
+            fp_exp = digest({"retrieval": prior("retrieval")["fingerprint"],
+                             "ranker": prior("ranker")["fingerprint"] if ranker_on else None,
+                             "preranker": prior("preranker")["fingerprint"] if preranker_on else None})
+            rec = state.load("export")
+            version = rec["summary"]["version"] if rec else None
+            export_outputs = ([exports.version_path(workdir, m, version) for m in exported] if version
+                              else ["/nonexistent"])
+            if wanted("export") and not state.is_current("export", fp_exp, export_outputs):
+                with timer("export"):
+                    _cleanup_incomplete_exports(workdir)
+                    if model is None:
+                        model = restore_retrieval_model(config, workdir, prior("retrieval")["summary"]["checkpoint"])
+                    version = exports.next_version(workdir)
+                    export_serving_data(workdir, version)
+                    stage_export(model, workdir, version)
+                    if ranker_on:
+                        if ranker_model is None:
+                            ranker_model = ranker_stage.restore_ranker(config, workdir,
+                                                                       prior("ranker")["summary"]["checkpoint"])
+                        export_ranker_version(ranker_model, workdir, version)
+                    if preranker_on:
+                        if preranker_model is None:
+                            preranker_model = preranker_stage.restore_preranker(
+                                prior("preranker")["summary"]["checkpoint"])
+                        export_ranker_version(preranker_model, workdir, version, exports.PRERANKER)
+                    state.record("export", fp_exp, {"version": version, "models": exported})
+            else:
+                metrics["skipped_stages"].append("export")
+            version = prior("export")["summary"]["version"]
+
+            # index
+            fp_idx = digest({"index": config_to_dict(config.index), "export": prior("export")["fingerprint"]})
+            if wanted("index") and not state.is_current("index", fp_idx,
+                                                        [exports.version_path(workdir, exports.INDEX, version)]):
+                with timer("index"):
+                    state.record("index", fp_idx, stage_index(config, workdir, version))
+            else:
+                metrics["skipped_stages"].append("index")
+            metrics["index_build"] = prior("index")["summary"]["params"]
+
+            # evaluation
+            fp_eval = digest({"evaluation": config_to_dict(config.evaluation), "index": prior("index")["fingerprint"]})
+            if wanted("evaluation") and not state.is_current("evaluation", fp_eval):
+                with timer("evaluation"):
+                    state.record("evaluation", fp_eval, evaluate_retrieval(workdir, version, config.evaluation))
+            else:
+                metrics["skipped_stages"].append("evaluation")
+            metrics.update(prior("evaluation")["summary"])
+
+            # promotion: only a version that passes the quality gate becomes the served one
+            metrics["export_version"] = version
+            metrics["promotion"] = promote_if_better(workdir, version, metrics, config.promotion)
+            metrics["stage_seconds"] = timer.seconds
+            metrics["total_seconds"] = round(time.time() - started, 3)
+            metrics["config"] = config_to_dict(config)
+            path = write_report(workdir, run_id, config, metrics)
+            log.info("report written to %s", path)
+            return metrics
+        except _NotRunYet as e:
+            log.info("--only-stage %s: done; stage %r has not run yet, so the run stops here", only_stage, e.stage)
+            metrics.update(export_version=None, promotion={"promote": None, "reason": f"stage {e.stage!r} not run"},
+                           stage_seconds=timer.seconds, total_seconds=round(time.time() - started, 3))
+            return metrics

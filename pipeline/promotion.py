@@ -2,8 +2,10 @@
 
 A version is promoted when its gate metric reaches `min_value` and is not worse than
 the currently promoted version's by more than `max_regression` (absolute). Only then
-does ``export/promoted.json`` change, so a bad model never reaches serving. The newest
-`keep_versions` versions are kept (the promoted one always).
+does ``export/promoted.json`` change; a version turned down is recorded in
+``export/rejected.json``, so that a bad model never reaches serving, not even on a
+workdir where nothing was promoted yet. The newest `keep_versions` versions are kept
+(the promoted one always).
 """
 
 from __future__ import annotations
@@ -67,19 +69,24 @@ def promote_if_better(workdir: str, version: int, metrics: Dict[str, Any], confi
         return {"promote": True, "version": int(version), "reason": "already promoted"}
     decision = gate(metrics, record["metrics"] if record else None, config)
     decision["version"] = int(version)
+    rejected = exports.rejected_versions(workdir)
     if decision["promote"]:
         gated = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "@" in k}
         exports.write_promoted(workdir, version, gated)
+        rejected.pop(int(version), None)
         log.info("promoted export version %d (%s)", version, decision["reason"])
     else:
+        rejected[int(version)] = decision["reason"]
         log.warning("export version %d NOT promoted: %s", version, decision["reason"])
     keep = set()
     for model in exports.MODELS:
         vs = exports.versions(workdir, model)
         keep |= set(vs[-config.keep_versions:])
     current = exports.promoted_version(workdir)
-    for model in exports.MODELS:
+    for model in exports.ARTIFACTS:
         for v in exports.versions(workdir, model):
             if v not in keep and v != current:
                 shutil.rmtree(exports.version_path(workdir, model, v), ignore_errors=True)
+    on_disk = {v for model in exports.ARTIFACTS for v in exports.versions(workdir, model)}
+    exports.write_rejected(workdir, {v: r for v, r in rejected.items() if v in on_disk})
     return decision

@@ -41,7 +41,6 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tupl
 
 import numpy as np
 
-from models import data_layout as layout
 from models.features import ITEM_ID, OOV_TOKEN, Kind, Schema, normalize_value, padded_batch
 from models.signatures import (ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, MULTI_USER_SIGNATURE,
                                USER_INDEX, several_user_arguments)
@@ -53,7 +52,7 @@ from serving.user_store import UnknownUserError, UserStore
 
 log = logging.getLogger("recfunnel.serving")
 
-DATA_DIR = "data"
+DATA_DIR = exports.DATA_DIR
 RETRIEVAL = "retrieval"
 STAGES = (RETRIEVAL, exports.PRERANKER, exports.RANKER)
 
@@ -227,12 +226,13 @@ class PreparedQuery:
 
 
 def data_files_signature(data_dir: str) -> Tuple:
-    """Changes whenever a table the stores read is rewritten."""
+    """Changes whenever a table the stores read is another file or is rewritten (two versions'
+    copies of an unchanged table are one file, linked, and keep the stores loaded)."""
     out = []
-    for name in (layout.SCHEMA_FILE, layout.USERS_FILE, layout.USER_HISTORY_FILE, layout.ITEMS_FILE):
+    for name in exports.SERVING_DATA_FILES:
         try:
             st = os.stat(os.path.join(data_dir, name))
-            out.append((name, st.st_mtime_ns, st.st_size))
+            out.append((name, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
         except FileNotFoundError:
             out.append((name, None, None))
     return tuple(out)
@@ -301,7 +301,7 @@ class Cascade:
     def load(cls, workdir: str, version: Optional[int] = None, *, config: CascadeConfig = CascadeConfig(),
              preranker_version: Optional[int] = None, ranker_version: Optional[int] = None,
              previous: Optional["Cascade"] = None) -> "Cascade":
-        """Loads version `version` (None: the promoted one, else the newest complete one).
+        """Loads version `version` (None: `exports.serving_version`), with its own data tables.
 
         Args:
           workdir: the directory `recfunnel run` wrote.
@@ -319,6 +319,12 @@ class Cascade:
         if version is None:
             version = exports.serving_version(workdir)
             if version is None:
+                rejected = exports.rejected_versions(workdir)
+                if rejected and exports.complete_versions(workdir):
+                    reasons = "; ".join(f"version {v}: {r}" for v, r in sorted(rejected.items()))
+                    raise FileNotFoundError(
+                        f"no version of {workdir} passed the quality gate ({reasons}); ask for a version "
+                        f"explicitly to load it anyway")
                 raise FileNotFoundError(
                     f"no exported index under {exports.model_dir(workdir, exports.INDEX)}; "
                     f"run `recfunnel run --workdir {workdir}` first")
@@ -343,7 +349,7 @@ class Cascade:
             return (previous is not None and previous.workdir == workdir
                     and previous.models.get(model) == models[model] and models[model] is not None)
 
-        data_dir = os.path.join(workdir, DATA_DIR)
+        data_dir = exports.serving_data_dir(workdir, version)
         signature = data_files_signature(data_dir)
         same_data = previous is not None and previous.workdir == workdir and previous.data_signature == signature
         users = previous.users if same_data else UserStore(data_dir)
@@ -397,8 +403,8 @@ class Cascade:
         known = user_id is not None and user_id in self.users
         if user_id is not None and not known and features is None and not allow_unknown:
             raise UnknownUserError(
-                f"unknown user id {user_id!r}: not among the {len(self.users)} users of "
-                f"{os.path.join(self.workdir, DATA_DIR)}")
+                f"unknown user id {user_id!r}: not among the {len(self.users)} users of version "
+                f"{self.version} ({self.users.data_dir})")
         row = self.users.row(user_id if user_id is not None else OOV_TOKEN, allow_unknown=True)
         own_history: List[str] = []
         if features is not None:

@@ -5,10 +5,19 @@
     <workdir>/export/index/<version>/         manifest.json + saved_model/ (see serving.index)
     <workdir>/export/preranker/<version>/     optional SavedModel, signature serving_default
     <workdir>/export/ranker/<version>/        optional SavedModel, signature serving_default
+    <workdir>/export/serving_data/<version>/  the user, history and item tables the version
+                                              serves with (a copy of ``<workdir>/data``)
 
 Versions are positive integers; a version directory appears only complete (it is
 written under a temporary name and renamed). ``<workdir>/export/promoted.json`` names the
 version that passed the quality gates; serving and queries load it by default.
+``<workdir>/export/rejected.json`` lists the versions a gate turned down: with no promoted
+version yet, serving takes the newest complete version not among them.
+
+A version serves with its own copy of the data tables, so a later run that rewrites
+``<workdir>/data`` (and whose version a gate may reject) does not change what the
+served version knows about users and items. Versions exported before these copies
+existed serve with ``<workdir>/data``.
 
 The query tower, item tower and index of one version belong together (the required
 models). The pre-ranker and ranker score (user, item) feature pairs and depend on no
@@ -25,7 +34,10 @@ import json
 import time
 from typing import Any, Dict, List, Optional
 
+from models import data_layout as layout
+
 EXPORT_DIR = "export"
+DATA_DIR = "data"
 QUERY_TOWER = "query_tower"
 ITEM_TOWER = "item_tower"
 INDEX = "index"
@@ -34,11 +46,16 @@ RANKER = "ranker"
 REQUIRED_MODELS = (QUERY_TOWER, ITEM_TOWER, INDEX)
 OPTIONAL_MODELS = (PRERANKER, RANKER)
 MODELS = REQUIRED_MODELS + OPTIONAL_MODELS
+SERVING_DATA = "serving_data"
+# Every versioned directory under export/: the models and the data they serve with.
+ARTIFACTS = MODELS + (SERVING_DATA,)
+SERVING_DATA_FILES = (layout.SCHEMA_FILE, layout.USERS_FILE, layout.USER_HISTORY_FILE, layout.ITEMS_FILE)
 PROMOTED_FILE = "promoted.json"
+REJECTED_FILE = "rejected.json"
 
 
 def model_dir(workdir: str, model: str) -> str:
-    if model not in MODELS and not model.isidentifier():
+    if model not in ARTIFACTS and not model.isidentifier():
         raise ValueError(f"unknown export {model!r}")
     return os.path.join(workdir, EXPORT_DIR, model)
 
@@ -62,7 +79,7 @@ def next_version(workdir: str) -> int:
     All exports of a run share it; an optional model exported on its own gets a
     number above every existing version, so it never shadows an older run's model.
     """
-    highest = [latest_version(workdir, m) or 0 for m in MODELS]
+    highest = [latest_version(workdir, m) or 0 for m in ARTIFACTS]
     return max(highest) + 1
 
 
@@ -94,13 +111,36 @@ def complete_versions(workdir: str) -> List[int]:
     return sorted(complete or ())
 
 
+def rejected_versions(workdir: str) -> Dict[int, str]:
+    """Versions a quality gate turned down, with the gate's reason."""
+    path = os.path.join(workdir, EXPORT_DIR, REJECTED_FILE)
+    try:
+        with open(path) as f:
+            return {int(v): str(reason) for v, reason in json.load(f).items()}
+    except FileNotFoundError:
+        return {}
+
+
+def write_rejected(workdir: str, rejected: Dict[int, str]) -> None:
+    """Atomically replaces the record of rejected versions."""
+    _write_json(os.path.join(workdir, EXPORT_DIR, REJECTED_FILE), {str(v): r for v, r in sorted(rejected.items())})
+
+
 def serving_version(workdir: str) -> Optional[int]:
-    """The version serving loads by default: the promoted one, else the newest complete one."""
+    """The version serving loads by default: the promoted one; before any promotion, the
+    newest complete one that no quality gate rejected."""
     v = promoted_version(workdir)
     if v is not None:
         return v
-    complete = complete_versions(workdir)
+    rejected = rejected_versions(workdir)
+    complete = [v for v in complete_versions(workdir) if v not in rejected]
     return complete[-1] if complete else None
+
+
+def serving_data_dir(workdir: str, version: int) -> str:
+    """The data tables version `version` serves with: its own copy, else ``<workdir>/data``."""
+    path = version_path(workdir, SERVING_DATA, version)
+    return path if os.path.isdir(path) else os.path.join(workdir, DATA_DIR)
 
 
 def stage_version(workdir: str, model: str, version: int) -> Optional[int]:
@@ -119,11 +159,15 @@ def stage_version(workdir: str, model: str, version: int) -> Optional[int]:
 
 def write_promoted(workdir: str, version: int, metrics: Dict[str, Any]) -> None:
     """Atomically records `version` as the promoted one."""
-    path = os.path.join(workdir, EXPORT_DIR, PROMOTED_FILE)
+    _write_json(os.path.join(workdir, EXPORT_DIR, PROMOTED_FILE),
+                {"version": int(version), "metrics": metrics,
+                 "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def _write_json(path: str, value: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"version": int(version), "metrics": metrics,
-                   "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=2)
+        json.dump(value, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

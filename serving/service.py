@@ -56,9 +56,9 @@ class ServiceConfig:
     Attributes:
       workdir: the directory `recfunnel run` writes.
       version: serve this version only (None: follow `follow`).
-      follow: ``promoted`` — the promoted version, else the newest complete one (what
-        `recfunnel query` loads); ``latest`` — the newest complete version, promoted
-        or not.
+      follow: ``promoted`` — the promoted version, else (before any promotion) the newest
+        complete one that no quality gate rejected (what `recfunnel query` loads);
+        ``latest`` — the newest complete version, promoted or not.
       poll_interval: seconds between checks for a new version (0 = never reload).
       max_k: the largest ``k`` a request may ask for.
       max_body_bytes: larger request bodies are refused with 413.
@@ -150,7 +150,7 @@ class ModelWatcher:
             return None
         pre = exports.stage_version(workdir, exports.PRERANKER, version) if cfg.cascade.use_preranker else None
         rank = exports.stage_version(workdir, exports.RANKER, version) if cfg.cascade.use_ranker else None
-        return (int(version), pre, rank, data_files_signature(os.path.join(workdir, DATA_DIR)))
+        return (int(version), pre, rank, data_files_signature(exports.serving_data_dir(workdir, version)))
 
     def refresh(self) -> bool:
         """Loads and swaps in the target when it changed; True when a swap happened."""
@@ -389,7 +389,10 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
     from models.features import Schema
 
     watcher = watcher or ModelWatcher(config)
-    schema_path = os.path.join(config.workdir, DATA_DIR, layout.SCHEMA_FILE)
+    version = config.version if config.version is not None else exports.serving_version(config.workdir)
+    schema_dir = (exports.serving_data_dir(config.workdir, version) if version is not None
+                  else os.path.join(config.workdir, DATA_DIR))
+    schema_path = os.path.join(schema_dir, layout.SCHEMA_FILE)
     schema = Schema.load(schema_path) if os.path.exists(schema_path) else None
     RecommendRequest, RetrieveRequest = _request_models(schema, config)
     Recommendations, Problem = _response_models()

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.features import HISTORY, ITEM_ID, TIMESTAMP, USER_ID, Feature, Kind, Schema
-from pipeline.data.canonical import RawDataset, RowErrors
+from pipeline.data.canonical import DataError, RawDataset, RowErrors
 from pipeline.data.tabular import (FileProblems, check_history_length, empty_file_error, read_text_lines,
                                    user_grouped_chunks)
 
@@ -106,6 +106,10 @@ def read_bars(data_dir: str, bad_rows: str = "fail", history_length: int = 50) -
       a `RawDataset` with ``split`` in every chunk (``predefined_split=True``); users are
       everyone with a line in either file, items everything listed in either file.
       ``errors.rows_read`` counts user lines.
+
+    Raises:
+      DataError: naming `data_dir` when a split file is missing or no line lists a valid
+        item, or naming the file, line and field of a bad row under ``fail``.
     """
     errors = RowErrors(bad_rows)
     history_length = check_history_length(history_length)
@@ -113,9 +117,9 @@ def read_bars(data_dir: str, bad_rows: str = "fail", history_length: int = 50) -
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
         where = (f"; the directory holds {sorted(os.listdir(data_dir))[:20]}" if os.path.isdir(data_dir)
-                 else f"; {data_dir!r} is not a directory")
-        raise FileNotFoundError(f"BARS split file(s) not found: {missing} (a BARS m1 split directory holds "
-                                f"train.txt and test.txt){where}.")
+                 else "; this is not a directory")
+        raise DataError(data_dir, None, None, f"BARS split file(s) not found: {missing} (a BARS m1 split "
+                                              f"directory holds train.txt and test.txt){where}")
 
     read = {split: _read_split_file(path, errors) for split, path in paths.items()}
     all_users = np.concatenate([read["train"][0], read["test"][0]])
@@ -146,8 +150,8 @@ def read_bars(data_dir: str, bad_rows: str = "fail", history_length: int = 50) -
     user_codes = np.concatenate(user_parts)
     timestamps = np.concatenate(ts_parts)
     if len(timestamps) == 0:
-        raise ValueError(f"No interactions in {data_dir!r}: no user line lists any valid item "
-                         f"({errors.summary()['rejected_by_reason']}).")
+        raise DataError(data_dir, None, None, "no interactions: no user line lists any valid item "
+                                              f"({errors.summary()['rejected_by_reason']})")
     user_values = np.asarray(user_values, dtype=object)
     item_values = np.asarray(item_values, dtype=object)
     columns = {

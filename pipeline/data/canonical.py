@@ -21,20 +21,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pandas as pd
 
+from models.data_layout import DataError  # defined low, so that beam_jobs raises it too
 from models.features import Schema
 
 BAD_ROW_POLICIES = ("fail", "skip")
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
-
-
-class DataError(ValueError):
-    """A malformed input row: names the file, the 1-based line and the field."""
-
-    def __init__(self, path: str, line: Optional[int], field: Optional[str], reason: str):
-        self.path, self.line, self.field, self.reason = path, line, field, reason
-        where = path if line is None else f"{path}, line {line}"
-        what = f", field {field!r}" if field else ""
-        super().__init__(f"{where}{what}: {reason}")
 
 
 class RowErrors:

@@ -30,7 +30,7 @@ from models import data_layout as layout
 from models.examples import encode_event, encode_side, join_example
 from models.features import ITEM_ID, LABEL, RATING, USER_ID, Schema
 from models.tf_compat import tf
-from pipeline.data.canonical import RawDataset
+from pipeline.data.canonical import DataError, RawDataset
 from pipeline.data.splits import SplitConfig, assign_split
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
     if split.method == "time" and cutoff is None:
         ts = np.concatenate([c["timestamp"].to_numpy() for c in _chunks(raw)] or [np.zeros(0)])
         if len(ts) == 0:
-            raise ValueError(f"{raw.source}: no interactions")
+            raise DataError(raw.source, None, None, "no interactions")
         cutoff = int(np.quantile(ts, split.time_quantile))
 
     counts = {"train": 0, "test": 0}
@@ -165,10 +165,15 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
     columns = [USER_ID, ITEM_ID, "timestamp"] + ([RATING] if schema.has_rating else []) + (
         [LABEL] if schema.has_label else [])
     t0 = time.time()
+    time_range = [None, None]  # first and last timestamp
     for chunk_index, chunk in enumerate(_chunks(raw)):
         if len(chunk) == 0:
             continue
         chunk = _check_ids(chunk, raw, user_bytes.keys(), item_bytes.keys())
+        if len(chunk):
+            first, last = int(chunk["timestamp"].min()), int(chunk["timestamp"].max())
+            time_range = [first if time_range[0] is None else min(time_range[0], first),
+                          last if time_range[1] is None else max(time_range[1], last)]
         chunk = chunk.sort_values([USER_ID, "timestamp"], kind="stable").reset_index(drop=True)
         is_test = assign_split(chunk, split, cutoff)
         is_pos = (chunk[LABEL].to_numpy() > 0) if mode == "label" else np.ones(len(chunk), dtype=bool)
@@ -203,8 +208,8 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
 
     for name in ("train", "test"):
         if counts[name] == 0:
-            raise ValueError(f"{raw.source}: the {name} split is empty after splitting with {split}; "
-                             "check the split settings and the data")
+            raise DataError(raw.source, None, None, f"the {name} split is empty: "
+                                                    f"{_split_settings(split, cutoff, time_range, name)}")
         total = len(shard_files[name])
         for i, base in enumerate(shard_files[name]):
             final = layout.shard_name(name, i, total, "")
@@ -233,6 +238,26 @@ def _write(raw: RawDataset, tmp: str, split: SplitConfig, mode: str, history_len
         "items": int(len(items)),
         "read": raw.errors.summary(),
     }
+
+
+def _split_settings(split: SplitConfig, cutoff, time_range, empty: str) -> str:
+    """What in the split settings left the `empty` split without rows, with the values."""
+    if split.method == "time":
+        span = (f"the timestamps run from {time_range[0]} to {time_range[1]}" if time_range[0] is not None
+                else "no interaction was kept")
+        where = "before" if empty == "train" else "at or after"
+        if split.cutoff is None:
+            setting = f"`data.split.time_quantile`={split.time_quantile} gives the cutoff {cutoff}"
+        else:
+            setting = f"`data.split.cutoff`={split.cutoff}"
+        return f"{setting} (method=time), and no interaction is {where} it: {span}"
+    if split.method == "leave_last_n":
+        return (f"`data.split.n`={split.n} (method=leave_last_n) holds out the last n interactions of users who "
+                "have more than n, and no user has")
+    if split.method == "random":
+        return (f"`data.split.test_fraction`={split.test_fraction} (method=random, seed={split.seed}) sent "
+                f"{'every' if empty == 'train' else 'no'} interaction to test")
+    return f"the data's own split (`data.split.method`={split.method}) has no {empty} rows"
 
 
 def _histories(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, contributes: np.ndarray,

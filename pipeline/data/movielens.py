@@ -134,8 +134,9 @@ def detect_layout(data_dir: str, layout: str = "auto") -> Tuple[str, Dict[str, s
       ``(layout, {"interactions": path, "users": path, "items": path})``.
 
     Raises:
-      FileNotFoundError: naming the paths that were looked for.
-      ValueError: unknown `layout`, or several layouts/prefixes present with ``auto``.
+      DataError: naming `data_dir` and the paths that were looked for: no MovieLens data,
+        a layout missing one of its files, or several layouts/prefixes present with ``auto``.
+      ValueError: unknown `layout`.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` should be one of {LAYOUTS}. Received: layout={layout!r}")
@@ -144,8 +145,8 @@ def detect_layout(data_dir: str, layout: str = "auto") -> Tuple[str, Dict[str, s
             raise ValueError(f"`data_dir` is a RecBole .inter file but layout={layout!r}; use 'atomic' or 'auto'.")
         return "atomic", _atomic_files(data_dir[:-len(".inter")])
     if not os.path.isdir(data_dir):
-        what = "is a file, not a directory (nor a RecBole .inter file)" if os.path.exists(data_dir) else "not found"
-        raise FileNotFoundError(f"MovieLens data directory {what}: {data_dir!r}")
+        what = "is a file, not a directory (nor a RecBole .inter file)" if os.path.exists(data_dir) else "was not found"
+        raise DataError(data_dir, None, None, f"the MovieLens data directory {what}")
     inters = sorted(n for n in os.listdir(data_dir) if n.endswith(".inter"))
     present = {"atomic": bool(inters),
                "100k": os.path.isfile(os.path.join(data_dir, "u.data")),
@@ -156,28 +157,30 @@ def detect_layout(data_dir: str, layout: str = "auto") -> Tuple[str, Dict[str, s
             listing = sorted(os.listdir(data_dir))
             hint = (" For ratings.csv (MovieLens 20M/25M/latest), use the csv source (read_tabular)."
                     if "ratings.csv" in listing else "")
-            raise FileNotFoundError(
-                f"No MovieLens data in {data_dir!r}: looked for {os.path.join(data_dir, '<name>.inter')} "
+            raise DataError(
+                data_dir, None, None,
+                f"no MovieLens data: looked for {os.path.join(data_dir, '<name>.inter')} "
                 f"(RecBole atomic), {os.path.join(data_dir, 'u.data')} (GroupLens 100K) and "
                 f"{os.path.join(data_dir, 'ratings.dat')} (MovieLens-1M). The directory holds "
                 f"{listing[:20]}{' ...' if len(listing) > 20 else ''}.{hint}")
         if len(found) > 1:
-            raise ValueError(f"{data_dir!r} holds several MovieLens layouts {found}; pass layout= one of them.")
+            raise DataError(data_dir, None, None, f"the directory holds several MovieLens layouts {found}; "
+                                                  "pass layout= one of them, or keep one layout per directory")
         layout = found[0]
     if layout == "atomic":
         if not inters:
-            raise FileNotFoundError(f"No RecBole atomic interaction file {os.path.join(data_dir, '<name>.inter')} "
-                                    f"in {data_dir!r}.")
+            raise DataError(data_dir, None, None, "no RecBole atomic interaction file "
+                                                  f"{os.path.join(data_dir, '<name>.inter')} in the directory")
         if len(inters) > 1:
-            raise ValueError(f"{data_dir!r} holds several RecBole datasets {inters}; pass the path of one "
-                             "'.inter' file as data_dir.")
+            raise DataError(data_dir, None, None, f"the directory holds several RecBole datasets {inters}; "
+                                                  "pass the path of one '.inter' file as data_dir (`data.path`)")
         return "atomic", _atomic_files(os.path.join(data_dir, inters[0][:-len(".inter")]))
     names = _LAYOUT_FILES[layout]
     files = dict(zip(("interactions", "users", "items"), (os.path.join(data_dir, n) for n in names)))
     missing = [p for p in files.values() if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"MovieLens {layout.upper()} layout in {data_dir!r} is incomplete: missing "
-                                f"{missing} (the layout needs {list(names)}).")
+        raise DataError(data_dir, None, None, f"the MovieLens {layout.upper()} layout is incomplete: missing "
+                                              f"{missing} (the layout needs {list(names)})")
     return layout, files
 
 
@@ -185,8 +188,9 @@ def _atomic_files(prefix: str) -> Dict[str, str]:
     files = {"interactions": prefix + ".inter", "users": prefix + ".user", "items": prefix + ".item"}
     missing = [p for p in files.values() if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"RecBole atomic dataset {prefix!r} is incomplete: missing {missing} "
-                                "(needs .inter, .user and .item files with the same prefix).")
+        raise DataError(prefix + ".inter", None, None, f"the RecBole atomic dataset is incomplete: missing "
+                                                       f"{missing} (needs .inter, .user and .item files with "
+                                                       "the same prefix)")
     return files
 
 
@@ -386,8 +390,8 @@ def _read_ratings(rows: DelimitedRows, cols: Dict[str, pa.Array], users: pd.Inde
 def _assemble(schema: Schema, users: pd.DataFrame, items: pd.DataFrame, ratings: Dict[str, np.ndarray],
               errors: RowErrors, source: str) -> RawDataset:
     if len(ratings[TIMESTAMP]) == 0:
-        raise ValueError(f"No valid ratings in {source}: all {errors.rows_read} rows were rejected "
-                         f"({dict(errors.rejected)}).")
+        raise DataError(source, None, None, f"no valid ratings: all {errors.rows_read} rows were rejected "
+                                            f"({dict(errors.rejected)})")
     rating = ratings[RATING]
     columns = {
         USER_ID: (ratings["user"], users[USER_ID].to_numpy(dtype=object)),
@@ -420,8 +424,9 @@ def read_movielens(data_dir: str, bad_rows: str = "fail", history_length: int = 
       layout: ``auto`` or one of the layouts above.
 
     Raises:
-      FileNotFoundError: no MovieLens files, or a layout missing one of its files.
-      DataError: a malformed row under ``fail``, an empty file, a header lacking columns.
+      DataError: no MovieLens files, or a layout missing one of its files (see
+        `detect_layout`); a malformed row under ``fail``, an empty file, a header lacking
+        columns; no valid rating at all.
     """
     errors = RowErrors(bad_rows)
     history_length = check_history_length(history_length)
@@ -507,7 +512,7 @@ def read_movielens_tfds(data_dir: str, name: str = "movielens/100k-ratings", bad
                         history_length: int = 50) -> RawDataset:
     """Reads a MovieLens ``*-ratings`` dataset already prepared in a TFDS data dir.
 
-    Nothing is downloaded: an unprepared dataset raises `FileNotFoundError` naming the
+    Nothing is downloaded: an unprepared dataset raises `DataError` naming the
     directory and version looked for and how to prepare it. Users and movies tables are
     built from the first rating row of each id (TFDS repeats them on every rating);
     configs without demographics (20m, 25m, latest-small) get ``"unknown"`` user features.
@@ -532,7 +537,7 @@ def read_movielens_tfds(data_dir: str, name: str = "movielens/100k-ratings", bad
         raise ValueError(f"`name`={name!r} is not a TFDS dataset that tensorflow_datasets {tfds.__version__} "
                          f"knows: {e}") from None
     if not builder.is_prepared():
-        raise FileNotFoundError(_not_prepared_message(builder, name, data_dir))
+        raise DataError(data_dir, None, None, _not_prepared_message(builder, name, data_dir))
     feature_names = set(builder.info.features.keys())
     required = ("user_id", "movie_id", "user_rating", "timestamp")
     if not set(required) <= feature_names:
@@ -554,7 +559,7 @@ def read_movielens_tfds(data_dir: str, name: str = "movielens/100k-ratings", bad
     problems.reject(~np.isfinite(rating), RATING, "bad rating", lambda r: f"user_rating {rating[r]} is not finite")
     keep = problems.flush()
     if not keep.any():
-        raise ValueError(f"No valid ratings in {source}: all {n} rows were rejected ({dict(errors.rejected)}).")
+        raise DataError(source, None, None, f"no valid ratings: all {n} rows were rejected ({dict(errors.rejected)})")
 
     unknown = np.full(n, UNKNOWN, dtype=object)
     gender = (np.where(cols["user_gender"].astype(bool), "M", "F").astype(object)

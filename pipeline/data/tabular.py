@@ -42,6 +42,8 @@ COLUMN_KEYS = (USER_ID, ITEM_ID, TIMESTAMP, RATING, LABEL)
 REQUIRED_COLUMN_KEYS = (USER_ID, ITEM_ID, TIMESTAMP)
 FEATURE_SPEC_KEYS = ("name", "kind", "column", "separator", "max_length")
 TABLE_KINDS = (Kind.CATEGORICAL.value, Kind.MULTI_CATEGORICAL.value, Kind.NUMERIC.value)
+# Timestamps are int64 seconds; larger magnitudes are bad rows (they would overflow later arithmetic).
+MAX_SECONDS = 2 ** 62
 
 _EXTENSIONS = {
     ".csv": "csv", ".csv.gz": "csv", ".csv.bz2": "csv", ".csv.zst": "csv",
@@ -279,7 +281,7 @@ def parse_seconds(values: Strings) -> Tuple[np.ndarray, np.ndarray]:
     if ints is not None:
         return ints.astype(np.int64), np.zeros(len(values), dtype=bool)
     floats, bad = parse_numbers(values)
-    bad |= np.abs(np.where(bad, 0.0, floats)) > 2.0 ** 62
+    bad |= np.abs(np.where(bad, 0.0, floats)) > MAX_SECONDS
     return np.floor(np.where(bad, 0.0, floats)).astype(np.int64), bad
 
 
@@ -355,6 +357,11 @@ def _extension_format(path: str) -> Optional[str]:
     return None
 
 
+def format_from_name(path: str) -> Optional[str]:
+    """``csv``, ``tsv`` or ``parquet`` from the extension of a file name or glob pattern, else None."""
+    return _extension_format(path.rstrip("/" + os.sep))
+
+
 def resolve_files(path: str, fmt: str = "auto", what: str = "interaction log") -> List[Tuple[str, str]]:
     """``[(file, format)]`` for a file, a directory (its data files) or a glob pattern.
 
@@ -362,13 +369,19 @@ def resolve_files(path: str, fmt: str = "auto", what: str = "interaction log") -
     ``.parquet``/``.pq``); files without a known extension take `fmt` when it is not
     ``auto``. In a directory, names starting with ``.`` or ``_`` are ignored, and so are
     files of another format than an explicit `fmt`.
+
+    Raises:
+      DataError: naming `path` (or the file) when nothing can be read there: no such
+        file, directory or matching glob, no data file in the directory, a file whose
+        format cannot be told or contradicts `fmt`, or files of several formats.
     """
     if fmt not in FORMATS:
         raise ValueError(f"`format` should be one of {FORMATS}. Received: format={fmt!r}")
+    key_hint = "`format`" + (" (`data.tabular.format` in a run config)" if what == "interaction log" else "")
     if any(ch in path for ch in "*?["):
         candidates = sorted(p for p in globlib.glob(path) if os.path.isfile(p))
         if not candidates:
-            raise FileNotFoundError(f"No file matches the {what} pattern {path!r}.")
+            raise DataError(path, None, None, f"no file matches this {what} pattern")
         explicit = True
     elif os.path.isdir(path):
         candidates = sorted(os.path.join(path, n) for n in os.listdir(path)
@@ -377,33 +390,42 @@ def resolve_files(path: str, fmt: str = "auto", what: str = "interaction log") -
     elif os.path.isfile(path):
         candidates, explicit = [path], True
     else:
-        raise FileNotFoundError(f"The {what} was not found: {path!r} is neither a file, a directory nor a "
-                                "glob pattern matching files.")
+        raise DataError(path, None, None, f"the {what} was not found: this is neither a file, a directory nor a "
+                                          "glob pattern matching files")
     out = []
+    other = set()
     for p in candidates:
         kind = _extension_format(p)
         if kind is None:
             if fmt != "auto":
                 kind = fmt
             elif explicit:
-                raise ValueError(f"Cannot tell the format of the {what} file {p!r} from its name; use a .csv, "
-                                 ".tsv or .parquet extension" + (" or pass format='csv', 'tsv' or 'parquet'."
-                                                                 if what == "interaction log" else "."))
+                raise DataError(p, None, None, f"cannot tell the format of the {what} file from its name; use a "
+                                               ".csv, .tsv or .parquet extension" +
+                                               (f" or set {key_hint} to csv, tsv or parquet"
+                                                if what == "interaction log" else ""))
             else:
                 continue
         elif fmt != "auto" and kind != fmt:
             if explicit:
-                raise ValueError(f"The {what} file {p!r} looks like {kind} from its name but format={fmt!r}.")
+                raise DataError(p, None, None, f"the {what} file looks like {kind} from its name but "
+                                               f"format={fmt!r}; set {key_hint} to {kind!r} (or leave it out: "
+                                               "the file name decides), or rename the file")
+            other.add(kind)
             continue
         out.append((p, kind))
     if not out:
         listing = sorted(os.listdir(path))
-        raise FileNotFoundError(f"No {what} files in directory {path!r}: expected names ending in "
-                                f"{', '.join(sorted(_EXTENSIONS))}" + (f" (format={fmt!r})" if fmt != "auto" else "")
-                                + f"; found {listing[:20]}{' ...' if len(listing) > 20 else ''}.")
+        hint = (f"; it holds {' and '.join(sorted(other))} files: set {key_hint} to read them"
+                if other else "")
+        raise DataError(path, None, None, f"no {what} files in this directory: expected names ending in "
+                                          f"{', '.join(sorted(_EXTENSIONS))}"
+                                          + (f" (format={fmt!r})" if fmt != "auto" else "")
+                                          + f"; found {listing[:20]}{' ...' if len(listing) > 20 else ''}{hint}")
     kinds = {k for _, k in out}
     if len(kinds) > 1:
-        raise ValueError(f"The {what} {path!r} mixes formats {sorted(kinds)}; pass `format` or point to one kind.")
+        raise DataError(path, None, None, f"the {what} mixes formats {sorted(kinds)}; set {key_hint} "
+                                          "or point to one kind")
     return out
 
 
@@ -552,10 +574,16 @@ def _numbers(array: pa.Array) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return values, missing, bad & ~missing
 
 
-def _seconds(array: pa.Array, timestamp_format: Optional[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(``[n]`` int64 seconds, missing, unparsable, what was expected) of a timestamp column."""
+def _seconds(array: pa.Array, timestamp_format: Optional[str]
+             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, str, np.ndarray]:
+    """(``[n]`` int64 seconds, missing, unparsable, what was expected, out of range) of a timestamp column.
+
+    Numbers whose magnitude in seconds exceeds `MAX_SECONDS` are out of range (their
+    seconds are 0); the masks do not overlap.
+    """
     n = len(array)
     t = array.type
+    no_rows = np.zeros(n, dtype=bool)
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
         series = array.to_pandas()
         if pa.types.is_date(t):
@@ -565,7 +593,7 @@ def _seconds(array: pa.Array, timestamp_format: Optional[str]) -> Tuple[np.ndarr
         secs = np.zeros(n, dtype=np.int64)
         valid = dt[~missing]
         secs[~missing] = (valid - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-        return secs, missing, np.zeros(n, dtype=bool), "a timestamp"
+        return secs, missing, no_rows, "a timestamp", no_rows
     unit = 1
     fmt = timestamp_format
     if fmt in TIMESTAMP_UNITS:
@@ -573,18 +601,24 @@ def _seconds(array: pa.Array, timestamp_format: Optional[str]) -> Tuple[np.ndarr
         numeric_only = True
     else:
         numeric_only = False
+
+    def out_of_range(floats: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        return ok & (np.abs(np.where(ok, floats, 0.0)) / unit > MAX_SECONDS)
+
     if pa.types.is_integer(t) or pa.types.is_floating(t):
         if fmt is not None:
             raise ValueError(f"`timestamp_format`={timestamp_format!r} is a date format but the timestamp "
                              f"column holds numbers ({t}); use None or one of {sorted(TIMESTAMP_UNITS)}.")
-        values = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
+        values = pc.cast(array, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
         missing = np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         bad = ~missing & ~np.isfinite(values)
+        huge = out_of_range(values, ~missing & ~bad)
         if pa.types.is_integer(t):
-            ints = pc.fill_null(array, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
-            return ints // unit, missing, bad, "a number of seconds"
-        return np.floor(np.where(np.isfinite(values), values, 0) / unit).astype(np.int64), missing, bad, \
-            "a number of seconds"
+            kept = pc.if_else(pa.array(huge), pa.scalar(0, t), array)
+            ints = pc.fill_null(kept, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
+            return ints // unit, missing, bad, "a number of seconds", huge
+        secs = np.floor(np.where(bad | missing | huge, 0.0, values) / unit).astype(np.int64)
+        return secs, missing, bad, "a number of seconds", huge
     text, missing = _strings(array)
     if fmt is None:
         numbers = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce")
@@ -592,12 +626,13 @@ def _seconds(array: pa.Array, timestamp_format: Optional[str]) -> Tuple[np.ndarr
         if numeric_only or numeric[~missing].any() or (~missing).sum() == 0:
             floats = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
             bad = ~missing & ~np.isfinite(floats)
+            huge = out_of_range(floats, ~missing & ~bad)
             if numbers.dtype.kind in "iu":
-                secs = numbers.to_numpy(dtype=np.int64) // unit
+                secs = np.where(huge, 0, numbers.to_numpy()).astype(np.int64) // unit
             else:
-                secs = np.floor(np.where(bad | missing, 0.0, floats) / unit).astype(np.int64)
+                secs = np.floor(np.where(bad | missing | huge, 0.0, floats) / unit).astype(np.int64)
             expected = "a number of seconds" if unit == 1 else f"a number of {timestamp_format}"
-            return secs, missing, bad, expected
+            return secs, missing, bad, expected, huge
         expected = "a date/time string (format inferred from the first value; pass timestamp_format)"
         dt = pd.to_datetime(pd.Series(np.where(missing, None, text)), errors="coerce", utc=True)
     else:
@@ -606,7 +641,7 @@ def _seconds(array: pa.Array, timestamp_format: Optional[str]) -> Tuple[np.ndarr
     nat = dt.isna().to_numpy()
     secs = np.zeros(n, dtype=np.int64)
     secs[~nat] = (dt[~nat] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    return secs, missing, nat & ~missing, expected
+    return secs, missing, nat & ~missing, expected, no_rows
 
 
 def _parse_feature_specs(specs: Sequence[Mapping[str, Any]], side: str, id_key: str, default_id_column: str
@@ -756,7 +791,7 @@ def _check_columns_arg(columns: Mapping[str, str]) -> Dict[str, str]:
     if not isinstance(columns, Mapping):
         raise TypeError(f"`columns` should map canonical names {COLUMN_KEYS} to column names. "
                         f"Received: columns={columns!r}")
-    unknown = sorted(set(columns) - set(COLUMN_KEYS))
+    unknown = sorted(str(k) for k in set(columns) - set(COLUMN_KEYS))
     if unknown:
         raise ValueError(f"`columns` has unknown keys {unknown}; allowed: {list(COLUMN_KEYS)}. "
                          f"Received: columns={dict(columns)!r}")
@@ -776,6 +811,44 @@ def _check_timestamp_format(timestamp_format: Optional[str]) -> None:
         raise ValueError("`timestamp_format` should be None (numbers of seconds, or dates with an inferred "
                          f"format), one of {sorted(TIMESTAMP_UNITS)} (numbers in that unit), or a strftime "
                          f"format such as '%Y-%m-%d %H:%M:%S'. Received: timestamp_format={timestamp_format!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TabularOptions:
+    """The options of `read_tabular` besides the path and the bad-row and history settings.
+
+    Constructing it checks them all (without reading a file), which is how a run config
+    checks its ``data.tabular`` section: its keys are these fields. See `read_tabular`
+    for their meaning.
+    """
+
+    columns: Mapping[str, str]
+    user_table: Optional[str] = None
+    item_table: Optional[str] = None
+    user_features: Sequence[Mapping[str, Any]] = ()
+    item_features: Sequence[Mapping[str, Any]] = ()
+    format: str = "auto"
+    timestamp_format: Optional[str] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "columns", _check_columns_arg(self.columns))
+        if self.format not in FORMATS:
+            raise ValueError(f"`format` should be one of {', '.join(FORMATS)}. Received: format={self.format!r}")
+        _check_timestamp_format(self.timestamp_format)
+        for side in ("user", "item"):
+            table = getattr(self, f"{side}_table")
+            if table is not None and (not isinstance(table, str) or not table):
+                raise ValueError(f"`{side}_table` should be the path of a file, directory or glob. "
+                                 f"Received: {side}_table={table!r}")
+            _, specs, explicit = self.feature_specs(side)
+            if table is None and (specs or explicit):
+                raise ValueError(f"`{side}_features` needs `{side}_table` (the file holding those columns). "
+                                 f"Received: {side}_table=None")
+
+    def feature_specs(self, side: str) -> Tuple[str, List[_TableFeature], bool]:
+        """(id column, features, id column given explicitly) of the ``user`` or ``item`` table."""
+        id_key = USER_ID if side == "user" else ITEM_ID
+        return _parse_feature_specs(getattr(self, f"{side}_features"), side, id_key, self.columns[id_key])
 
 
 def read_tabular(path: str, columns: Mapping[str, str], user_table: Optional[str] = None,
@@ -808,24 +881,28 @@ def read_tabular(path: str, columns: Mapping[str, str], user_table: Optional[str
         ``"us"``, ``"ns"``: numbers in that unit; a strftime format (``"%Y-%m-%d"``):
         dates in that format. Dates without a time zone are taken as UTC.
 
-    Missing ids, unparsable timestamps, ratings or labels and lines with a wrong field
-    count are bad rows: the `DataError` names the file, the line (CSV: 1-based, the
-    header is line 1; line numbers count records, so they match physical lines unless a
-    quoted value spans lines) or, for Parquet, the 0-based row, and the field. Missing
-    categorical feature values become the OOV token, missing multi-valued ones ``[]``.
-    Everything is held in memory (ids are stored as integer codes).
+    Missing ids, unparsable timestamps, ratings or labels, timestamps of more than
+    `MAX_SECONDS` seconds from 1970 and lines with a wrong field count are bad rows: the
+    `DataError` names the file, the line (CSV: 1-based, the header is line 1; line
+    numbers count records, so they match physical lines unless a quoted value spans
+    lines) or, for Parquet, the 0-based row, and the field. Missing categorical feature
+    values become the OOV token, missing multi-valued ones ``[]``. Everything is held in
+    memory (ids are stored as integer codes).
+
+    Raises:
+      ValueError: an invalid option (see `TabularOptions`).
+      DataError: a bad row under ``fail``; a path with nothing to read, a file of
+        another format than `format`, a missing column (see `resolve_files`); no valid
+        row at all.
     """
     errors = RowErrors(bad_rows)
     history_length = check_history_length(history_length)
-    cols = _check_columns_arg(columns)
-    _check_timestamp_format(timestamp_format)
-    user_id_col, user_specs, user_explicit = _parse_feature_specs(user_features, "user", USER_ID, cols[USER_ID])
-    item_id_col, item_specs, item_explicit = _parse_feature_specs(item_features, "item", ITEM_ID, cols[ITEM_ID])
-    for side, table, specs, explicit in (("user", user_table, user_specs, user_explicit),
-                                         ("item", item_table, item_specs, item_explicit)):
-        if table is None and (specs or explicit):
-            raise ValueError(f"`{side}_features` needs `{side}_table` (the file holding those columns). "
-                             f"Received: {side}_table=None")
+    options = TabularOptions(columns=columns, user_table=user_table, item_table=item_table,
+                             user_features=user_features, item_features=item_features, format=format,
+                             timestamp_format=timestamp_format)
+    cols = dict(options.columns)
+    user_id_col, user_specs, user_explicit = options.feature_specs("user")
+    item_id_col, item_specs, item_explicit = options.feature_specs("item")
     files = resolve_files(path, format)
 
     tables: Dict[str, Optional[pd.DataFrame]] = {"user": None, "item": None}
@@ -855,11 +932,17 @@ def read_tabular(path: str, columns: Mapping[str, str], user_table: Optional[str
                                 lambda r, v=values, s=side: f"unknown {s} {v[r]!r} (not in the {s} table "
                                                             f"{table_paths[s]})")
             ids[side] = values
-        secs, missing, bad, expected = _seconds(arrays[TIMESTAMP], timestamp_format)
+        try:
+            secs, missing, bad, expected, huge = _seconds(arrays[TIMESTAMP], timestamp_format)
+        except ValueError as e:  # a date format for a column of numbers
+            raise DataError(file, None, TIMESTAMP, str(e)) from None
         ts_array = arrays[TIMESTAMP]
         problems.reject(missing, TIMESTAMP, "missing timestamp", lambda r: "missing timestamp")
         problems.reject(bad, TIMESTAMP, "bad timestamp",
                         lambda r: f"timestamp {ts_array[r].as_py()!r} is not {expected}")
+        problems.reject(huge, TIMESTAMP, "bad timestamp",
+                        lambda r: f"timestamp {ts_array[r].as_py()!r} is out of range: more than 2**62 seconds "
+                                  "from 1970")
         extra = {}
         for key in (RATING, LABEL):
             if key in cols:
@@ -877,8 +960,8 @@ def read_tabular(path: str, columns: Mapping[str, str], user_table: Optional[str
 
     users_all = np.concatenate(parts["user"])
     if len(users_all) == 0:
-        raise ValueError(f"No valid interactions in {path!r}: all {errors.rows_read} rows were rejected "
-                         f"({dict(errors.rejected)}).")
+        raise DataError(path, None, None, f"no valid interactions: all {errors.rows_read} rows were rejected "
+                                          f"({dict(errors.rejected)})")
     items_all = np.concatenate(parts["item"])
     timestamps = np.concatenate(parts["ts"])
 

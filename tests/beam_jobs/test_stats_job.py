@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import stats_math
-from beam_jobs.stats_job import TooManyRejectedRows, run_statistics
+from beam_jobs.stats_job import OutputNotReplaceable, TooManyRejectedRows, check_output_dir, run_statistics
 from models import data_layout
 from models.features import Feature, Schema
+from pipeline.data.canonical import DataError
 
 SCHEMA = Schema(
     user_features=(Feature("user_id", "categorical", "user"),
@@ -41,11 +43,11 @@ SHARDS = [
 ]
 
 
-def write_dataset(root, shards, items=ITEMS, users=USERS, schema=SCHEMA, row_group_size=2):
+def write_dataset(root, shards, items=ITEMS, users=USERS, schema=SCHEMA, row_group_size=2, test_shards=()):
     """Writes a materialized dataset following `models.data_layout`; returns its path.
 
     Small row groups make every shard span several batches, so record indices must
-    be offset by the row group's first row.
+    be offset by the row group's first row. `test_shards` are written as the test split.
     """
     root = str(root)
     os.makedirs(os.path.join(root, data_layout.INTERACTIONS_DIR), exist_ok=True)
@@ -54,14 +56,25 @@ def write_dataset(root, shards, items=ITEMS, users=USERS, schema=SCHEMA, row_gro
                    os.path.join(root, data_layout.ITEMS_FILE), row_group_size=row_group_size)
     pq.write_table(pa.Table.from_pandas(users, preserve_index=False),
                    os.path.join(root, data_layout.USERS_FILE), row_group_size=row_group_size)
-    for i, rows in enumerate(shards):
-        table = pa.table({"user_id": pa.array([r[0] for r in rows], pa.string()),
-                          "item_id": pa.array([r[1] for r in rows], pa.string()),
-                          "timestamp": pa.array(np.arange(len(rows)), pa.int64())})
-        name = data_layout.shard_name("train", i, len(shards), ".parquet")
-        pq.write_table(table, os.path.join(root, data_layout.INTERACTIONS_DIR, name),
-                       row_group_size=row_group_size)
+    for split, split_shards in (("train", shards), ("test", test_shards)):
+        for i, rows in enumerate(split_shards):
+            table = pa.table({"user_id": pa.array([r[0] for r in rows], pa.string()),
+                              "item_id": pa.array([r[1] for r in rows], pa.string()),
+                              "timestamp": pa.array(np.arange(len(rows)), pa.int64())})
+            name = data_layout.shard_name(split, i, len(split_shards), ".parquet")
+            pq.write_table(table, os.path.join(root, data_layout.INTERACTIONS_DIR, name),
+                           row_group_size=row_group_size)
     return root
+
+
+def write_previous_output(out):
+    """A stand-in for an earlier run's output: the job's own file names, its summary keys."""
+    os.makedirs(os.path.join(out, "vocab"), exist_ok=True)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"rows_read": 1, "rows_rejected": 0, "vocabulary_sizes": {}}, f)
+    for name in ("item_frequencies.csv", os.path.join("vocab", "old_feature.txt")):
+        with open(os.path.join(out, name), "w") as f:
+            f.write("from an earlier run\n")
 
 
 def read_outputs(out):
@@ -88,16 +101,14 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def in_memory_run(dataset, tmp_path_factory):
     out = os.path.join(str(tmp_path_factory.mktemp("stats")), "out")
-    os.makedirs(out)
-    with open(os.path.join(out, "stale.txt"), "w") as f:
-        f.write("from an earlier run\n")
+    write_previous_output(out)
     summary = run_statistics(dataset, out, max_rejected_fraction=0.3)
     return out, summary
 
 
 def test_end_to_end_outputs(in_memory_run, dataset):
     out, summary = in_memory_run
-    assert not os.path.exists(os.path.join(out, "stale.txt"))  # replaced on success
+    assert not os.path.exists(os.path.join(out, "vocab", "old_feature.txt"))  # a previous output: replaced
     assert sorted(os.listdir(os.path.dirname(out))) == ["out"]  # no temporary sibling left
     # Valid interactions: a = 3 (shard 0) + 2 (shard 1) = 5, c = 2, b = 1; total 8.
     with open(os.path.join(out, "item_frequencies.csv")) as f:
@@ -135,6 +146,8 @@ def test_end_to_end_outputs(in_memory_run, dataset):
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f) == summary
     assert summary["rows_read"] == 11 and summary["rows_rejected"] == 3
+    assert summary["validated_rows"] == 11 and summary["rows_by_split"] == {"train": 11}
+    assert summary["source"] == summary["data_dir"] == dataset  # no read report to name another source
     assert summary["positives"] == "all" and summary["positive_rows"] == 8  # no label column
     assert summary["rejected_by_reason"] == {"empty_item_id": 1, "null_user_id": 1, "unknown_item_id": 1}
     assert summary["rejected_fraction"] == 3 / 11
@@ -148,14 +161,70 @@ def test_end_to_end_outputs(in_memory_run, dataset):
 
 def test_too_many_rejected_rows_fails_and_leaves_output_untouched(dataset, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("keep me\n")
+    write_previous_output(str(out))
+    before = sorted(os.listdir(out))
     # 3 of 11 rows are malformed: 27% > the default 1%.
-    with pytest.raises(TooManyRejectedRows, match="3 of 11 interactions") as info:
+    with pytest.raises(TooManyRejectedRows, match="3 of 11 interaction rows") as info:
         run_statistics(dataset, str(out))
     assert info.value.rejected_by_reason == {"empty_item_id": 1, "null_user_id": 1, "unknown_item_id": 1}
+    assert isinstance(info.value, DataError) and info.value.path == dataset  # bad input data: exit 3
     assert os.listdir(tmp_path) == ["out"]  # the temporary directory is gone
-    assert os.listdir(out) == ["previous.txt"] and (out / "previous.txt").read_text() == "keep me\n"
+    assert sorted(os.listdir(out)) == before and (out / "item_frequencies.csv").read_text() == "from an earlier run\n"
+
+
+def test_rejected_fraction_is_over_every_row_read_from_the_input(tmp_path):
+    """Denominator: rows of every split plus the reader's rejections, not the training rows alone."""
+    data = write_dataset(tmp_path / "data", SHARDS, test_shards=[[("u1", "b"), ("u2", "b"), ("u3", "c")],
+                                                                 [("u4", "b"), ("u4", "c")]])
+    upstream = {"rows_read": 18, "rejected_by_reason": {"bad rating": 2}, "examples": []}
+    # 11 training rows (3 malformed) + 5 test rows + 2 rows the reader rejected = 18 read, 5 rejected.
+    with pytest.raises(TooManyRejectedRows) as info:
+        run_statistics(data, str(tmp_path / "out"), max_rejected_fraction=0.27, upstream_rejections=upstream,
+                       source="/input/ratings.csv")
+    assert (info.value.rows_read, info.value.rows_rejected) == (18, 5)
+    message = str(info.value)
+    assert message.startswith("/input/ratings.csv: 5 of 18 interaction rows") and str(tmp_path) not in message
+    assert not os.path.exists(tmp_path / "out")
+    summary = run_statistics(data, str(tmp_path / "out"), max_rejected_fraction=0.28, upstream_rejections=upstream,
+                             source="/input/ratings.csv")
+    assert summary["rows_read"] == 18 and summary["rows_rejected"] == 5 and summary["rejected_fraction"] == 5 / 18
+    assert summary["rows_by_split"] == {"train": 11, "test": 5} and summary["validated_rows"] == 11
+    assert summary["reader"] == {"rows_read": 18, "rows_rejected": 2}
+    assert summary["rejected_by_reason"] == {"empty_item_id": 1, "null_user_id": 1, "reader: bad rating": 2,
+                                             "unknown_item_id": 1}
+    assert summary["source"] == "/input/ratings.csv"
+
+
+def test_output_that_is_a_file_or_holds_other_files_is_refused_before_any_work(tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine\n")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine\n")
+    mixed = tmp_path / "mixed"  # a previous output the user added a file to
+    write_previous_output(str(mixed))
+    (mixed / "notes.txt").write_text("mine\n")
+    foreign_summary = tmp_path / "other"  # a summary.json the job did not write
+    foreign_summary.mkdir()
+    (foreign_summary / "summary.json").write_text('{"accuracy": 0.9}\n')
+    cases = {afile: "is an existing file", notes: "no statistics summary.json",
+             mixed: "besides the statistics it holds ['notes.txt']", foreign_summary: "no statistics summary.json"}
+    before = sorted(os.listdir(tmp_path))
+    for path, why in cases.items():
+        with pytest.raises(OutputNotReplaceable, match=f"output_dir {re.escape(repr(str(path)))} .*{re.escape(why)}"):
+            check_output_dir(str(path))
+        # No dataset at all: the output is refused before the job looks at its input.
+        with pytest.raises(OutputNotReplaceable, match="output_dir"):
+            run_statistics(str(tmp_path / "no-such-data"), str(path))
+        with pytest.raises(OutputNotReplaceable, match=f"--output {re.escape(repr(str(path)))}"):
+            check_output_dir(str(path), name="--output")
+    assert sorted(os.listdir(tmp_path)) == before and afile.read_text() == "mine\n"
+    assert (notes / "notes.txt").read_text() == (mixed / "notes.txt").read_text() == "mine\n"
+    # Allowed: nothing there, an empty directory, a previous statistics output.
+    (tmp_path / "empty").mkdir()
+    write_previous_output(str(tmp_path / "previous"))
+    for allowed in ("absent", "empty", "previous"):
+        check_output_dir(str(tmp_path / allowed))
 
 
 def test_clean_dataset_has_empty_dead_letter_file_and_min_count(tmp_path):
@@ -199,7 +268,11 @@ def test_statistics_of_the_materialized_synthetic_dataset(tiny_data_dir, tmp_pat
     out = str(tmp_path / "out")
     summary = run_statistics(tiny_data_dir, out)
     train = pd.concat([pd.read_parquet(f) for f in data_layout.interaction_files(tiny_data_dir, "train")])
-    assert summary["rows_read"] == len(train) and summary["rows_rejected"] == 0
+    test = pd.concat([pd.read_parquet(f) for f in data_layout.interaction_files(tiny_data_dir, "test")])
+    assert summary["rows_read"] == len(train) + len(test) and summary["rows_rejected"] == 0
+    assert summary["rows_by_split"] == {"train": len(train), "test": len(test)}
+    assert summary["validated_rows"] == len(train)
+    assert summary["source"].startswith("synthetic(")  # the source the read report records
     assert summary["positives"] == "label"
     positives = train[train["label"] > 0]
     assert summary["positive_rows"] == len(positives)

@@ -75,6 +75,14 @@ def test_run_writes_the_public_contract(workdir):
     assert metrics["preranker.latency_ms_median"] > 0 and metrics["preranker.expected_latency_ms"] > 0
     page = open(os.path.join(workdir, "reports", "latest", "index.html")).read()
     assert 'src="preranker_tradeoff.png"' in page
+    # the version's own copy of the tables it serves with; no version turned down
+    copy = os.path.join(workdir, "export", "serving_data", "1")
+    assert sorted(os.listdir(copy)) == sorted(["schema.json", "users.parquet", "user_history.parquet", "items.parquet"])
+    for name in os.listdir(copy):
+        with open(os.path.join(copy, name), "rb") as a, open(os.path.join(workdir, "data", name), "rb") as b:
+            assert a.read() == b.read(), name
+    with open(os.path.join(workdir, "export", "rejected.json")) as f:
+        assert json.load(f) == {}
 
 
 def test_in_memory_evaluation_gives_the_reported_metrics(workdir):
@@ -128,6 +136,25 @@ def test_query_errors_are_clear(workdir):
     assert proc.returncode == 2 and "-k should be a positive integer" in proc.stderr
     proc = recfunnel("query", "--workdir", workdir + "-missing", "--user-id", "u1")
     assert proc.returncode == 2 and "workdir not found" in proc.stderr
+    proc = recfunnel("query", "--workdir", workdir, "--user-id", "u1", "--version", "9")
+    assert proc.returncode == 2 and "export query_tower version 9 is missing" in proc.stderr
+    proc = recfunnel("serve", "--workdir", workdir, "--version", "9")
+    assert proc.returncode == 2 and "--version 9 is not a complete export" in proc.stderr
+
+
+def test_only_stage_needs_the_earlier_stages_and_ends_where_later_ones_never_ran(tmp_path):
+    w = str(tmp_path / "fresh")
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--only-stage", "index")
+    assert proc.returncode == 2 and "--only-stage index needs the earlier stages' outputs" in proc.stderr
+    assert not os.path.exists(w)
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--only-stage", "data")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["version"] is None and out["promoted"] is None
+    assert sorted(f for f in os.listdir(os.path.join(w, "state")) if f.endswith(".json")) == ["data.json"]
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--only-stage", "retrieval")
+    assert proc.returncode == 2 and "needs the output of stage 'statistics'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_bad_config_is_rejected_before_any_work(tmp_path):
@@ -136,6 +163,9 @@ def test_bad_config_is_rejected_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "`retrieval.epochs` should be an integer" in proc.stderr
     assert not os.path.exists(w)
+    proc = recfunnel("run", "--workdir", w, "--set", 'stats.pipeline_args=["--temp_locaton=x"]')
+    assert proc.returncode == 2 and "`stats.pipeline_args`" in proc.stderr and "--temp_locaton" in proc.stderr
+    assert "did you mean --temp_location" in proc.stderr and not os.path.exists(w)
 
 
 def test_saved_models_load_in_a_fresh_process(workdir):

@@ -5,7 +5,7 @@ from pipeline.config import ConfigError, RunConfig, dump_config, load_config, pa
 
 def test_defaults_and_overrides():
     cfg = load_config(None, ["retrieval.epochs=3", "retrieval.hidden_units=[64, 32]", "data.split.n=2",
-                             "evaluation.ks=[5]"])
+                             "evaluation.ks=[5]", "promotion.metric=retrieval.recall@5"])
     assert cfg.retrieval.epochs == 3
     assert cfg.retrieval.hidden_units == (64, 32)
     assert cfg.data.split.n == 2
@@ -315,3 +315,239 @@ def test_ranker_fields_reach_the_ranking_model():
     shared = {f for f in RankerConfig.__dataclass_fields__} & {f for f in RankingConfig.__dataclass_fields__}
     assert shared and all(getattr(model, f) == getattr(stage, f) for f in shared)
     assert model.coaction_l2 == 0.01
+
+
+def _float_keys(cls=RunConfig, prefix=""):
+    """The dotted keys of every float field of every section."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _float_keys(hints[f.name], key + ".")
+        elif hints[f.name] is float:
+            yield key
+
+
+FLOAT_KEYS = sorted(_float_keys())
+
+
+def test_every_section_has_float_fields_to_check():
+    assert {k.split(".")[0] for k in FLOAT_KEYS} == {"data", "stats", "retrieval", "ranker", "preranker", "index",
+                                                      "evaluation", "promotion"}
+    assert "data.synthetic.brand_noise" in FLOAT_KEYS and "promotion.min_value" in FLOAT_KEYS
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value,shown", [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf")])
+def test_non_finite_numbers_are_rejected_for_every_float_key(key, value, shown):
+    with pytest.raises(ConfigError, match=rf"`{key}` .*Received: (\w+=)?{shown}\b") as e:
+        load_config(None, [f"{key}={value}"])
+    assert str(e.value).startswith(f"--set {key}={value}: ")
+
+
+def test_non_finite_numbers_are_rejected_in_mappings_and_built_configs():
+    import dataclasses
+
+    from pipeline.config import RetrievalConfig
+
+    with pytest.raises(ConfigError, match=r"`preranker.external_feature_costs.geo` should be a finite number. "
+                                          r"Received: inf"):
+        load_config(None, ["preranker.external_feature_costs={geo: .inf}"])
+    with pytest.raises(ConfigError, match=r"`retrieval.learning_rate` should be a finite number. Received: nan"):
+        RunConfig(retrieval=RetrievalConfig(learning_rate=float("nan")))
+    with pytest.raises(ConfigError, match=r"`promotion.min_value` should be a finite number. Received: nan"):
+        dataclasses.replace(RunConfig(), promotion=dataclasses.replace(RunConfig().promotion, min_value=float("nan")))
+
+
+def test_errors_name_the_source_of_the_value(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("retrieval:\n  epochs: 2\n  temperature: .nan\n")
+    # a bad --set value is the override's, even when the file sets the same key
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), ["retrieval.epochs=x", "retrieval.temperature=0.1"])
+    assert str(e.value) == "--set retrieval.epochs=x: `retrieval.epochs` should be an integer. Received: 'x'"
+    with pytest.raises(ConfigError, match=r"^--set retrieval.hidden_units=\[8, x\]: `retrieval.hidden_units\[1\]`"):
+        load_config(None, ["retrieval.hidden_units=[8, x]", "retrieval.temperature=0.1"])
+    with pytest.raises(ConfigError, match=r"^--set retrieval={epochs: 0}: `retrieval.epochs` should be >= 1"):
+        load_config(None, ["retrieval={epochs: 0}"])
+    # a bad value of the file is the file's
+    with pytest.raises(ConfigError, match=rf"^{path}: `retrieval.temperature` should be a finite number"):
+        load_config(str(path), ["retrieval.epochs=3"])
+    # settings that conflict name every source involved
+    path.write_text("evaluation:\n  ks: [5]\n")
+    with pytest.raises(ConfigError, match=rf"^{path} and --set promotion.metric=retrieval.ndcg@10: "):
+        load_config(str(path), ["promotion.metric=retrieval.ndcg@10"])
+    with pytest.raises(ConfigError, match=r"^--set data.source=movielens: `data.path` is required"):
+        load_config(str(path), ["data.source=movielens"])
+    # ... and when no key named was set anywhere, every source
+    with pytest.raises(ConfigError, match=rf"^{path} and --set retrieval.negatives=cbns: `retrieval.memory_size` "):
+        load_config(str(path), ["retrieval.negatives=cbns"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.split.method=kfold", r"^--set data.split.method=kfold: `data.split.method` should be one of .*"
+                                r"Received: method='kfold'"),
+    ("data.split.n=0", r"`data.split.n` should be >= 1. Received: n=0"),
+    ("data.split.time_quantile=1.5", r"`data.split.time_quantile` should be in \(0, 1\). Received"),
+    ("data.synthetic.num_users=-1", r"`data.synthetic.num_users` should be a positive integer. Received: "
+                                    r"num_users=-1"),
+    ("data.synthetic.mean_impressions_per_user=5000", r"`data.synthetic.mean_impressions_per_user` should be at "
+                                                      r"most half of `data.synthetic.num_items`"),
+    ("data.synthetic.brand_noise=2", r"`data.synthetic.brand_noise` should be in \[0, 1\]"),
+    ("index.kind=hnsw", r"`index.kind` should be one of"),
+    ("promotion.keep_versions=0", r"`promotion.keep_versions` should be >= 1"),
+])
+def test_keys_of_nested_sections_are_named_in_full(override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, [override])
+    assert "invalid `" not in str(e.value)
+
+
+def test_unreadable_config_files_are_config_errors_naming_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: is a directory, not a config file$"):
+        load_config(str(tmp_path))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("retrieval:\n  epochs: 2 # é\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{latin}: not UTF-8 text: byte 0xe9 on line 2 \(offset 25\)$"):
+        load_config(str(latin))
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfretrieval:\n  epochs: 2\n")
+    assert load_config(str(bom)).retrieval.epochs == 2
+
+
+def test_cli_exit_codes_of_config_and_input_problems(tmp_path, capsys):
+    from pipeline.cli import EXIT_DATA, EXIT_USAGE, main
+
+    assert main(["config", "--config", str(tmp_path)]) == EXIT_USAGE
+    assert f"{tmp_path}: is a directory" in capsys.readouterr().err
+    assert main(["config", "--set", "retrieval.learning_rate=.nan"]) == EXIT_USAGE
+    assert main(["config", "--set", "data.source=csv", "--set", "data.path=x.csv",
+                 "--set", "data.tabular.colums=x"]) == EXIT_USAGE
+    assert "`data.tabular.colums`" in capsys.readouterr().err
+    workdir = str(tmp_path / "work")
+    for source, path in (("movielens", tmp_path / "nowhere"), ("movielens", tmp_path),
+                         ("bars", tmp_path), ("csv", tmp_path / "missing.csv"), ("csv", tmp_path)):
+        argv = ["run", "--workdir", workdir, "--set", f"data.source={source}", "--set", f"data.path={path}",
+                "--set", "data.tabular.columns={user_id: u, item_id: i, timestamp: t}"]
+        if source != "csv":
+            argv = argv[:-2]
+        assert main(argv) == EXIT_DATA, (source, path)
+        assert f"bad input data: {path}" in capsys.readouterr().err
+
+
+def _tabular(*overrides):
+    return load_config(None, ["data.source=csv", "data.path=log.csv",
+                              "data.tabular.columns={user_id: u, item_id: i, timestamp: t}", *overrides])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.tabular.colums=x"], r"^--set data.tabular.colums=x: unknown key\(s\) `data.tabular.colums` in "
+                                r"`data.tabular`; known keys: \['columns', "),
+    (["data.tabular.format=xlsx"], r"`data.tabular.format` should be one of auto, csv, tsv, parquet. Received: "
+                                   r"format='xlsx'"),
+    (["data.tabular.timestamp_format=bogus"], r"`data.tabular.timestamp_format` should be None .* Received: "
+                                              r"timestamp_format='bogus'"),
+    (["data.tabular.columns={user_id: u, item_id: i}"], r"`data.tabular.columns` should name the file columns of "
+                                                        r"\['timestamp'\]"),
+    (["data.tabular.columns={user_id: u, item_id: i, timestamp: t, when: w}"],
+     r"`data.tabular.columns` has unknown keys \['when'\]"),
+    (["data.tabular.columns={user_id: u, item_id: i, timestamp: 3}"],
+     r"`data.tabular.columns\['timestamp'\]` should be a non-empty column name"),
+    (["data.tabular.item_features=[{name: x, kind: categorical}]"],
+     r"`data.tabular.item_features` needs `data.tabular.item_table`"),
+    (["data.tabular.user_table=u.csv", "data.tabular.user_features=[{name: x, kind: sequence}]"],
+     r"`data.tabular.user_features\[0\]\['kind'\]` should be one of"),
+])
+def test_tabular_options_are_checked_when_the_config_is_loaded(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _tabular(*overrides)
+
+
+def test_tabular_columns_are_required_for_the_tabular_sources_only():
+    for source in ("csv", "parquet"):
+        with pytest.raises(ConfigError, match=rf"`data.tabular.columns` is required for `data.source`='{source}'"):
+            load_config(None, [f"data.source={source}", "data.path=logs"])
+    assert load_config(None, ["data.source=bars", "data.path=d"]).data.tabular == {}
+    assert _tabular("data.tabular.timestamp_format='%Y-%m-%d'").data.tabular["timestamp_format"] == "%Y-%m-%d"
+
+
+def test_checking_the_tabular_options_does_not_import_tensorflow():
+    from conftest import python_subprocess
+
+    proc = python_subprocess(
+        "import sys\n"
+        "from pipeline.data.tabular import TabularOptions\n"
+        "TabularOptions({'user_id': 'u', 'item_id': 'i', 'timestamp': 't'}, format='tsv')\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_file_name_decides_the_format_when_it_is_not_set(tmp_path):
+    from pipeline.job import read_source
+
+    path = tmp_path / "log.tsv"
+    path.write_text("u\ti\tt\n1\ta\t10\n2\tb\t20\n")
+    config = load_config(None, ["data.source=csv", f"data.path={path}",
+                                "data.tabular.columns={user_id: u, item_id: i, timestamp: t}"])
+    assert config.data.tabular["format"] == "tsv"
+    raw = read_source(config)
+    assert sum(len(c) for c in raw.interactions()) == 2 and raw.source.startswith("tsv:")
+    assert _tabular().data.tabular == {"columns": {"user_id": "u", "item_id": "i", "timestamp": "t"}}
+    assert "format" not in load_config(None, ["data.source=csv", "data.path=logs/part-*",
+                                              "data.tabular.columns={user_id: u, item_id: i, timestamp: t}"]
+                                       ).data.tabular
+    explicit = load_config(None, ["data.source=csv", f"data.path={path}", "data.tabular.format=csv",
+                                  "data.tabular.columns={user_id: u, item_id: i, timestamp: t}"])
+    assert explicit.data.tabular["format"] == "csv"
+    with pytest.raises(ValueError, match=r"looks like tsv from its name but format='csv'; set `format` "
+                                         r"\(`data.tabular.format` in a run config\) to 'tsv'"):
+        read_source(explicit)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["evaluation.ks=[5]"], r"`promotion.metric` 'retrieval.recall@10' is measured at K=10, which is not among "
+                            r"`evaluation.ks` \[5\]"),
+    (["promotion.metric=retrieval.tail.ndcg@20"], r"K=20, which is not among `evaluation.ks` \[10, 50\]"),
+    (["promotion.metric=retrieval.precision@5"], r"K=5, which is not among `evaluation.ks`"),
+    (["promotion.metric=index.recall_vs_exact@100"], r"K=100, which is not among `evaluation.ks`"),
+    (["promotion.metric=retrieval.tail.precision@10"], r"'retrieval.tail.precision@10' is not a metric the "
+                                                       r"evaluation writes"),
+])
+def test_promotion_metric_must_be_one_the_evaluation_writes(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("metric", ["retrieval.recall@50", "retrieval.tail.recall@10", "index.ndcg@50",
+                                    "baseline.popularity.recall@10", "ranker.auc", "preranker.auc",
+                                    "custom.score@7"])
+def test_promotion_metrics_that_are_evaluated_or_not_decidable_load(metric):
+    assert load_config(None, [f"promotion.metric={metric}"]).promotion.metric == metric
+
+
+def test_cutoff_metrics_match_what_the_evaluation_writes():
+    import os
+    import re
+
+    import pipeline
+    from pipeline.config import CUTOFF_METRICS
+
+    with open(os.path.join(os.path.dirname(pipeline.__file__), "evaluation.py"), encoding="utf-8") as f:
+        written = re.findall(r'metrics\[f"([a-z_.]+)\.([a-z_]+)@\{k\}"\]', f.read())
+    assert written
+    found = {}
+    for prefix, name in written:
+        found.setdefault(prefix, []).append(name)
+    assert {p: sorted(n) for p, n in found.items()} == {p: sorted(n) for p, n in CUTOFF_METRICS.items()}
+
+
+def test_predefined_split_needs_a_source_that_brings_one():
+    for source in ("csv", "parquet", "movielens", "movielens_tfds", "synthetic"):
+        extra = ["data.tabular.columns={user_id: u, item_id: i, timestamp: t}"] if source in ("csv", "parquet") else []
+        with pytest.raises(ConfigError, match=rf"`data.split.method` is 'predefined', but `data.source`='{source}' "
+                                              "brings no split of its own"):
+            load_config(None, [f"data.source={source}", "data.path=x", "data.split.method=predefined", *extra])
+    assert load_config(None, ["data.source=bars", "data.path=x", "data.split.method=predefined"])

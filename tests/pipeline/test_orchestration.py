@@ -73,3 +73,70 @@ def test_cleanup_removes_killed_exports_of_every_model(tmp_path):
     for model in exports.REQUIRED_MODELS + (exports.RANKER,):
         assert exports.versions(w, model) == [1], model
     assert os.listdir(exports.model_dir(w, exports.RANKER)) == ["1"]
+
+
+def _data_dir(workdir, users=b"users-1", items=b"items-1"):
+    from models import data_layout as layout
+
+    d = os.path.join(workdir, "data")
+    os.makedirs(d, exist_ok=True)
+    for name, content in ((layout.SCHEMA_FILE, b"{}"), (layout.USERS_FILE, users),
+                          (layout.USER_HISTORY_FILE, b"history-1"), (layout.ITEMS_FILE, items)):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(content)
+    return d
+
+
+def test_a_version_keeps_its_own_copy_of_the_data_tables(tmp_path):
+    from models import data_layout as layout
+    from pipeline.job import _cleanup_incomplete_exports, export_serving_data
+    from serving import exports
+
+    w = str(tmp_path)
+    _data_dir(w)
+    first = export_serving_data(w, 1)
+    assert first == exports.version_path(w, exports.SERVING_DATA, 1) == exports.serving_data_dir(w, 1)
+    _data_dir(w, users=b"users-2")  # the next run rewrites the users, not the items
+    second = export_serving_data(w, 2)
+    with open(os.path.join(first, layout.USERS_FILE), "rb") as f:
+        assert f.read() == b"users-1"  # version 1 still serves with its own users
+    with open(os.path.join(second, layout.USERS_FILE), "rb") as f:
+        assert f.read() == b"users-2"
+    same = os.stat(os.path.join(first, layout.ITEMS_FILE)), os.stat(os.path.join(second, layout.ITEMS_FILE))
+    assert same[0].st_ino == same[1].st_ino  # an unchanged table is one file, linked
+    assert os.stat(os.path.join(first, layout.USERS_FILE)).st_ino != os.stat(os.path.join(second,
+                                                                                          layout.USERS_FILE)).st_ino
+    assert sorted(os.listdir(exports.model_dir(w, exports.SERVING_DATA))) == ["1", "2"]  # no temporary left
+    # A version without a copy (exported before copies existed) serves with <workdir>/data.
+    assert exports.serving_data_dir(w, 7) == os.path.join(w, "data")
+    # Copies belong to their version: without complete models they are removed like the models.
+    for model in exports.REQUIRED_MODELS:
+        os.makedirs(exports.version_path(w, model, 1))
+    _cleanup_incomplete_exports(w)
+    assert exports.versions(w, exports.SERVING_DATA) == [1]
+
+
+def test_a_rejected_version_is_recorded_and_never_served_by_default(tmp_path):
+    from pipeline.promotion import promote_if_better
+    from serving import exports
+
+    w = str(tmp_path)
+    for v in (1, 2, 3):
+        for model in exports.REQUIRED_MODELS + (exports.SERVING_DATA,):
+            os.makedirs(exports.version_path(w, model, v))
+    assert exports.serving_version(w) == 3  # nothing gated yet: the newest complete version
+    cfg = PromotionConfig(min_value=0.5)
+    low = promote_if_better(w, 1, {"retrieval.recall@10": 0.1}, cfg)
+    assert not low["promote"]
+    assert exports.rejected_versions(w) == {1: low["reason"]} and "min_value" in low["reason"]
+    assert exports.promoted_version(w) is None
+    # Version 1 is the only one gated, and it is not served; 3 (not gated yet) is.
+    assert exports.serving_version(w) == 3
+    promote_if_better(w, 3, {"retrieval.recall@10": 0.1}, cfg)
+    assert exports.serving_version(w) == 2
+    # A promotion wins over everything; pruning (keep 2: versions 2 and 3) forgets pruned rejections.
+    assert promote_if_better(w, 2, {"retrieval.recall@10": 0.9}, PromotionConfig(keep_versions=2))["promote"]
+    assert exports.serving_version(w) == 2
+    for model in exports.REQUIRED_MODELS + (exports.SERVING_DATA,):
+        assert exports.versions(w, model) == [2, 3], model
+    assert list(exports.rejected_versions(w)) == [3]

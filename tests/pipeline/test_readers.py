@@ -273,17 +273,24 @@ def test_movielens_empty_and_missing_files(tmp_path):
     with pytest.raises(DataError, match=r"ml-100k.inter, line 1: the header has no \['timestamp'\] column"):
         read_movielens(d)
 
+    # Missing input is bad input data (`DataError`, exit code 3), naming the path.
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(DataError) as e:
         read_movielens(str(empty))
     for expected in ("<name>.inter", "u.data", "ratings.dat", str(empty)):
         assert expected in str(e.value)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    assert e.value.path == str(empty)
+    with pytest.raises(DataError, match="nowhere: the MovieLens data directory was not found"):
         read_movielens(str(tmp_path / "nowhere"))
     d = _ml100k(tmp_path, sub="partial")
     os.remove(os.path.join(d, "u.item"))
-    with pytest.raises(FileNotFoundError, match=r"missing \['.*partial/u.item'\]"):
+    with pytest.raises(DataError, match=r"partial: the MovieLens 100K layout is incomplete: missing "
+                                        r"\['.*partial/u.item'\]"):
+        read_movielens(d)
+    d = _atomic(tmp_path, sub="no-user")
+    os.remove(os.path.join(d, "ml-100k.user"))
+    with pytest.raises(DataError, match=r"ml-100k.inter: the RecBole atomic dataset is incomplete"):
         read_movielens(d)
 
 
@@ -296,7 +303,7 @@ def test_movielens_layout_detection_and_choice(tmp_path):
         read_movielens(d)
     assert read_movielens(d, layout="1m").schema.name == "movielens-1m"
     assert read_movielens(d, layout="100k").schema.name == "movielens-100k"
-    with pytest.raises(FileNotFoundError, match="RecBole"):
+    with pytest.raises(DataError, match="RecBole"):
         read_movielens(d, layout="atomic")
 
 
@@ -401,9 +408,9 @@ def test_bars_bad_rows(tmp_path):
 
 def test_bars_missing_and_empty_files(tmp_path):
     d = _bars(tmp_path, test=None)
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(DataError) as e:
         read_bars(d)
-    assert f"not found: [{os.path.join(d, 'test.txt')!r}]" in str(e.value)
+    assert f"not found: [{os.path.join(d, 'test.txt')!r}]" in str(e.value) and e.value.path == d
     assert "holds train.txt and test.txt" in str(e.value)
     with pytest.raises(DataError, match=r"train.txt: the file has no data rows"):
         read_bars(_bars(tmp_path, train="\n\n", sub="empty"))
@@ -553,8 +560,13 @@ def test_tabular_directory_glob_and_argument_errors(tmp_path):
         read_tabular(_write(tmp_path / "empty.csv", "uid,iid,ts\n"), cols)
     with pytest.raises(DataError, match=r"empty2.csv: the file is empty"):
         read_tabular(_write(tmp_path / "empty2.csv", ""), cols)
-    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+    with pytest.raises(DataError, match="nowhere.csv: the interaction log was not found"):
         read_tabular(str(tmp_path / "nowhere.csv"), cols)
+    with pytest.raises(DataError, match=r"nowhere-\*.csv: no file matches this interaction log pattern"):
+        read_tabular(str(tmp_path / "nowhere-*.csv"), cols)
+    (tmp_path / "void").mkdir()
+    with pytest.raises(DataError, match=r"void: no interaction log files in this directory.*found \[\]"):
+        read_tabular(str(tmp_path / "void"), cols)
     with pytest.raises(ValueError, match=r"`columns` should name the file columns of \['timestamp'\]"):
         read_tabular(str(d / "part-0.csv"), {"user_id": "uid", "item_id": "iid"})
     with pytest.raises(ValueError, match=r"`columns` has unknown keys \['when'\]"):
@@ -567,6 +579,85 @@ def test_tabular_directory_glob_and_argument_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown keys \['sep'\]"):
         read_tabular(str(d / "part-0.csv"), cols, item_table=str(d / "part-0.csv"),
                      item_features=[{"name": "x", "kind": "multi_categorical", "sep": ","}])
+
+
+def test_tabular_timestamps_beyond_int64_seconds_are_bad_rows(tmp_path):
+    cols = {"user_id": "u", "item_id": "i", "timestamp": "t"}
+    p = _write(tmp_path / "huge.csv", "u,i,t\n1,a,10\n1,b,1e30\n2,a,5\n")
+    with pytest.raises(DataError, match=r"huge.csv, line 3, field 'timestamp': timestamp '1e30' is out of range"):
+        read_tabular(p, cols)
+    ds = read_tabular(p, cols, bad_rows="skip")
+    assert _all(ds)["timestamp"].tolist() == [10, 5] and ds.errors.rejected == {"bad timestamp": 1}
+    # integers past int64 (pandas reads them as uint64), and in another unit
+    p = _write(tmp_path / "ints.csv", "u,i,t\n1,a,10\n1,b,9223372036854775808\n2,a,-99999999999999999999\n")
+    ds = read_tabular(p, cols, bad_rows="skip")
+    assert _all(ds)["timestamp"].tolist() == [10] and ds.errors.rejected == {"bad timestamp": 2}
+    assert [e["line"] for e in ds.errors.examples] == [3, 4]
+    assert _all(read_tabular(p, cols, bad_rows="skip", timestamp_format="ns"))["timestamp"].tolist() == [
+        0, 9223372036, -100000000000]
+    # Parquet columns of numbers
+    for values in ([10.0, 1e30, 5.0], [10, 2 ** 63 + 1, 5]):
+        path = str(tmp_path / "huge.parquet")
+        pq.write_table(pa.table({"u": ["1", "1", "2"], "i": ["a", "b", "a"],
+                                 "t": pa.array(values, pa.uint64() if isinstance(values[0], int) else None)}), path)
+        with pytest.raises(DataError, match=r"huge.parquet, field 'timestamp': row 1 \(0-based\): timestamp .* is "
+                                            r"out of range"):
+            read_tabular(path, cols)
+        assert _all(read_tabular(path, cols, bad_rows="skip"))["timestamp"].tolist() == [10, 5]
+
+
+def test_tabular_options_are_checked_without_reading(tmp_path):
+    from pipeline.data.tabular import TabularOptions
+
+    cols = {"user_id": "u", "item_id": "i", "timestamp": "t"}
+    assert TabularOptions(cols).columns == cols
+    for kwargs, message in (({"format": "xlsx"}, r"`format` should be one of auto, csv, tsv, parquet"),
+                            ({"timestamp_format": "bogus"}, "`timestamp_format` should be None"),
+                            ({"user_table": 3}, "`user_table` should be the path"),
+                            ({"item_features": [{"name": "x", "kind": "categorical"}]},
+                             "`item_features` needs `item_table`")):
+        with pytest.raises(ValueError, match=message):
+            TabularOptions(cols, **kwargs)
+    with pytest.raises(ValueError, match=r"`columns` should name the file columns of \['timestamp'\]"):
+        TabularOptions({"user_id": "u", "item_id": "i"})
+    # read_tabular checks its options before touching the path
+    with pytest.raises(ValueError, match="`format` should be one of"):
+        read_tabular(str(tmp_path / "nowhere.csv"), cols, format="xlsx")
+
+
+def test_tabular_format_from_the_file_name_and_mismatches_name_the_key(tmp_path):
+    from pipeline.data.tabular import format_from_name
+
+    assert [format_from_name(p) for p in ("a/x.tsv", "x.TSV.gz", "logs/*.csv", "d.parquet/", "logs", "x.txt")] == [
+        "tsv", "tsv", "csv", "parquet", None, None]
+    cols = {"user_id": "u", "item_id": "i", "timestamp": "t"}
+    p = _write(tmp_path / "x.tsv", "u\ti\tt\n1\ta\t10\n")
+    assert _all(read_tabular(p, cols))["timestamp"].tolist() == [10]
+    with pytest.raises(DataError, match=r"x.tsv: the interaction log file looks like tsv from its name but "
+                                        r"format='csv'; set `format` \(`data.tabular.format` in a run config\) "
+                                        r"to 'tsv'"):
+        read_tabular(p, cols, format="csv")
+    with pytest.raises(DataError, match=r"holds tsv files: set `format` \(`data.tabular.format`"):
+        read_tabular(str(tmp_path), cols, format="csv")
+
+
+def test_materialize_names_the_split_setting_that_left_a_split_empty(tmp_path):
+    from pipeline.data.materialize import materialize
+    from pipeline.data.splits import SplitConfig
+
+    cols = {"user_id": "u", "item_id": "i", "timestamp": "t"}
+    p = _write(tmp_path / "log.csv", "u,i,t\n1,a,10\n1,b,20\n2,a,5\n")
+    out = str(tmp_path / "data")
+    with pytest.raises(DataError, match=r"log.csv: the test split is empty: `data.split.cutoff`=100000 "
+                                        r"\(method=time\), and no interaction is at or after it: the timestamps "
+                                        r"run from 5 to 20"):
+        materialize(read_tabular(p, cols), out, SplitConfig(method="time", cutoff=100000))
+    with pytest.raises(DataError, match=r"the train split is empty: `data.split.cutoff`=0 .* no interaction is "
+                                        r"before it"):
+        materialize(read_tabular(p, cols), out, SplitConfig(method="time", cutoff=0))
+    with pytest.raises(DataError, match=r"the test split is empty: `data.split.n`=5"):
+        materialize(read_tabular(p, cols), out, SplitConfig(method="leave_last_n", n=5))
+    assert not os.path.exists(out)
 
 
 # ---------------------------------------------------------------------------------
@@ -587,7 +678,7 @@ def test_tfds_not_prepared_is_a_clear_error_and_downloads_nothing(tmp_path, no_n
     def no_download(*args, **kwargs):
         raise AssertionError("download_and_prepare must not be called")
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(DataError) as e:
         read_movielens_tfds(str(tmp_path), name="movielens/1m-ratings")
     msg = str(e.value)
     assert "'movielens/1m-ratings' (version 0.1.1) is not prepared" in msg

@@ -94,10 +94,31 @@ def test_rerun_skips_unchanged_stages_and_gates_block_promotion(tmp_path):
         assert json.load(f)["version"] == first["version"]
     q = json.loads(recfunnel("query", "--workdir", w, "--user-id", "u1", "-k", "2").stdout)
     assert q["version"] == first["version"]
+    # New data (another synthetic draw: the same user ids, other histories) and a blocked gate: W/data is
+    # rewritten, and the promoted version still answers as before, from its own copy of the tables.
+    before = json.loads(recfunnel("query", "--workdir", w, "--user-id", "u1", "-k", "5").stdout)
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--set", "data.synthetic.seed=7",
+                     "--set", "promotion.min_value=0.99")
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert "data" not in json.loads(proc.stdout)["skipped_stages"]
+    after = json.loads(recfunnel("query", "--workdir", w, "--user-id", "u1", "-k", "5").stdout)
+    assert after["version"] == first["version"] and after["items"] == before["items"]
     # The report renders and links every plot it made.
     page = open(os.path.join(w, "reports", "latest", "index.html")).read()
     pngs = [f for f in os.listdir(os.path.join(w, "reports", "latest")) if f.endswith(".png")]
     assert len(pngs) >= 3 and all(f'src="{p}"' in page for p in pngs)
+
+
+def test_a_first_version_turned_down_by_its_gate_is_not_served(tmp_path):
+    w = str(tmp_path / "w")
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--set", "promotion.min_value=0.99")
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    with open(os.path.join(w, "export", "rejected.json")) as f:
+        assert list(json.load(f)) == ["1"]
+    q = recfunnel("query", "--workdir", w, "--user-id", "u1")
+    assert q.returncode == 2 and "no version" in q.stderr and "passed the quality gate" in q.stderr
+    asked = recfunnel("query", "--workdir", w, "--user-id", "u1", "--version", "1")  # on purpose: it loads
+    assert asked.returncode == 0 and json.loads(asked.stdout)["version"] == 1
 
 
 def test_lock_blocks_a_second_run(tmp_path):

@@ -3,6 +3,7 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from conftest import python_subprocess
 
@@ -395,3 +396,32 @@ def test_index_padding_is_dropped_and_a_query_left_without_candidates_answers_em
     np.testing.assert_allclose([i["score"] for i in out[2]["items"]], [i["score"] for i in full[2]["items"]],
                                rtol=1e-5, atol=1e-6)
     assert out[2]["candidates"] == full[2]["candidates"]
+
+
+def test_a_version_serves_with_its_own_data_and_a_rejected_one_is_not_loaded(copy_workdir, base_workdir,
+                                                                              users_with_history, publish):
+    import pyarrow.parquet as pq
+
+    from models import data_layout as layout
+
+    w = copy_workdir(base_workdir)
+    user = users_with_history[0]
+    before = Cascade.load(w).recommend(user, k=5)
+    # Version 1 gets its own copy of the tables (as the job's export stage writes it); then a new
+    # run rewrites <workdir>/data without that user.
+    shutil.copytree(os.path.join(w, "data"), exports.version_path(w, exports.SERVING_DATA, 1))
+    users = pq.read_table(os.path.join(w, "data", layout.USERS_FILE))
+    pq.write_table(users.filter(pc.not_equal(users["user_id"], user)), os.path.join(w, "data", layout.USERS_FILE))
+    cascade = Cascade.load(w)
+    assert cascade.users.data_dir == exports.version_path(w, exports.SERVING_DATA, 1)
+    assert cascade.recommend(user, k=5)["items"] == before["items"]
+    # The new run's version 2 (serving with <workdir>/data, no copy) is turned down by its gate.
+    publish.version(w, 2, tower_seed=5)
+    exports.write_rejected(w, {2: "retrieval.recall@10=0.0100 < min_value=0.5"})
+    assert exports.serving_version(w) == 1 and Cascade.load(w).version == 1
+    with pytest.raises(UnknownUserError, match=f"unknown user id '{user}'.*version 2"):
+        Cascade.load(w, 2).recommend(user, k=5)  # explicitly asked for, it loads, with its own data
+    exports.write_rejected(w, {1: "worse than before", 2: "retrieval.recall@10=0.0100 < min_value=0.5"})
+    with pytest.raises(FileNotFoundError, match=r"no version .* passed the quality gate \(version 1: worse than "
+                                                r"before; version 2: retrieval.recall@10=0.0100"):
+        Cascade.load(w)
