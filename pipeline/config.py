@@ -22,7 +22,7 @@ import yaml
 from pipeline.data.splits import SplitConfig
 from pipeline.promotion import PromotionConfig
 from pipeline.data.synthetic import SyntheticConfig
-from serving.index import IndexConfig
+from serving.index_config import IndexConfig
 
 SOURCES = ("synthetic", "movielens", "movielens_tfds", "bars", "csv", "parquet")
 # pipeline.data.materialize.HISTORY_MODES, repeated so that loading a config does not import TensorFlow.

@@ -474,13 +474,16 @@ def test_tabular_columns_are_required_for_the_tabular_sources_only():
     assert _tabular("data.tabular.timestamp_format='%Y-%m-%d'").data.tabular["timestamp_format"] == "%Y-%m-%d"
 
 
-def test_checking_the_tabular_options_does_not_import_tensorflow():
+def test_loading_and_checking_a_config_does_not_import_tensorflow():
     from conftest import python_subprocess
 
     proc = python_subprocess(
         "import sys\n"
+        "from pipeline.config import load_config\n"
         "from pipeline.data.tabular import TabularOptions\n"
         "TabularOptions({'user_id': 'u', 'item_id': 'i', 'timestamp': 't'}, format='tsv')\n"
+        "load_config(None, ['data.source=csv', 'data.path=x.tsv', 'data.tabular.columns={user_id: u, item_id: i, "
+        "timestamp: t}'])\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n")
     assert proc.returncode == 0, proc.stderr
 
