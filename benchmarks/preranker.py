@@ -264,7 +264,8 @@ def main(argv=None) -> None:
                                    teacher_logits, train_preranker)
     from models.preranking.training import derived_latency, latency_grid, predict_logits
     from models.ranking.metrics import auc
-    from models.ranking.models import RankingConfig, build_ranker, build_vocabularies, export_ranker, inputs_from_frame
+    from models.ranking.models import (RankingConfig, build_ranker, build_vocabularies, export_ranker,
+                                       inputs_from_frame, numeric_stats)
     from models.ranking.training import fit_ranker, last_events_mask
     from models.signatures import ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, several_user_arguments
     from models.two_tower import TwoTowerModel
@@ -282,6 +283,7 @@ def main(argv=None) -> None:
                                 args.validation_fraction)
     valid_frame, train_frame = train_frame[held_out], train_frame[~held_out]
     vocabs = build_vocabularies(schema, train_frame)
+    stats = numeric_stats(schema, train_frame)
     names = [f.name for f in schema.features]
     hand_names = list(args.hand_features or names)
     unknown = sorted(set(hand_names) - set(names))
@@ -308,7 +310,7 @@ def main(argv=None) -> None:
 
     # -- teacher ----------------------------------------------------------------------
     keras.utils.set_random_seed(args.seed)
-    ranker = build_ranker("can", schema, vocabs, RankingConfig(embedding_dim=args.embedding_dim))
+    ranker = build_ranker("can", schema, vocabs, RankingConfig(embedding_dim=args.embedding_dim), stats)
     ranker.compile(optimizer=keras.optimizers.Adam(0.003), loss=keras.losses.BinaryCrossentropy(from_logits=True))
     ranker_fit = fit_ranker(ranker, (train_x, train_y), (valid_x, valid_y), epochs=args.ranker_epochs,
                             batch_size=args.batch_size, seed=args.seed)
@@ -419,8 +421,8 @@ def main(argv=None) -> None:
     sweep = []
     for lam2 in args.lambda2:
         config = dataclasses.replace(base, architecture_latency_weight=float(lam2))
-        model, metrics = train_preranker(schema, vocabs, train_frame, valid_frame, ranker, config, latency_table=table,
-                                         teacher_outputs=(teacher_train, teacher_valid))
+        model, metrics = train_preranker(schema, vocabs, train_frame, valid_frame, ranker, config, numeric_stats=stats,
+                                         latency_table=table, teacher_outputs=(teacher_train, teacher_valid))
         autofas_signatures = signature(export_preranker(model, os.path.join(tmp, f"autofas_{lam2:g}")))
         test_scores = predict_logits(model, test_x)
         summary = {k: metrics[k] for k in ("features", "hidden_units", "operators", "keep_probabilities",
@@ -436,7 +438,7 @@ def main(argv=None) -> None:
 
     # -- hand-designed distilled MLP ---------------------------------------------------------
     keras.utils.set_random_seed(args.seed)
-    hand = PreRanker(schema, vocabs, hand_names, args.hand_hidden, args.embedding_dim, name="hand_mlp")
+    hand = PreRanker(schema, vocabs, hand_names, args.hand_hidden, args.embedding_dim, stats, name="hand_mlp")
     hand_valid = (valid_x, valid_y) + ((teacher_valid,) if args.retrain_selection == "distillation" else ())
     hand_fit = fit_distilled(hand, (train_x, train_y, teacher_train), hand_valid, epochs=args.retrain_epochs,
                              batch_size=args.batch_size, learning_rate=base.learning_rate,

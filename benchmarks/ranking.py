@@ -163,7 +163,7 @@ def _loss(args):
 
 
 def train_and_evaluate(model_type: str, seed: int, schema, vocabs, config, train, validation, test,
-                       args) -> Tuple[Any, Dict]:
+                       args, stats=None) -> Tuple[Any, Dict]:
     """Trains up to ``args.epochs`` epochs, keeps the epoch with the best validation AUC
     (stops after the first epoch that does not improve it), evaluates on the test set."""
     from models.ranking.metrics import ctr_metrics
@@ -172,7 +172,7 @@ def train_and_evaluate(model_type: str, seed: int, schema, vocabs, config, train
     from models.tf_compat import keras
 
     keras.utils.set_random_seed(seed)
-    model = build_ranker(model_type, schema, vocabs, config)
+    model = build_ranker(model_type, schema, vocabs, config, stats)
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), loss=_loss(args))
     training = fit_ranker(model, train, validation, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
     test_features, test_labels, test_users = test
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     from models.features import LABEL, USER_ID
-    from models.ranking.models import RankingConfig, build_vocabularies, inputs_from_frame
+    from models.ranking.models import RankingConfig, build_vocabularies, inputs_from_frame, numeric_stats
 
     start = time.perf_counter()
     schema, frame, source = load_impressions(args)
@@ -247,6 +247,7 @@ def main(argv=None) -> None:
         validation = ({k: tf.constant(v) for k, v in inputs_from_frame(schema, validation_frame).items()},
                       validation_frame[LABEL].to_numpy(np.float32))
     vocabs = build_vocabularies(schema, train_frame)
+    stats = numeric_stats(schema, train_frame)
     train = ({k: tf.constant(v) for k, v in inputs_from_frame(schema, train_frame).items()},
              train_frame[LABEL].to_numpy(np.float32))
     test = ({k: tf.constant(v) for k, v in inputs_from_frame(schema, test_frame).items()},
@@ -271,7 +272,7 @@ def main(argv=None) -> None:
         per_seed, model = [], None
         for seed in range(args.seeds):
             model, metrics = train_and_evaluate(model_type, seed, schema, vocabs, config, train, validation, test,
-                                                args)
+                                                args, stats)
             per_seed.append(metrics)
             print(f"{model_type} seed {seed}: AUC {metrics['auc']:.4f} GAUC {metrics['gauc']:.4f} "
                   f"logloss {metrics['log_loss']:.4f} epochs {metrics['epochs']} validation "

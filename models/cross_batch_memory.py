@@ -19,6 +19,7 @@ from __future__ import annotations
 from models.tf_compat import keras, tf
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class CrossBatchMemory(keras.layers.Layer):
     """A FIFO bank of ``memory_size`` (embedding, log q, id fingerprint) entries.
 

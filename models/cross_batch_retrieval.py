@@ -71,6 +71,7 @@ LOSSES = ("softmax", "ccl")
 CCL_NEGATIVES = ("all", "uniform")
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class CrossBatchRetrieval(keras.layers.Layer):
     """Sampled-softmax retrieval loss over batch + memory bank + uniform negatives.
 

@@ -35,6 +35,7 @@ def feature_drift(now: np.ndarray, before: np.ndarray) -> float:
     return float(np.linalg.norm(now - before, axis=1).sum())
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class FeatureDriftCallback(keras.callbacks.Callback):
     """Records the item encoder's feature drift during `fit`.
 
@@ -63,6 +64,7 @@ class FeatureDriftCallback(keras.callbacks.Callback):
         self.history: List[Dict[str, float]] = []
         self._past: collections.deque = collections.deque(maxlen=max(self.deltas) + 1)
         self._step = 0
+        self.log_dir = log_dir
         self._writer = tf.summary.create_file_writer(log_dir) if log_dir else None
 
     def _measure(self) -> None:
@@ -87,6 +89,24 @@ class FeatureDriftCallback(keras.callbacks.Callback):
     def save_plot(self, path: str) -> None:
         """Writes the drift curves (one per Δt) as a PNG."""
         plot_feature_drift(self.history, self.every_n_steps, path)
+
+    def get_config(self):
+        if not isinstance(self.item_model, keras.layers.Layer):
+            raise ValueError("`item_model` should be a Keras layer or model for the callback to have a config. "
+                             f"Received: item_model={self.item_model!r}")
+        return {"item_model": keras.layers.serialize(self.item_model),
+                "item_features": {k: _as_list(v) for k, v in self.item_features.items()},
+                "every_n_steps": self.every_n_steps, "deltas": list(self.deltas), "log_dir": self.log_dir}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{**config, "item_model": keras.layers.deserialize(config["item_model"])})
+
+
+def _as_list(values: tf.Tensor) -> list:
+    """A tensor as nested Python lists (strings decoded), for a JSON config."""
+    array = values.numpy()
+    return (np.char.decode(array.astype(bytes), "utf-8") if values.dtype == tf.string else array).tolist()
 
 
 def plot_feature_drift(rows: Sequence[Mapping[str, float]], every_n_steps: int, path: str) -> None:

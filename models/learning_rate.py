@@ -53,6 +53,7 @@ def learning_rate_at(epoch: int, base: float, schedule: str = "constant", epochs
     return float(base * (decay + (1.0 - decay) * 0.5 * (1.0 + math.cos(math.pi * progress))))
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class EpochLearningRate(keras.callbacks.Callback):
     """Sets the optimizer's learning rate to `learning_rate_at(epoch, ...)` before each epoch.
 
@@ -75,3 +76,11 @@ class EpochLearningRate(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["learning_rate"] = self.history[-1]
+
+    def get_config(self):
+        return {"base": self.base, "schedule": self.schedule, "epochs": self.epochs, "decay": self.decay,
+                "boundaries": list(self.boundaries)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

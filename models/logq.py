@@ -25,6 +25,7 @@ def log_q_with_floor(probabilities: np.ndarray, floor: float) -> np.ndarray:
     return np.log(np.maximum(probabilities, floor))
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class ItemLogQ(keras.layers.Layer):
     """Looks up log q(i) by item id; unknown ids get log of the `floor` probability.
 

@@ -148,6 +148,7 @@ def draw_masks(masking: str, num_features: int, mutual_information=None):
     return mask_a, tf.logical_not(mask_a)
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class FeatureMasking(keras.layers.Layer):
     """Replaces masked features by a learned per-feature default embedding.
 
@@ -173,6 +174,7 @@ class FeatureMasking(keras.layers.Layer):
         return {**super().get_config(), "feature_sizes": self.feature_sizes}
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class ItemSelfSupervision(keras.layers.Layer):
     """The auxiliary contrastive task on the item tower (Yao et al., Sec. 3).
 

@@ -15,6 +15,7 @@ from models.features import ITEM_ID, OOV_TOKEN, PAD_TOKEN, Feature, Kind, Schema
 from models.tf_compat import keras, tf
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class MaskedMeanPooling(keras.layers.Layer):
     """Mean over the non-padding positions.
 
@@ -33,6 +34,7 @@ class MaskedMeanPooling(keras.layers.Layer):
         return tf.math.divide_no_nan(total, count)
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class MaskedAttentionPooling(keras.layers.Layer):
     """Attention-weighted mean over the non-padding positions, scored by a learned query.
 
@@ -101,15 +103,23 @@ def feature_sizes(features: Sequence[Feature], feature_dim: int) -> List[int]:
     return [1 if f.kind == Kind.NUMERIC else int(feature_dim) for f in features]
 
 
+# The one token of a vocabulary that has none (every training value unknown, as the user id of an
+# anonymous log): StringLookup refuses an empty list, and no input carries this token.
+NO_TOKEN = "\x00[no token]"
+
+
 def make_lookup(tokens: Sequence[str], name: str) -> keras.layers.StringLookup:
-    """String → id with ``""`` as mask (id 0) and one OOV bucket (id 1)."""
-    vocab = [t for t in tokens if t not in (PAD_TOKEN, OOV_TOKEN)]
-    if not vocab:
-        raise ValueError(f"vocabulary {name!r} is empty")
+    """String → id with ``""`` as mask (id 0) and one OOV bucket (id 1).
+
+    A vocabulary without tokens maps every value but ``""`` to the OOV bucket (the
+    feature is constant: it carries nothing, and breaks nothing).
+    """
+    vocab = [t for t in tokens if t not in (PAD_TOKEN, OOV_TOKEN)] or [NO_TOKEN]
     return keras.layers.StringLookup(vocabulary=vocab, mask_token=PAD_TOKEN, num_oov_indices=1,
                                      oov_token=OOV_TOKEN, name=f"{name}_lookup")
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class SharedItemEmbedding(keras.layers.Layer):
     """Item-id lookup and embedding shared by the item tower and the query tower's history."""
 
@@ -135,6 +145,7 @@ class SharedItemEmbedding(keras.layers.Layer):
         return {**super().get_config(), "item_vocabulary": self.item_vocabulary, "dim": self.dim}
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class Tower(keras.Model):
     """One tower: features of `side` → ``[B, output_dim]`` embedding.
 
@@ -267,17 +278,22 @@ class Tower(keras.Model):
         return self.project(self.embed_features(inputs), training=training)
 
     def get_config(self):
+        # Attributes holding dicts/lists are wrapped by Keras' tracking: hand back plain ones.
         return {
-            "schema": self.schema.to_dict(), "side": self.side, "vocabularies": self.vocabularies,
-            "feature_dim": self.feature_dim, "hidden_units": self.hidden_units,
+            "schema": self.schema.to_dict(), "side": self.side,
+            "vocabularies": {k: list(v) for k, v in self.vocabularies.items()},
+            "feature_dim": self.feature_dim, "hidden_units": list(self.hidden_units),
             "output_dim": self.output_dim, "normalize": self.normalize,
-            "numeric_stats": self.numeric_stats, "dropout": self.dropout,
-            "history_pooling": self.history_pooling, "name": self.name,
+            "numeric_stats": {k: list(v) for k, v in self.numeric_stats.items()},
+            "shared_item_embedding": (None if self.item_embedding is None
+                                      else keras.layers.serialize(self.item_embedding)),
+            "dropout": self.dropout, "history_pooling": self.history_pooling, "name": self.name,
         }
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        shared = config.get("shared_item_embedding")
+        return cls(**{**config, "shared_item_embedding": None if shared is None else keras.layers.deserialize(shared)})
 
     def serving_function(self):
         """A concrete function taking the side's features and returning ``{"embedding"}``."""

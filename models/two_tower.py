@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import tensorflow_recommenders as tfrs
 
 from models.features import ITEM_ID, Schema
@@ -24,6 +25,7 @@ from models.tf_compat import keras, tf
 from models.towers import SharedItemEmbedding, Tower
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class TwoTowerModel(tfrs.Model):
     """Query tower + item tower + retrieval task.
 
@@ -85,6 +87,8 @@ class TwoTowerModel(tfrs.Model):
         self.item_log_q = item_log_q
         self.temperature = float(temperature)
         self.remove_accidental_hits = bool(remove_accidental_hits)
+        # The default task is described by `temperature` and `remove_accidental_hits` in the config.
+        self._default_task = task is None
         self.task = task if task is not None else tfrs.tasks.Retrieval(
             temperature=self.temperature, remove_accidental_hits=self.remove_accidental_hits)
         self.num_mixed_negatives = int(num_mixed_negatives)
@@ -162,6 +166,38 @@ class TwoTowerModel(tfrs.Model):
         return self.task(query_embeddings, candidate_embeddings, compute_metrics=False,
                          compute_batch_metrics=False, **kwargs)
 
+    def get_config(self):
+        task = None if self._default_task else self.task
+        if isinstance(task, tfrs.tasks.Retrieval):
+            raise ValueError("A `tfrs.tasks.Retrieval` task passed in cannot be described by a config (it has "
+                             "none); leave `task` out for the default one, or pass a serializable layer such as "
+                             f"CrossBatchRetrieval. Received: task={task!r}")
+        tower = self.item_tower
+
+        def layer(value):
+            return None if value is None else keras.layers.serialize(value)
+
+        return {"schema": self.schema.to_dict(),
+                "vocabularies": {k: list(v) for k, v in tower.vocabularies.items()},
+                "item_log_q": layer(self.item_log_q), "embedding_dim": tower.output_dim,
+                "feature_dim": tower.feature_dim, "hidden_units": list(tower.hidden_units),
+                "normalize": tower.normalize, "temperature": self.temperature,
+                "remove_accidental_hits": self.remove_accidental_hits, "dropout": tower.dropout,
+                "numeric_stats": {k: list(v) for k, v in tower.numeric_stats.items()}, "task": layer(task),
+                "corpus": None if self.corpus is None else {k: _as_list(v) for k, v in self.corpus.items()},
+                "num_mixed_negatives": self.num_mixed_negatives, "ssl": layer(self.ssl),
+                "ssl_weight": self.ssl_weight, "history_pooling": tower.history_pooling,
+                "embedding_l2": self.embedding_l2}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schema"] = Schema.from_dict(config["schema"])
+        for name in ("item_log_q", "task", "ssl"):
+            if config.get(name) is not None:
+                config[name] = keras.layers.deserialize(config[name])
+        return cls(**config)
+
     def _uniform_negatives(self, training):
         """Item embeddings, ids and log q of items drawn uniformly from the corpus."""
         size = tf.shape(self.corpus[ITEM_ID])[0]
@@ -171,3 +207,9 @@ class TwoTowerModel(tfrs.Model):
         ids = feats[ITEM_ID]
         log_q = self.item_log_q(ids) if self.item_log_q is not None else tf.zeros([self.num_mixed_negatives])
         return emb, ids, log_q, size
+
+
+def _as_list(values: tf.Tensor) -> list:
+    """A tensor as nested Python lists (strings decoded), for a JSON config."""
+    array = values.numpy()
+    return (np.char.decode(array.astype(bytes), "utf-8") if values.dtype == tf.string else array).tolist()

@@ -65,7 +65,7 @@ def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple
     log.info("preranker: AutoFAS search over %d training events (teacher: the %s ranker)", len(train_frame),
              config.ranker.model)
     model, details = train_preranker(schema, teacher.vocabularies, train_frame, valid_frame, teacher,
-                                     autofas_config(config))
+                                     autofas_config(config), numeric_stats=teacher.numeric_stats)
     logits = predict_logits(model, inputs_from_frame(schema, test_frame, model.features))
     probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     metrics = ctr_metrics(test_frame[USER_ID].to_numpy(), test_frame[LABEL].to_numpy(np.float32), probabilities)

@@ -10,8 +10,9 @@ that role.
 The model trains on the train split (each user's last `validation_fraction` of it
 held out to choose the epoch) and is measured on the test split: AUC, GAUC, log loss,
 calibration; and the exported signature's latency for scoring 1,000 candidates.
-The trained weights and the vocabularies are written to the stage's checkpoint
-directory, from which the export stage rebuilds the model.
+The trained weights, the vocabularies and the numeric features' training mean and
+standard deviation (the model standardizes them) are written to the stage's
+checkpoint directory, from which the export stage rebuilds the model.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from models.features import HISTORY, ITEM_ID, LABEL, TIMESTAMP, USER_ID, Schema
 log = logging.getLogger("recfunnel")
 
 VOCABULARIES_FILE = "vocabularies.json"
+NUMERIC_STATS_FILE = "numeric_stats.json"
 WEIGHTS = "weights"
 LATENCY_CANDIDATES = 1000
 
@@ -88,12 +90,12 @@ def ranking_model_config(config):
                          sequence_pooling=config.sequence_pooling, coaction_l2=config.coaction_l2)
 
 
-def _compiled_model(config, schema: Schema, vocabularies):
+def _compiled_model(config, schema: Schema, vocabularies, numeric_stats=None):
     from models.ranking.losses import make_loss
     from models.ranking.models import build_ranker
     from models.tf_compat import keras
 
-    model = build_ranker(config.model, schema, vocabularies, ranking_model_config(config))
+    model = build_ranker(config.model, schema, vocabularies, ranking_model_config(config), numeric_stats)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=make_loss(config.loss))
     return model
 
@@ -136,7 +138,7 @@ def stage_ranker(config, workdir: str, checkpoint_dir: str) -> Tuple[Any, Dict[s
     ``calibration``), training curves, parameter counts and serving latency.
     """
     from models.ranking.metrics import calibration, ctr_metrics
-    from models.ranking.models import build_vocabularies, inputs_from_frame
+    from models.ranking.models import build_vocabularies, inputs_from_frame, numeric_stats
     from models.ranking.training import fit_ranker, last_events_mask, predict_probabilities
     from models.tf_compat import keras, tf
 
@@ -155,8 +157,9 @@ def stage_ranker(config, workdir: str, checkpoint_dir: str) -> Tuple[Any, Dict[s
     log.info("ranker: %d train / %d validation / %d test events (CTR %.3f)", len(train_frame),
              0 if validation is None else len(validation[1]), len(test_frame), float(frame[LABEL].mean()))
     vocabularies = build_vocabularies(schema, train_frame)
+    stats = numeric_stats(schema, train_frame)
     keras.utils.set_random_seed(r.seed)
-    model = _compiled_model(r, schema, vocabularies)
+    model = _compiled_model(r, schema, vocabularies, stats)
 
     def progress(epoch, logs):
         auc_text = "" if logs["validation_auc"] is None else f", validation AUC {logs['validation_auc']:.4f}"
@@ -170,6 +173,8 @@ def stage_ranker(config, workdir: str, checkpoint_dir: str) -> Tuple[Any, Dict[s
     os.makedirs(checkpoint_dir, exist_ok=True)
     with open(os.path.join(checkpoint_dir, VOCABULARIES_FILE), "w") as f:
         json.dump(vocabularies, f)
+    with open(os.path.join(checkpoint_dir, NUMERIC_STATS_FILE), "w") as f:
+        json.dump(stats, f)
     tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, WEIGHTS))
     summary = {
         "model": r.model, "loss": r.loss,
@@ -205,7 +210,11 @@ def restore_ranker(config, workdir: str, checkpoint_dir: str):
     schema = Schema.load(os.path.join(workdir, "data", layout.SCHEMA_FILE))
     with open(os.path.join(checkpoint_dir, VOCABULARIES_FILE)) as f:
         vocabularies = json.load(f)
-    model = _compiled_model(config.ranker, schema, vocabularies)
+    stats = {}  # a checkpoint written before numeric features were standardized has none
+    if os.path.exists(os.path.join(checkpoint_dir, NUMERIC_STATS_FILE)):
+        with open(os.path.join(checkpoint_dir, NUMERIC_STATS_FILE)) as f:
+            stats = json.load(f)
+    model = _compiled_model(config.ranker, schema, vocabularies, stats)
     fn = model.serving_function()  # builds every variable
     del fn
     tf.train.Checkpoint(model=model).read(os.path.join(checkpoint_dir, WEIGHTS)).assert_existing_objects_matched().expect_partial()

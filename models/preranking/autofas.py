@@ -55,6 +55,7 @@ def straight_through_bernoulli(probabilities: tf.Tensor, seed: tf.Tensor) -> tf.
     return probabilities + tf.stop_gradient(hard - probabilities)
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class FeatureMask(keras.layers.Layer):
     """θ_i and the masked feature blocks.
 
@@ -106,6 +107,7 @@ class FeatureMask(keras.layers.Layer):
                 "initial_probability": self.initial_probability, "keep_threshold": self.keep_threshold}
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class MixOp(keras.layers.Layer):
     """One searched layer: ``Σ_j softmax(α)_j · pad_H(op_j(x))``.
 
@@ -158,6 +160,7 @@ class MixOp(keras.layers.Layer):
                 "output_width": self.output_width}
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class AutoFASSearch(keras.Model):
     """The super-network searched by AutoFAS.
 

@@ -20,6 +20,7 @@ def _masked_mean(embeddings: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
     return tf.math.divide_no_nan(tf.reduce_sum(embeddings * mask, axis=1), tf.reduce_sum(mask, axis=1))
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class FeatureEmbedding(keras.layers.Layer):
     """Embeds the named features of the schema.
 

@@ -63,6 +63,7 @@ def _check_weight(distillation_weight) -> None:
                          f"distillation_weight={distillation_weight!r}")
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class DistillationLoss(keras.losses.Loss):
     """`distillation_loss` for `Model.fit`: ``y_true`` is ``[B, 2]`` = (label, ranker logit)."""
 

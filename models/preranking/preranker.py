@@ -24,6 +24,7 @@ from models.ranking.models import (candidate_scoring_function, multi_user_scorin
 from models.tf_compat import keras, tf
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class PreRanker(keras.Model):
     """Embeddings of `features` → ReLU layers `hidden_units` → logit.
 

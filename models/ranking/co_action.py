@@ -380,6 +380,7 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 # ---------------------------------------------------------------------------------
 # Keras adapter.
 # ---------------------------------------------------------------------------------
+@keras.utils.register_keras_serializable(package="recfunnel")
 class CoActionUnit(keras.layers.Layer):
     """Co-action of induction features with several feed features (no weights of its own).
 

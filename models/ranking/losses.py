@@ -191,6 +191,7 @@ def _check_ghm_args(num_bins, momentum, density_normalization) -> None:
 # ---------------------------------------------------------------------------------
 # Keras wrappers.
 # ---------------------------------------------------------------------------------
+@keras.utils.register_keras_serializable(package="recfunnel")
 class BinaryCrossEntropy(keras.losses.Loss):
     """BCE from logits (see `binary_cross_entropy`).
 
@@ -204,6 +205,7 @@ class BinaryCrossEntropy(keras.losses.Loss):
         return binary_cross_entropy(y_true, y_pred)
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class FocalLoss(keras.losses.Loss):
     """Binary focal loss from logits (see `focal_loss`).
 
@@ -227,6 +229,7 @@ class FocalLoss(keras.losses.Loss):
         return {**super().get_config(), "alpha": self.alpha, "gamma": self.gamma}
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class GHMCLoss(keras.losses.Loss):
     """Gradient-harmonized BCE (GHM-C) from logits with moving-average bin counts.
 

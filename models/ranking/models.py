@@ -282,6 +282,24 @@ def coaction_features(schema: Schema, config: RankingConfig) -> Tuple[List[str],
 # ---------------------------------------------------------------------------------
 # Data helpers (numpy).
 # ---------------------------------------------------------------------------------
+def numeric_stats(schema: Schema, columns: Mapping[str, Sequence]) -> Dict[str, List[float]]:
+    """Numeric feature → ``[mean, std]`` over training columns (std 1.0 when the feature is constant), the
+    standardization the models apply (`numeric_stats` of `RankingModel`)."""
+    out = {}
+    for f in schema.features:
+        if f.kind != Kind.NUMERIC:
+            continue
+        if f.name not in columns:
+            raise ValueError(f"`columns` lacks the numeric feature {f.name!r}")
+        values = np.asarray(columns[f.name], dtype=np.float64).reshape(-1)
+        if not len(values) or not np.isfinite(values).all():
+            raise ValueError(f"numeric feature {f.name!r} should have finite values. Received {len(values)} values, "
+                             f"{int((~np.isfinite(values)).sum())} not finite")
+        std = float(values.std())
+        out[f.name] = [float(values.mean()), std if std > 0 else 1.0]
+    return out
+
+
 def build_vocabularies(schema: Schema, columns: Mapping[str, Sequence], min_count: int = 1
                        ) -> Dict[str, List[str]]:
     """Vocabulary name → tokens by decreasing frequency (ties by token), from training columns.
@@ -353,6 +371,7 @@ def _broadcast_rows(x: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
     return tf.broadcast_to(x, tf.concat([tf.reshape(n, [1]), tf.shape(x)[1:]], axis=0))
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class TargetAttentionPooling(keras.layers.Layer):
     """DIN's activation unit: behaviours weighted by their relevance to the candidate.
 
@@ -418,6 +437,7 @@ def cartesian_ids(user_ids: tf.Tensor, item_ids: tf.Tensor, user_vocab_size: int
 # ---------------------------------------------------------------------------------
 # Models.
 # ---------------------------------------------------------------------------------
+@keras.utils.register_keras_serializable(package="recfunnel")
 class RankingModel(keras.Model):
     """Embeddings of every feature → MLP → click logit (the DNN baseline; base of the others).
 
@@ -592,12 +612,14 @@ class RankingModel(keras.Model):
         return cls(**config)
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class DNN(RankingModel):
     """Embeddings + MLP (the common base, no interaction modelling)."""
 
     model_type = "dnn"
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class DIN(RankingModel):
     """The base with the history pooled by target attention on the candidate's item id.
 
@@ -623,6 +645,7 @@ def _coaction_regularizer(config: RankingConfig):
     return keras.regularizers.L2(config.coaction_l2) if config.coaction_l2 else None
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class CartesianDNN(RankingModel):
     """The base plus one embedded Cartesian-product id per co-action pair.
 
@@ -659,6 +682,7 @@ class CartesianDNN(RankingModel):
         return int(sum(e.input_dim * e.output_dim for e in self.cross_embeddings.values()))
 
 
+@keras.utils.register_keras_serializable(package="recfunnel")
 class CAN(RankingModel):
     """The base plus the co-action unit of every (user feed, item induction) pair.
 

@@ -14,7 +14,7 @@ first on the user side and ``item_id`` first on the item side):
 
 * **Criteo** (``criteo_sample.txt``: ``label, I1..I13, C1..C26``): anonymous — no user,
   no item, no time. ``user_id`` and ``item_id`` are the OOV token ``"[OOV]"`` (unknown,
-  the project's convention for a missing categorical), so GAUC is not defined; every
+  the project's convention for a missing categorical), so GAUC is the AUC; every
   ``I*`` is a numeric item-side feature (an empty value becomes 0.0: Criteo leaves many
   counts blank), every ``C*`` a categorical item-side feature (empty stays ``""``, the
   mask token: a zero embedding).
