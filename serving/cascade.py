@@ -319,15 +319,10 @@ class Cascade:
         if version is None:
             version = exports.serving_version(workdir)
             if version is None:
-                rejected = exports.rejected_versions(workdir)
-                if rejected and exports.complete_versions(workdir):
-                    reasons = "; ".join(f"version {v}: {r}" for v, r in sorted(rejected.items()))
-                    raise FileNotFoundError(
-                        f"no version of {workdir} passed the quality gate ({reasons}); ask for a version "
-                        f"explicitly to load it anyway")
-                raise FileNotFoundError(
-                    f"no exported index under {exports.model_dir(workdir, exports.INDEX)}; "
-                    f"run `recfunnel run --workdir {workdir}` first")
+                why = exports.nothing_to_serve(workdir)
+                if exports.complete_versions(workdir):
+                    raise FileNotFoundError(f"{why}; ask for a version explicitly to load it anyway")
+                raise FileNotFoundError(f"{why}; run `recfunnel run --workdir {workdir}` first")
         version = int(version)
         for model in exports.REQUIRED_MODELS:
             path = exports.version_path(workdir, model, version)

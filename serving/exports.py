@@ -137,6 +137,16 @@ def serving_version(workdir: str) -> Optional[int]:
     return complete[-1] if complete else None
 
 
+def nothing_to_serve(workdir: str) -> str:
+    """Why `serving_version` finds no version: every complete one was turned down by its gate
+    (with the reasons), or none is exported."""
+    complete, rejected = complete_versions(workdir), rejected_versions(workdir)
+    if complete and all(v in rejected for v in complete):
+        reasons = "; ".join(f"version {v}: {rejected[v]}" for v in complete)
+        return f"no version of {workdir} passed the quality gate ({reasons})"
+    return f"nothing exported under {model_dir(workdir, INDEX)}"
+
+
 def serving_data_dir(workdir: str, version: int) -> str:
     """The data tables version `version` serves with: its own copy, else ``<workdir>/data``."""
     path = version_path(workdir, SERVING_DATA, version)

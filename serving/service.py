@@ -161,7 +161,11 @@ class ModelWatcher:
             except OSError as e:  # the workdir is being rewritten; try again next time
                 log.warning("cannot read the exports of %s: %s", self.config.workdir, e)
                 return False
-            if target is None or target == self._target or target == self._failed:
+            if target is None:
+                if self.current is None:  # say why nothing is served (the gate, or no export)
+                    self.last_error = exports.nothing_to_serve(self.config.workdir)
+                return False
+            if target == self._target or target == self._failed:
                 return False
             version, pre, rank, _ = target
             started = time.perf_counter()
@@ -423,8 +427,8 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
 
         await anyio.to_thread.run_sync(watcher.refresh)
         if watcher.current is None:
-            log.warning("no model version to serve yet under %s (%s); /readyz answers 503 until one appears",
-                        exports.model_dir(config.workdir, exports.INDEX), watcher.last_error or "nothing exported")
+            log.warning("no model version to serve yet (%s); /readyz answers 503 until one appears",
+                        watcher.last_error or exports.nothing_to_serve(config.workdir))
         watcher.start()
         try:
             yield
@@ -511,7 +515,8 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
     def readyz():
         cascade = watcher.current
         if cascade is None:
-            return JSONResponse(status_code=503, content={"detail": "no model version loaded yet"})
+            return JSONResponse(status_code=503, content={
+                "detail": "no model version loaded yet" + (f" ({watcher.last_error})" if watcher.last_error else "")})
         return {"status": "ready", "version": cascade.version, "stages": cascade.stages}
 
     return app

@@ -144,11 +144,20 @@ def test_not_ready_until_a_version_appears_and_bad_versions_keep_the_old(copy_wo
     with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200
         r = c.get("/readyz")
-        assert r.status_code == 503 and r.json()["detail"] == "no model version loaded yet"
+        assert r.status_code == 503 and r.json()["detail"].startswith("no model version loaded yet (nothing exported")
         r = c.post("/v1/recommend", json={"user_id": "u1"})
         assert r.status_code == 503 and "no model version loaded yet" in r.json()["detail"]
         assert c.get("/v1/models").json()["ready"] is False
         os.rename(os.path.join(w, "export-later"), os.path.join(w, "export"))
+        # Exported, but turned down by its quality gate: not served, and every answer says why.
+        from serving import exports
+
+        exports.write_rejected(w, {1: "retrieval.recall@10=0.0100 < min_value=0.5"})
+        assert app.state.watcher.refresh() is False
+        why = "passed the quality gate (version 1: retrieval.recall@10=0.0100 < min_value=0.5)"
+        assert why in c.get("/readyz").json()["detail"] and why in c.get("/v1/models").json()["last_error"]
+        assert why in c.post("/v1/recommend", json={"user_id": "u1"}).json()["detail"]
+        exports.write_rejected(w, {})
         assert app.state.watcher.refresh() is True
         assert c.get("/readyz").json()["version"] == 1
         assert c.post("/v1/recommend", json={"user_id": "u1"}).status_code == 200
