@@ -178,14 +178,21 @@ def _embed(tower, features: Dict[str, np.ndarray], batch_size: int) -> np.ndarra
     return np.concatenate(parts, axis=0)
 
 
-def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> Dict[str, Any]:
-    """Metrics of the exported models of `version` in `workdir`."""
+def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig, with_index: bool = True
+                       ) -> Dict[str, Any]:
+    """Metrics of the exported models of `version` in `workdir` on the workdir's current data.
+
+    The towers of any version are measured on the current test split, users and catalogue
+    (an older version's own copy of the tables is not used), so that two versions can be
+    compared on the same data. `with_index=False` leaves out the ``index.*`` metrics
+    (an older version's index holds its own catalogue).
+    """
     from pipeline.job import DATA_DIR, STATS_DIR, item_embeddings, read_item_frequencies
     from serving import exports
     from serving.recommender import Recommender
 
     data_dir = os.path.join(workdir, DATA_DIR)
-    rec = Recommender(workdir, version)
+    rec = Recommender(workdir, version, data_dir=data_dir)
     truth = test_positives(data_dir)
     users = evaluation_users(truth, rec.users, config, data_dir)
 
@@ -200,19 +207,20 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> 
     exact_ranked = [[item_ids[i] for i in row] for row in exact_idx]
 
     # Through the index: ask for enough neighbours to survive the seen-item filter.
-    max_seen = max(len(s) for s in seen_idx)
-    fetch = min(len(item_ids), kmax + max_seen)
     idx_ranked, idx_scores = [], np.full((len(users), kmax), NEG_INF)
-    for start in range(0, len(users), 1024):
-        _, ids = rec.index.search(queries[start:start + 1024], fetch)
-        for r, row in enumerate(ids):
-            u = start + r
-            seen = set(rec.users.seen(users[u]))
-            kept = [i for i in row if i not in seen][:kmax]
-            idx_ranked.append(kept)
-            # Exact scores of the returned items, so agreement is judged by score.
-            sc = [float(queries[u] @ item_emb[position[i]]) for i in kept]
-            idx_scores[u, :len(sc)] = sc
+    if with_index:
+        max_seen = max(len(s) for s in seen_idx)
+        fetch = min(len(item_ids), kmax + max_seen)
+        for start in range(0, len(users), 1024):
+            _, ids = rec.index.search(queries[start:start + 1024], fetch)
+            for r, row in enumerate(ids):
+                u = start + r
+                seen = set(rec.users.seen(users[u]))
+                kept = [i for i in row if i not in seen][:kmax]
+                idx_ranked.append(kept)
+                # Exact scores of the returned items, so agreement is judged by score.
+                sc = [float(queries[u] @ item_emb[position[i]]) for i in kept]
+                idx_scores[u, :len(sc)] = sc
 
     freq_ids, counts, _ = read_item_frequencies(os.path.join(workdir, STATS_DIR))
     popular = items_by_popularity(freq_ids, counts)
@@ -225,16 +233,17 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig) -> 
     for k in config.ks:
         ex = recall_ndcg_at_k(exact_ranked, relevant, k)
         tail = recall_ndcg_at_k(exact_ranked, tail_relevant, k)
-        ix = recall_ndcg_at_k(idx_ranked, relevant, k)
         pop = recall_ndcg_at_k(pop_ranked, relevant, k)
         metrics[f"retrieval.recall@{k}"] = ex["recall"]
         metrics[f"retrieval.ndcg@{k}"] = ex["ndcg"]
         metrics[f"retrieval.precision@{k}"] = ex["precision"]
         metrics[f"retrieval.tail.recall@{k}"] = tail["recall"]
         metrics[f"retrieval.tail.ndcg@{k}"] = tail["ndcg"]
-        metrics[f"index.recall@{k}"] = ix["recall"]
-        metrics[f"index.ndcg@{k}"] = ix["ndcg"]
-        metrics[f"index.recall_vs_exact@{k}"] = recall_vs_exact(idx_scores[:, :k], exact_scores[:, :k], k)
+        if with_index:
+            ix = recall_ndcg_at_k(idx_ranked, relevant, k)
+            metrics[f"index.recall@{k}"] = ix["recall"]
+            metrics[f"index.ndcg@{k}"] = ix["ndcg"]
+            metrics[f"index.recall_vs_exact@{k}"] = recall_vs_exact(idx_scores[:, :k], exact_scores[:, :k], k)
         metrics[f"baseline.popularity.recall@{k}"] = pop["recall"]
         metrics[f"baseline.popularity.ndcg@{k}"] = pop["ndcg"]
     return metrics

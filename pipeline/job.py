@@ -769,7 +769,9 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
 
             # promotion: only a version that passes the quality gate becomes the served one
             metrics["export_version"] = version
-            metrics["promotion"] = promote_if_better(workdir, version, metrics, config.promotion)
+            metrics["promotion"] = promote_if_better(
+                workdir, version, metrics, config.promotion, data_fingerprint=prior("data")["fingerprint"],
+                reevaluate=lambda v: evaluate_retrieval(workdir, v, config.evaluation, with_index=False))
             metrics["stage_seconds"] = timer.seconds
             metrics["total_seconds"] = round(time.time() - started, 3)
             metrics["config"] = config_to_dict(config)

@@ -1,7 +1,9 @@
 """Quality gates deciding whether a new export version becomes the served one.
 
 A version is promoted when its gate metric reaches `min_value` and is not worse than
-the currently promoted version's by more than `max_regression` (absolute). Only then
+the currently promoted version's by more than `max_regression` (absolute), the two
+measured on the same data (`promote_if_better` measures the promoted version again when
+the data changed since its promotion). Only then
 does ``export/promoted.json`` change; a version turned down is recorded in
 ``export/rejected.json``, so that a bad model never reaches serving, not even on a
 workdir where nothing was promoted yet. The newest `keep_versions` versions are kept
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 log = logging.getLogger("recfunnel")
 
@@ -60,19 +62,44 @@ def gate(candidate: Dict[str, Any], current: Optional[Dict[str, Any]], config: P
     return {**out, "promote": True, "reason": "passed"}
 
 
-def promote_if_better(workdir: str, version: int, metrics: Dict[str, Any], config: PromotionConfig) -> Dict[str, Any]:
-    """Applies the gate to `version`, records the promotion, prunes old versions."""
+def promote_if_better(workdir: str, version: int, metrics: Dict[str, Any], config: PromotionConfig,
+                      data_fingerprint: Optional[str] = None,
+                      reevaluate: Optional[Callable[[int], Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Applies the gate to `version`, records the promotion, prunes old versions.
+
+    Args:
+      data_fingerprint: what the run's metrics were measured on; recorded with a promotion.
+      reevaluate: version → its metrics on this run's data. When the promoted version was
+        measured on other data (another fingerprint), it is measured again on this run's
+        test split before the comparison, so that both sides of `max_regression` see the
+        same data (a data refresh changes every metric). Without it, or when the promoted
+        version's exports are gone, its recorded metrics are used.
+    """
     from serving import exports
 
     record = exports.promoted(workdir)
     if record is not None and int(record["version"]) == int(version):
         return {"promote": True, "version": int(version), "reason": "already promoted"}
-    decision = gate(metrics, record["metrics"] if record else None, config)
+    current = record["metrics"] if record else None
+    remeasured = False
+    if (record is not None and reevaluate is not None and data_fingerprint is not None
+            and record.get("data_fingerprint") != data_fingerprint
+            and int(record["version"]) in exports.complete_versions(workdir)):
+        fresh = reevaluate(int(record["version"]))
+        if config.metric in fresh:
+            current, remeasured = fresh, True
+            log.info("promoted version %d measured again on this run's data: %s=%.4f (recorded %s)",
+                     int(record["version"]), config.metric, float(fresh[config.metric]),
+                     record["metrics"].get(config.metric))
+    decision = gate(metrics, current, config)
     decision["version"] = int(version)
+    if record is not None:
+        decision["promoted_version"] = int(record["version"])
+        decision["promoted_measured_on"] = "this run's data" if remeasured else "its own run's data"
     rejected = exports.rejected_versions(workdir)
     if decision["promote"]:
         gated = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "@" in k}
-        exports.write_promoted(workdir, version, gated)
+        exports.write_promoted(workdir, version, gated, data_fingerprint)
         rejected.pop(int(version), None)
         log.info("promoted export version %d (%s)", version, decision["reason"])
     else:

@@ -300,7 +300,7 @@ class Cascade:
     @classmethod
     def load(cls, workdir: str, version: Optional[int] = None, *, config: CascadeConfig = CascadeConfig(),
              preranker_version: Optional[int] = None, ranker_version: Optional[int] = None,
-             previous: Optional["Cascade"] = None) -> "Cascade":
+             previous: Optional["Cascade"] = None, data_dir: Optional[str] = None) -> "Cascade":
         """Loads version `version` (None: `exports.serving_version`), with its own data tables.
 
         Args:
@@ -311,6 +311,8 @@ class Cascade:
             `exports.stage_version`).
           previous: a loaded cascade whose unchanged parts (same model versions, same
             data files) are reused.
+          data_dir: the user and item tables to serve with (default: the version's own
+            copy, `exports.serving_data_dir`; evaluation passes the run's current data).
 
         Raises:
           FileNotFoundError: no complete version, or a required model is missing.
@@ -344,7 +346,7 @@ class Cascade:
             return (previous is not None and previous.workdir == workdir
                     and previous.models.get(model) == models[model] and models[model] is not None)
 
-        data_dir = exports.serving_data_dir(workdir, version)
+        data_dir = data_dir or exports.serving_data_dir(workdir, version)
         signature = data_files_signature(data_dir)
         same_data = previous is not None and previous.workdir == workdir and previous.data_signature == signature
         users = previous.users if same_data else UserStore(data_dir)

@@ -167,11 +167,15 @@ def stage_version(workdir: str, model: str, version: int) -> Optional[int]:
     return int(version) if int(version) in vs else vs[-1]
 
 
-def write_promoted(workdir: str, version: int, metrics: Dict[str, Any]) -> None:
-    """Atomically records `version` as the promoted one."""
-    _write_json(os.path.join(workdir, EXPORT_DIR, PROMOTED_FILE),
-                {"version": int(version), "metrics": metrics,
-                 "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+def write_promoted(workdir: str, version: int, metrics: Dict[str, Any],
+                   data_fingerprint: Optional[str] = None) -> None:
+    """Atomically records `version` as the promoted one, with the metrics of its gate and the
+    fingerprint of the data they were measured on."""
+    record = {"version": int(version), "metrics": metrics,
+              "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if data_fingerprint is not None:
+        record["data_fingerprint"] = data_fingerprint
+    _write_json(os.path.join(workdir, EXPORT_DIR, PROMOTED_FILE), record)
 
 
 def _write_json(path: str, value: Any) -> None:

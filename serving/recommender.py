@@ -20,13 +20,15 @@ class Recommender:
 
     Args:
       workdir: the directory `recfunnel run` wrote.
-      version: export version to load; None = the promoted one (else the newest).
+      version: export version to load; None = `serving.exports.serving_version`.
       config: the cascade's stage sizes.
+      data_dir: the user and item tables to serve with (default: the version's own copy).
     """
 
-    def __init__(self, workdir: str, version: Optional[int] = None, config: CascadeConfig = CascadeConfig()):
+    def __init__(self, workdir: str, version: Optional[int] = None, config: CascadeConfig = CascadeConfig(),
+                 data_dir: Optional[str] = None):
         self.workdir = workdir
-        self.cascade = Cascade.load(workdir, version, config=config)
+        self.cascade = Cascade.load(workdir, version, config=config, data_dir=data_dir)
         self.version = self.cascade.version
         self.users = self.cascade.users
         self.index = self.cascade.index

@@ -140,3 +140,32 @@ def test_a_rejected_version_is_recorded_and_never_served_by_default(tmp_path):
     for model in exports.REQUIRED_MODELS + (exports.SERVING_DATA,):
         assert exports.versions(w, model) == [2, 3], model
     assert list(exports.rejected_versions(w)) == [3]
+
+
+def test_the_promoted_version_is_measured_again_when_the_data_changed(tmp_path):
+    from pipeline.promotion import promote_if_better
+    from serving import exports
+
+    w = str(tmp_path)
+    for v in (1, 2, 3):
+        for model in exports.REQUIRED_MODELS:
+            os.makedirs(exports.version_path(w, model, v))
+    cfg = PromotionConfig(max_regression=0.01)
+    calls = []
+
+    def reevaluate(v):
+        calls.append(v)
+        return {"retrieval.recall@10": 0.27}  # the old version on the new data: worse than on its own
+
+    assert promote_if_better(w, 1, {"retrieval.recall@10": 0.33}, cfg, "data-a", reevaluate)["promote"]
+    assert calls == [] and exports.promoted(w)["data_fingerprint"] == "data-a"
+    # Same data: the recorded 0.33 is the comparison, and 0.30 is a regression beyond 0.01.
+    same = promote_if_better(w, 2, {"retrieval.recall@10": 0.30}, cfg, "data-a", reevaluate)
+    assert not same["promote"] and calls == [] and same["promoted_measured_on"] == "its own run's data"
+    # New data: every metric moved; version 1 is measured again on it (0.27), and 0.30 is better.
+    fresh = promote_if_better(w, 3, {"retrieval.recall@10": 0.30}, cfg, "data-b", reevaluate)
+    assert fresh["promote"] and calls == [1] and fresh["promoted_value"] == 0.27
+    assert fresh["promoted_version"] == 1 and fresh["promoted_measured_on"] == "this run's data"
+    assert exports.promoted(w)["version"] == 3 and exports.promoted(w)["data_fingerprint"] == "data-b"
+    # Without a way to measure again (or with the old exports gone) the recorded metrics are used.
+    assert not promote_if_better(w, 2, {"retrieval.recall@10": 0.20}, cfg, "data-c")["promote"]

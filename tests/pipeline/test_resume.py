@@ -103,6 +103,14 @@ def test_rerun_skips_unchanged_stages_and_gates_block_promotion(tmp_path):
     assert "data" not in json.loads(proc.stdout)["skipped_stages"]
     after = json.loads(recfunnel("query", "--workdir", w, "--user-id", "u1", "-k", "5").stdout)
     assert after["version"] == first["version"] and after["items"] == before["items"]
+    # With the usual gate the refreshed version is promoted: the promoted version is measured again on the new
+    # data before the max_regression comparison (its own figures came from other data).
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--set", "data.synthetic.seed=7")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(w, "reports", "latest", "metrics.json")) as f:
+        promotion = json.load(f)["promotion"]
+    assert promotion["promote"] and promotion["version"] == first["version"] + 2
+    assert promotion["promoted_version"] == first["version"] and promotion["promoted_measured_on"] == "this run's data"
     # The report renders and links every plot it made.
     page = open(os.path.join(w, "reports", "latest", "index.html")).read()
     pngs = [f for f in os.listdir(os.path.join(w, "reports", "latest")) if f.endswith(".png")]
