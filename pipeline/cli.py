@@ -172,6 +172,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DataError as e:
         print(f"recfunnel: bad input data: {e}", file=sys.stderr)
         return EXIT_DATA
+    except BrokenPipeError:
+        # Whoever reads the output closed it early (`recfunnel query ... | head`): the command itself
+        # succeeded. Point stdout at /dev/null so that the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (FileNotFoundError, ValueError) as e:
         log.debug("failure", exc_info=True)
         print(f"recfunnel: {e}", file=sys.stderr)

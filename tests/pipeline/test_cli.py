@@ -142,6 +142,18 @@ def test_query_errors_are_clear(workdir):
     assert proc.returncode == 2 and "--version 9 is not a complete export" in proc.stderr
 
 
+def test_a_reader_that_closes_the_output_early_is_not_an_error(workdir):
+    import subprocess
+    import sys
+
+    # As `recfunnel query ... | head -1`, with the pipe closed before anything is written.
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "query", "--workdir", workdir, "--user-id", "u1",
+                             "-k", "3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_only_stage_needs_the_earlier_stages_and_ends_where_later_ones_never_ran(tmp_path):
     w = str(tmp_path / "fresh")
     proc = recfunnel("run", "--config", TINY, "--workdir", w, "--only-stage", "index")
