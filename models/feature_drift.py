@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from models.features import feature_lists
 from models.tf_compat import keras, tf
 
 
@@ -95,18 +96,12 @@ class FeatureDriftCallback(keras.callbacks.Callback):
             raise ValueError("`item_model` should be a Keras layer or model for the callback to have a config. "
                              f"Received: item_model={self.item_model!r}")
         return {"item_model": keras.layers.serialize(self.item_model),
-                "item_features": {k: _as_list(v) for k, v in self.item_features.items()},
+                "item_features": feature_lists(self.item_features),
                 "every_n_steps": self.every_n_steps, "deltas": list(self.deltas), "log_dir": self.log_dir}
 
     @classmethod
     def from_config(cls, config):
         return cls(**{**config, "item_model": keras.layers.deserialize(config["item_model"])})
-
-
-def _as_list(values: tf.Tensor) -> list:
-    """A tensor as nested Python lists (strings decoded), for a JSON config."""
-    array = values.numpy()
-    return (np.char.decode(array.astype(bytes), "utf-8") if values.dtype == tf.string else array).tolist()
 
 
 def plot_feature_drift(rows: Sequence[Mapping[str, float]], every_n_steps: int, path: str) -> None:

@@ -281,3 +281,17 @@ def padded_batch(schema: Schema, side: str, rows: Iterable[Mapping[str, Any]]) -
                 [pad_values(list(r.get(f.name, []) or []), f.max_length, keep) for r in rows], object
             ).reshape(len(rows), f.max_length)
     return out
+
+
+def feature_lists(columns: Mapping[str, Any]) -> Dict[str, list]:
+    """Feature columns (arrays or eager tensors, such as `padded_batch` gives) as nested Python
+    lists, strings decoded: the JSON form a Keras object's config keeps them in."""
+    import numpy as np
+
+    out = {}
+    for name, values in columns.items():
+        array = np.asarray(values)
+        if array.dtype.kind in "OS":  # strings (TensorFlow hands them back as bytes)
+            array = np.char.decode(array.astype(bytes), "utf-8")
+        out[name] = array.tolist()
+    return out

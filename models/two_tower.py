@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 import tensorflow_recommenders as tfrs
 
-from models.features import ITEM_ID, Schema
+from models.features import ITEM_ID, Schema, feature_lists
 from models.cross_batch_retrieval import CrossBatchRetrieval
 from models.distribution import cross_replica_sum
 from models.logq import ItemLogQ
@@ -184,7 +183,7 @@ class TwoTowerModel(tfrs.Model):
                 "normalize": tower.normalize, "temperature": self.temperature,
                 "remove_accidental_hits": self.remove_accidental_hits, "dropout": tower.dropout,
                 "numeric_stats": {k: list(v) for k, v in tower.numeric_stats.items()}, "task": layer(task),
-                "corpus": None if self.corpus is None else {k: _as_list(v) for k, v in self.corpus.items()},
+                "corpus": None if self.corpus is None else feature_lists(self.corpus),
                 "num_mixed_negatives": self.num_mixed_negatives, "ssl": layer(self.ssl),
                 "ssl_weight": self.ssl_weight, "history_pooling": tower.history_pooling,
                 "embedding_l2": self.embedding_l2}
@@ -207,9 +206,3 @@ class TwoTowerModel(tfrs.Model):
         ids = feats[ITEM_ID]
         log_q = self.item_log_q(ids) if self.item_log_q is not None else tf.zeros([self.num_mixed_negatives])
         return emb, ids, log_q, size
-
-
-def _as_list(values: tf.Tensor) -> list:
-    """A tensor as nested Python lists (strings decoded), for a JSON config."""
-    array = values.numpy()
-    return (np.char.decode(array.astype(bytes), "utf-8") if values.dtype == tf.string else array).tolist()

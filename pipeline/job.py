@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import filecmp
 import json
 import logging
 import os
@@ -434,25 +435,13 @@ def export_serving_data(workdir: str, version: int) -> str:
     for name in exports.SERVING_DATA_FILES:
         source, target = os.path.join(src, name), os.path.join(tmp, name)
         old = os.path.join(previous, name) if previous else None
-        if old and os.path.exists(old) and _same_file_content(source, old):
+        if old and os.path.exists(old) and filecmp.cmp(source, old, shallow=False):
             os.link(old, target)
         else:
             shutil.copy2(source, target)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
-
-
-def _same_file_content(a: str, b: str, chunk: int = 1 << 20) -> bool:
-    if os.path.getsize(a) != os.path.getsize(b):
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(chunk), fb.read(chunk)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def export_ranker_version(model, workdir: str, version: int, name: str = "ranker") -> str:
