@@ -792,7 +792,7 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
                    min_count: int = 1, max_rejected_fraction: float = 0.01,
                    split: str = "train", positives: str = "auto",
                    upstream_rejections: Optional[Dict[str, Any]] = None,
-                   source: Optional[str] = None) -> Dict[str, Any]:
+                   source: Optional[str] = None, data_dir_is_temporary: bool = False) -> Dict[str, Any]:
     """Runs the statistics pipeline over a materialized dataset.
 
     Args:
@@ -817,6 +817,8 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
       source: the input the data was read from (a path), named in messages and in the
         summary; default: the ``source`` recorded in `data_dir`'s read report, else
         `data_dir`.
+      data_dir_is_temporary: `data_dir` is a scratch copy deleted after the run (the
+        summary records ``data_dir: null`` rather than a path that will not exist).
       positives: which valid rows the item frequencies (and so the ``item_id`` order)
         count: ``"label"`` rows with ``label > 0`` (the retrieval positives), ``"all"``
         every row, ``"auto"`` (default) ``"label"`` when the schema has a label.
@@ -876,7 +878,7 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
                                       max_rejected_fraction, source)
         summary.update({
             "source": source,
-            "data_dir": data_dir,
+            "data_dir": None if data_dir_is_temporary else data_dir,
             "output_dir": output_dir,
             "split": split,
             "min_count": min_count,

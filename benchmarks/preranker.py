@@ -259,13 +259,13 @@ def main(argv=None) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import numpy as np
 
-    from models.features import ITEM_ID, LABEL, USER_ID
+    from models.features import ITEM_ID, LABEL, USER_ID, numeric_stats
     from models.preranking import (PreRanker, PrerankerConfig, export_preranker, fit_distilled, measure_latency_table,
                                    teacher_logits, train_preranker)
     from models.preranking.training import derived_latency, latency_grid, predict_logits
     from models.ranking.metrics import auc
     from models.ranking.models import (RankingConfig, build_ranker, build_vocabularies, export_ranker,
-                                       inputs_from_frame, numeric_stats)
+                                       inputs_from_frame)
     from models.ranking.training import fit_ranker, last_events_mask
     from models.signatures import ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, several_user_arguments
     from models.two_tower import TwoTowerModel

@@ -232,8 +232,8 @@ def main(argv=None) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import numpy as np
 
-    from models.features import LABEL, USER_ID
-    from models.ranking.models import RankingConfig, build_vocabularies, inputs_from_frame, numeric_stats
+    from models.features import LABEL, USER_ID, numeric_stats
+    from models.ranking.models import RankingConfig, build_vocabularies, inputs_from_frame
 
     start = time.perf_counter()
     schema, frame, source = load_impressions(args)

@@ -295,3 +295,27 @@ def feature_lists(columns: Mapping[str, Any]) -> Dict[str, list]:
             array = np.char.decode(array.astype(bytes), "utf-8")
         out[name] = array.tolist()
     return out
+
+
+def numeric_stats(schema: Schema, columns: Mapping[str, Sequence]) -> Dict[str, List[float]]:
+    """Numeric feature → ``[mean, std]`` (population std; 1.0 when the feature is constant) over training
+    columns: the standardization every model applies (the towers, the rankers, the pre-ranker).
+
+    `columns` maps each numeric feature of the schema to its values: the entity tables' rows for the
+    retrieval towers (`pipeline.job.numeric_stats`), the training events' for the rankers.
+    """
+    import numpy as np
+
+    out = {}
+    for f in schema.features:
+        if f.kind != Kind.NUMERIC:
+            continue
+        if f.name not in columns:
+            raise ValueError(f"`columns` lacks the numeric feature {f.name!r}")
+        values = np.asarray(columns[f.name], dtype=np.float64).reshape(-1)
+        if not len(values) or not np.isfinite(values).all():
+            raise ValueError(f"numeric feature {f.name!r} should have finite values. Received {len(values)} values, "
+                             f"{int((~np.isfinite(values)).sum())} not finite")
+        std = float(values.std())
+        out[f.name] = [float(values.mean()), std if std > 0 else 1.0]
+    return out

@@ -280,7 +280,7 @@ def _stats(args, pipeline_args: List[str]) -> int:
         summary = run_statistics(data_dir, args.output, pipeline_args=beam_args,
                                  min_count=config.stats.min_count, max_rejected_fraction=fraction,
                                  positives=read["positives"], upstream_rejections=read["read"],
-                                 source=args.data_dir or raw.source)
+                                 source=args.data_dir or raw.source, data_dir_is_temporary=True)
     print(json.dumps(summary, indent=2, default=str))
     return EXIT_OK
 

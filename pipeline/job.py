@@ -133,16 +133,19 @@ def read_vocabularies(stats_dir: str, schema: Schema) -> Dict[str, List[str]]:
 
 
 def numeric_stats(data_dir: str, schema: Schema) -> Dict[str, List[float]]:
+    """Numeric feature → ``[mean, std]`` over the user and item tables (each entity once), by the
+    standardization every model shares (`models.features.numeric_stats`)."""
     import pyarrow.parquet as pq
 
-    out = {}
+    from models.features import numeric_stats as standardization
+
+    columns = {}
     for side, fname in (("user", layout.USERS_FILE), ("item", layout.ITEMS_FILE)):
         cols = [f.name for f in schema.side(side) if f.kind == Kind.NUMERIC]
         if cols:
-            table = pq.read_table(os.path.join(data_dir, fname), columns=cols).to_pandas()
-            for c in cols:
-                out[c] = [float(table[c].mean()), float(table[c].std() or 1.0)]
-    return out
+            table = pq.read_table(os.path.join(data_dir, fname), columns=cols)
+            columns.update({c: table.column(c).to_numpy() for c in cols})
+    return standardization(schema, columns)
 
 
 def retrieval_task(config: RunConfig):

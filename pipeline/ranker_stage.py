@@ -138,7 +138,8 @@ def stage_ranker(config, workdir: str, checkpoint_dir: str) -> Tuple[Any, Dict[s
     ``calibration``), training curves, parameter counts and serving latency.
     """
     from models.ranking.metrics import calibration, ctr_metrics
-    from models.ranking.models import build_vocabularies, inputs_from_frame, numeric_stats
+    from models.features import numeric_stats
+    from models.ranking.models import build_vocabularies, inputs_from_frame
     from models.ranking.training import fit_ranker, last_events_mask, predict_probabilities
     from models.tf_compat import keras, tf
 

@@ -282,24 +282,6 @@ def coaction_features(schema: Schema, config: RankingConfig) -> Tuple[List[str],
 # ---------------------------------------------------------------------------------
 # Data helpers (numpy).
 # ---------------------------------------------------------------------------------
-def numeric_stats(schema: Schema, columns: Mapping[str, Sequence]) -> Dict[str, List[float]]:
-    """Numeric feature → ``[mean, std]`` over training columns (std 1.0 when the feature is constant), the
-    standardization the models apply (`numeric_stats` of `RankingModel`)."""
-    out = {}
-    for f in schema.features:
-        if f.kind != Kind.NUMERIC:
-            continue
-        if f.name not in columns:
-            raise ValueError(f"`columns` lacks the numeric feature {f.name!r}")
-        values = np.asarray(columns[f.name], dtype=np.float64).reshape(-1)
-        if not len(values) or not np.isfinite(values).all():
-            raise ValueError(f"numeric feature {f.name!r} should have finite values. Received {len(values)} values, "
-                             f"{int((~np.isfinite(values)).sum())} not finite")
-        std = float(values.std())
-        out[f.name] = [float(values.mean()), std if std > 0 else 1.0]
-    return out
-
-
 def build_vocabularies(schema: Schema, columns: Mapping[str, Sequence], min_count: int = 1
                        ) -> Dict[str, List[str]]:
     """Vocabulary name → tokens by decreasing frequency (ties by token), from training columns.

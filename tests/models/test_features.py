@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 
 from models.features import (HISTORY, ITEM_ID, OOV_TOKEN, USER_ID, Feature, Kind, Schema, normalize_value,
-                             pad_values, padded_batch)
+                             numeric_stats, pad_values, padded_batch)
 
 
 def _schema(**kw):
@@ -80,3 +81,17 @@ def test_padded_batch_layout():
     assert list(batch[HISTORY][0]) == ["i2", "i3", "i4"]  # most recent kept
     assert list(batch[HISTORY][1]) == ["", "", ""]
     assert batch["age"].dtype.name == "float32"
+
+
+def test_numeric_stats_standardize_numeric_features_only():
+    schema = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
+                    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("price", Kind.NUMERIC, "item"),
+                                   Feature("flag", Kind.NUMERIC, "item")))
+    columns = {USER_ID: ["u", "v", "u"], ITEM_ID: ["a", "b", "c"], "price": [1.0, 2.0, 6.0], "flag": [1.0, 1.0, 1.0]}
+    stats = numeric_stats(schema, columns)
+    # mean 3, population std sqrt(((1-3)^2 + (2-3)^2 + (6-3)^2) / 3) = sqrt(14/3); a constant feature: std 1
+    assert stats == {"price": [3.0, pytest.approx(np.sqrt(14 / 3))], "flag": [1.0, 1.0]}
+    with pytest.raises(ValueError, match="numeric feature 'price' should have finite values.*1 not finite"):
+        numeric_stats(schema, {**columns, "price": [1.0, float("nan"), 2.0]})
+    with pytest.raises(ValueError, match="lacks the numeric feature 'flag'"):
+        numeric_stats(schema, {k: v for k, v in columns.items() if k != "flag"})

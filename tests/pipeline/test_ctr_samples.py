@@ -51,7 +51,8 @@ def test_every_sample_trains_the_rankers_that_fit_its_schema(name, models, refus
     import numpy as np
 
     from models.ranking.metrics import ctr_metrics
-    from models.ranking.models import RankingConfig, build_ranker, build_vocabularies, numeric_stats
+    from models.features import numeric_stats
+    from models.ranking.models import RankingConfig, build_ranker, build_vocabularies
     from models.ranking.training import fit_ranker, predict_probabilities
     from models.tf_compat import keras, tf
 

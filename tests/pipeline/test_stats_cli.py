@@ -35,6 +35,7 @@ def test_stats_writes_outputs_and_dead_letters(tmp_path):
     # Rows read from the input: 40 x 3 training + 40 test interactions + the rejected line.
     assert summary["rows_read"] == 161 and summary["rows_by_split"] == {"train": 120, "test": 40}
     assert summary["rejected_fraction"] == 1 / 161 and summary["source"] == data
+    assert summary["data_dir"] is None  # the materialized copy was temporary: no path that no longer exists
     assert any(k.startswith("reader:") for k in summary["rejected_by_reason"])
     with open(os.path.join(out, "dead_letter.jsonl")) as f:
         letters = [json.loads(line) for line in f if line.strip()]

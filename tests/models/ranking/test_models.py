@@ -9,8 +9,7 @@ from models.features import HISTORY, ITEM_ID, USER_ID, Feature, Kind, Schema
 from models.ranking.co_action import CoActionUnit, micro_mlp_param_count
 from models.ranking.losses import GHMCLoss, make_loss
 from models.ranking.models import (CAN, DIN, DNN, MODEL_TYPES, CartesianDNN, RankingConfig, TargetAttentionPooling,
-                                   build_ranker, build_vocabularies, cartesian_ids, export_ranker, inputs_from_frame,
-                                   numeric_stats)
+                                   build_ranker, build_vocabularies, cartesian_ids, export_ranker, inputs_from_frame)
 from models.tf_compat import keras, tf
 
 SCHEMA = Schema(
@@ -270,17 +269,3 @@ def test_several_users_in_one_call_score_as_each_user_alone(model_type, tmp_path
                                                                         encoded.items()},
                                                    user_index=tf.constant(owner[rows]))
     np.testing.assert_allclose(out["logits"].numpy(), alone[rows], rtol=1e-5, atol=1e-6)
-
-
-def test_numeric_stats_standardize_numeric_features_only():
-    schema = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
-                    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("price", Kind.NUMERIC, "item"),
-                                   Feature("flag", Kind.NUMERIC, "item")))
-    columns = {USER_ID: ["u", "v", "u"], ITEM_ID: ["a", "b", "c"], "price": [1.0, 2.0, 6.0], "flag": [1.0, 1.0, 1.0]}
-    stats = numeric_stats(schema, columns)
-    # mean 3, population std sqrt(((1-3)^2 + (2-3)^2 + (6-3)^2) / 3) = sqrt(14/3); a constant feature: std 1
-    assert stats == {"price": [3.0, pytest.approx(np.sqrt(14 / 3))], "flag": [1.0, 1.0]}
-    with pytest.raises(ValueError, match="numeric feature 'price' should have finite values.*1 not finite"):
-        numeric_stats(schema, {**columns, "price": [1.0, float("nan"), 2.0]})
-    with pytest.raises(ValueError, match="lacks the numeric feature 'flag'"):
-        numeric_stats(schema, {k: v for k, v in columns.items() if k != "flag"})
