@@ -2,18 +2,10 @@
 
 import numpy as np
 
-from models.features import HISTORY, ITEM_ID, USER_ID, Feature, Kind, Schema
+from models.features import HISTORY, ITEM_ID, USER_ID
 from models.preranking.latency import LatencyTable
+from tiny_schema import SCHEMA, VOCABS  # noqa: F401  (the pre-ranking tests import both from here)
 
-SCHEMA = Schema(
-    user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"), Feature("age", Kind.CATEGORICAL, "user"),
-                   Feature(HISTORY, Kind.SEQUENCE, "user", max_length=3)),
-    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("category", Kind.CATEGORICAL, "item"),
-                   Feature("tags", Kind.MULTI_CATEGORICAL, "item", max_length=2),
-                   Feature("price", Kind.NUMERIC, "item")),
-    has_label=True, name="tiny")
-VOCABS = {USER_ID: ["u1", "u2"], "age": ["a", "b"], ITEM_ID: ["i1", "i2", "i3"], "category": ["c1", "c2"],
-          "tags": ["t1", "t2"]}
 FEATURES = [f.name for f in SCHEMA.features]
 
 

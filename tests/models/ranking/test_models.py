@@ -11,16 +11,8 @@ from models.ranking.losses import GHMCLoss, make_loss
 from models.ranking.models import (CAN, DIN, DNN, MODEL_TYPES, CartesianDNN, RankingConfig, TargetAttentionPooling,
                                    build_ranker, build_vocabularies, cartesian_ids, export_ranker, inputs_from_frame)
 from models.tf_compat import keras, tf
+from tiny_schema import SCHEMA, VOCABS
 
-SCHEMA = Schema(
-    user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"), Feature("age", Kind.CATEGORICAL, "user"),
-                   Feature(HISTORY, Kind.SEQUENCE, "user", max_length=3)),
-    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"), Feature("category", Kind.CATEGORICAL, "item"),
-                   Feature("tags", Kind.MULTI_CATEGORICAL, "item", max_length=2),
-                   Feature("price", Kind.NUMERIC, "item")),
-    has_label=True, name="tiny")
-VOCABS = {USER_ID: ["u1", "u2"], "age": ["a", "b"], ITEM_ID: ["i1", "i2", "i3"], "category": ["c1", "c2"],
-          "tags": ["t1", "t2"]}
 CONFIG = RankingConfig(embedding_dim=4, hidden_units=(8,), coaction_feed_dim=3, coaction_layer_sizes=(2, 2),
                        coaction_orders=2, attention_units=(4,))
 
