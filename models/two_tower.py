@@ -49,6 +49,9 @@ class TwoTowerModel(tfrs.Model):
       embedding_l2: λ of an L2 penalty λ·Σ‖E‖² over every embedding table E of both
         towers (the shared item table once), added to the loss, which is summed over the
         batch; 0 adds nothing. Its gradient touches every row of every table each step.
+      query_dropout: dropout rate on the query tower's output (after normalization) in
+        training only, as SimpleX (Mao et al., CIKM'21) regularizes its user vector; the
+        item embeddings and serving are untouched.
 
     Training logs show ``loss`` (the last step's total loss, as `tfrs.Model` reports
     it), ``main_loss`` (the retrieval loss summed over the global batch, averaged over
@@ -69,13 +72,17 @@ class TwoTowerModel(tfrs.Model):
                  numeric_stats=None, task: Optional[keras.layers.Layer] = None,
                  corpus: Optional[Mapping[str, object]] = None, num_mixed_negatives: int = 0,
                  ssl: Optional[ItemSelfSupervision] = None, ssl_weight: float = 0.0,
-                 history_pooling: str = "mean", embedding_l2: float = 0.0):
+                 history_pooling: str = "mean", embedding_l2: float = 0.0, query_dropout: float = 0.0):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
         if embedding_l2 < 0:
             raise ValueError(f"`embedding_l2` should be >= 0. Received: embedding_l2={embedding_l2}")
         self.embedding_l2 = float(embedding_l2)
+        if not 0 <= query_dropout < 1:
+            raise ValueError(f"`query_dropout` should be in [0, 1). Received: query_dropout={query_dropout}")
+        self.query_dropout = float(query_dropout)
+        self.query_dropout_layer = keras.layers.Dropout(self.query_dropout, name="query_dropout")
         self.schema = schema
         shared = SharedItemEmbedding(vocabularies[ITEM_ID], feature_dim)
         common = dict(vocabularies=vocabularies, feature_dim=feature_dim, hidden_units=hidden_units,
@@ -140,6 +147,8 @@ class TwoTowerModel(tfrs.Model):
         user = {f.name: features[f.name] for f in self.schema.user_features}
         item = {f.name: features[f.name] for f in self.schema.item_features}
         query_embeddings = self.query_tower(user, training=training)
+        if self.query_dropout and training:
+            query_embeddings = self.query_dropout_layer(query_embeddings, training=True)
         candidate_embeddings = self.item_tower(item, training=training)
         item_ids = features[ITEM_ID]
         if isinstance(self.task, CrossBatchRetrieval):
@@ -186,7 +195,7 @@ class TwoTowerModel(tfrs.Model):
                 "corpus": None if self.corpus is None else feature_lists(self.corpus),
                 "num_mixed_negatives": self.num_mixed_negatives, "ssl": layer(self.ssl),
                 "ssl_weight": self.ssl_weight, "history_pooling": tower.history_pooling,
-                "embedding_l2": self.embedding_l2}
+                "embedding_l2": self.embedding_l2, "query_dropout": self.query_dropout}
 
     @classmethod
     def from_config(cls, config):

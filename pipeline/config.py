@@ -240,6 +240,8 @@ class RetrievalConfig:
       dropout: dropout after hidden layers.
       embedding_l2: λ of an L2 penalty λ·Σ‖E‖² on every embedding table of both towers,
         added to the training loss (which is summed over the batch); 0 = none.
+      query_dropout: dropout on the query embedding (after normalization) in training
+        only, as SimpleX regularizes its user vector; 0 = none.
       history_pooling: how the query tower pools the behaviour history's item
         embeddings: ``mean`` or ``attention`` (weights from a learned query vector,
         `models.towers.MaskedAttentionPooling`; it starts as the mean).
@@ -333,6 +335,7 @@ class RetrievalConfig:
     temperature: float = 0.1
     dropout: float = 0.0
     embedding_l2: float = 0.0
+    query_dropout: float = 0.0
     history_pooling: str = "mean"
     logq_correction: bool = True
     remove_accidental_hits: bool = True
@@ -432,6 +435,8 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.dropout` should be in [0, 1). Received: {self.dropout}")
         if self.embedding_l2 < 0:
             raise ConfigError(f"`retrieval.embedding_l2` should be >= 0. Received: {self.embedding_l2}")
+        if not 0 <= self.query_dropout < 1:
+            raise ConfigError(f"`retrieval.query_dropout` should be in [0, 1). Received: {self.query_dropout}")
         if self.ssl_weight < 0:
             raise ConfigError(f"`retrieval.ssl_weight` should be >= 0. Received: {self.ssl_weight}")
         if not 0 <= self.ssl_value_dropout < 1:

@@ -239,7 +239,8 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
                           corpus=corpus if mixed else None,
                           num_mixed_negatives=r.num_mixed_negatives if mixed else 0,
                           ssl=build_ssl_task(config, schema, feature_mi), ssl_weight=r.ssl_weight,
-                          history_pooling=r.history_pooling, embedding_l2=r.embedding_l2)
+                          history_pooling=r.history_pooling, embedding_l2=r.embedding_l2,
+                          query_dropout=r.query_dropout)
     opt = (keras.optimizers.Adam(r.learning_rate) if r.optimizer == "adam"
            else keras.optimizers.Adagrad(r.learning_rate))
     model.compile(optimizer=opt)

@@ -151,7 +151,7 @@ def _two_tower(full):
                          numeric_stats={"price": [1.0, 0.5]}, dropout=0.1,
                          task=CrossBatchRetrieval(4, memory_size=6, temperature=0.5, name="task"),
                          corpus=corpus, num_mixed_negatives=2, ssl=ssl, ssl_weight=0.3,
-                         history_pooling="attention", embedding_l2=0.01)
+                         history_pooling="attention", embedding_l2=0.01, query_dropout=0.2)
 
 
 def _call_two_tower(model):

@@ -176,6 +176,22 @@ def test_embedding_l2_adds_the_penalty_of_every_table_once_while_training():
         TwoTowerModel(SCHEMA, VOCABS, embedding_l2=-1.0)
 
 
+
+def test_query_dropout_applies_to_the_query_embedding_in_training_only():
+    keras.utils.set_random_seed(0)
+    feats = {**{k: tf.constant(v) for k, v in _users().items()}, **{k: tf.constant(v) for k, v in _items().items()}}
+    model = TwoTowerModel(SCHEMA, VOCABS, embedding_dim=4, feature_dim=4, hidden_units=(8,), query_dropout=0.5)
+    evaluation = float(model.compute_loss(feats))
+    assert model.query_dropout_layer.rate == 0.5
+    # The loss sees what the dropout layer makes of the query embeddings, in training only: a layer that
+    # drops everything leaves logits of 0, so each of the B rows costs log B.
+    model.query_dropout_layer = keras.layers.Lambda(lambda x: x * 0.0)
+    batch = len(_items()[ITEM_ID])
+    assert float(model.compute_loss(feats, training=True)) == pytest.approx(batch * np.log(batch), rel=1e-6)
+    assert float(model.compute_loss(feats)) == pytest.approx(evaluation, rel=1e-6)
+    with pytest.raises(ValueError, match="query_dropout"):
+        TwoTowerModel(SCHEMA, VOCABS, query_dropout=1.0)
+
 EMBEDDING_L2_ON_TWO_REPLICAS = r"""
 import json, numpy as np
 from models.tf_compat import keras, tf

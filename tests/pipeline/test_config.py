@@ -47,6 +47,7 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval.ccl_margin=1.5", "`retrieval.ccl_margin` should be in"),
     ("retrieval.ccl_negative_weight=-1", "`retrieval.ccl_negative_weight` should be >= 0"),
     ("retrieval.embedding_l2=-0.1", "`retrieval.embedding_l2` should be >= 0"),
+    ("retrieval.query_dropout=1.0", "`retrieval.query_dropout` should be in \\[0, 1\\)"),
     ("retrieval.learning_rate_schedule=exponential", "`retrieval.learning_rate_schedule` should be one of constant"),
     ("retrieval.learning_rate_decay=1.5", r"`retrieval.learning_rate_decay` should be in \(0, 1\]"),
     ("retrieval.learning_rate_schedule=step", "used by, and needed by, learning_rate_schedule=step"),
