@@ -555,3 +555,18 @@ def test_predefined_split_needs_a_source_that_brings_one():
                                               "brings no split of its own"):
             load_config(None, [f"data.source={source}", "data.path=x", "data.split.method=predefined", *extra])
     assert load_config(None, ["data.source=bars", "data.path=x", "data.split.method=predefined"])
+
+
+def test_retrieval_settings_reach_the_model():
+    """Each `retrieval.*` key that is a `TwoTowerModel` setting arrives in the model `recfunnel run` builds."""
+    from pipeline.job import build_retrieval_model
+    from tiny_schema import SCHEMA, VOCABS
+
+    values = {"embedding_dim": 6, "feature_dim": 5, "hidden_units": [7], "normalize": False, "temperature": 0.7,
+              "dropout": 0.1, "embedding_l2": 0.02, "query_dropout": 0.3, "history_pooling": "attention",
+              "remove_accidental_hits": False}
+    config = load_config(None, [f"retrieval.{k}={v}".replace("False", "false") for k, v in values.items()])
+    model = build_retrieval_model(config, SCHEMA, VOCABS, None, {"price": [1.0, 2.0]})
+    built = model.get_config()
+    assert {k: built[k] for k in values} == values
+    assert built["numeric_stats"] == {"price": [1.0, 2.0]}
