@@ -1,10 +1,10 @@
-"""A tiny schema, vocabularies and batch shared by the pre-ranking tests."""
+"""A batch and a latency table over the tiny schema (`tiny_schema`), shared by the pre-ranking tests."""
 
 import numpy as np
 
 from models.features import HISTORY, ITEM_ID, USER_ID
 from models.preranking.latency import LatencyTable
-from tiny_schema import SCHEMA, VOCABS  # noqa: F401  (the pre-ranking tests import both from here)
+from tiny_schema import SCHEMA
 
 FEATURES = [f.name for f in SCHEMA.features]
 

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from preranking_helpers import FEATURES, SCHEMA, VOCABS, batch, table
+from preranking_helpers import FEATURES, batch, table
+from tiny_schema import SCHEMA, VOCABS
 from models.features import HISTORY, ITEM_ID, USER_ID
 from models.preranking.autofas import (AutoFASSearch, FeatureMask, MixOp, derive_architecture, derive_from_model,
                                        straight_through_bernoulli)

@@ -133,7 +133,8 @@ def test_item_features_are_looked_up_only_on_the_strings_path(monkeypatch, items
     """The cascade scores candidates on ids encoded when the model was loaded: with
     `items_encoded` an item feature's cost has no string lookup; a user feature always has one."""
     from models.preranking import measurement
-    from preranking_helpers import SCHEMA, VOCABS, batch
+    from preranking_helpers import batch
+    from tiny_schema import SCHEMA, VOCABS
 
     calls, make_lookup = [], measurement.make_lookup
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import python_subprocess
-from preranking_helpers import SCHEMA, VOCABS, batch
+from preranking_helpers import batch
+from tiny_schema import SCHEMA, VOCABS
 from models.features import HISTORY, ITEM_ID, USER_ID
 from models.preranking.losses import DistillationLoss, distillation_loss
 from models.preranking.preranker import PreRanker, export_preranker
