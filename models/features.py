@@ -25,6 +25,8 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 TIMESTAMP = "timestamp"
@@ -266,8 +268,6 @@ def pad_values(values: Sequence[str], max_length: int, keep: str = "first") -> L
 
 def padded_batch(schema: Schema, side: str, rows: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
     """Numpy arrays in the tower's input layout for a list of table rows (serving helper)."""
-    import numpy as np
-
     rows = list(rows)
     out: Dict[str, Any] = {}
     for f in schema.side(side):
@@ -286,8 +286,6 @@ def padded_batch(schema: Schema, side: str, rows: Iterable[Mapping[str, Any]]) -
 def feature_lists(columns: Mapping[str, Any]) -> Dict[str, list]:
     """Feature columns (arrays or eager tensors, such as `padded_batch` gives) as nested Python
     lists, strings decoded: the JSON form a Keras object's config keeps them in."""
-    import numpy as np
-
     out = {}
     for name, values in columns.items():
         array = np.asarray(values)
@@ -304,8 +302,6 @@ def numeric_stats(schema: Schema, columns: Mapping[str, Sequence]) -> Dict[str, 
     `columns` maps each numeric feature of the schema to its values: the entity tables' rows for the
     retrieval towers (`pipeline.job.numeric_stats`), the training events' for the rankers.
     """
-    import numpy as np
-
     out = {}
     for f in schema.features:
         if f.kind != Kind.NUMERIC:
