@@ -9,7 +9,7 @@ from conftest import python_subprocess
 
 from models.cross_batch_memory import CrossBatchMemory
 from models.cross_batch_retrieval import CrossBatchRetrieval
-from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q,
+from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q, routed_scores,
                                     sampled_softmax_logits, sampled_softmax_loss, softmax_cross_entropy)
 from models.tf_compat import keras, tf
 
@@ -285,6 +285,70 @@ def test_item_gradient_batch_keeps_the_item_gradients_balanced():
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     assert share_b == pytest.approx(p[:, 4:].sum(axis=1).mean(), rel=1e-5)
+
+
+def test_routed_scores_split_the_gradient_as_two_stop_gradient_matmuls():
+    rng = np.random.default_rng(5)
+    q = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    c = tf.constant(rng.normal(size=(7, 4)), tf.float32)
+    a, b = (tf.constant(rng.normal(size=s), tf.float32) for s in ((3, 7), (3, 5)))
+
+    def objective(to_queries, to_items):
+        return tf.reduce_sum(a * tf.sin(to_queries)) + tf.reduce_sum(b * to_items ** 2)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([q, c])
+        to_queries, to_items = routed_scores(q, c, 5)
+        got = objective(to_queries, to_items)
+        want = objective(tf.matmul(q, tf.stop_gradient(c), transpose_b=True),
+                         tf.matmul(tf.stop_gradient(q), c[:5], transpose_b=True))
+    np.testing.assert_allclose(to_items.numpy(), (q.numpy() @ c.numpy().T)[:, :5], rtol=1e-6)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    for x in (q, c):
+        np.testing.assert_allclose(tape.gradient(got, x).numpy(), tape.gradient(want, x).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    assert not tape.gradient(got, c).numpy()[5:].any()      # the columns after F get nothing
+
+
+def test_hard_negatives_with_a_bank_split_the_gradient_as_the_two_losses_do():
+    # item_gradient="batch" with hard negatives: the queries get the gradient of the loss over every
+    # candidate, the fresh (batch and uniform) items that of the loss over the fresh ones, by hand.
+    rng = np.random.default_rng(4)
+    q = tf.Variable(rng.normal(size=(4, 3)), dtype=tf.float32)
+    c = tf.Variable(rng.normal(size=(4, 3)), dtype=tf.float32)
+    u = tf.Variable(rng.normal(size=(2, 3)), dtype=tf.float32)
+    log_q = tf.math.log(tf.constant([0.1, 0.2, 0.3, 0.4]))
+    uniform_ids, uniform_log_q = tf.constant(["u", "b"]), tf.fill([2], float(np.log(1 / 10)))
+    task = CrossBatchRetrieval(3, memory_size=8, temperature=0.5, num_hard_negatives=3, drift_correction="none")
+    task(q, tf.constant(rng.normal(size=(4, 3)), tf.float32), tf.constant(["w", "x", "y", "a"]), log_q)
+    bank_emb, bank_log_q, bank_ids, bank_valid = task.memory.read()
+    ids = tf.constant(["a", "b", "c", "d"])
+    with tf.GradientTape(persistent=True) as tape:
+        loss = task(q, c, ids, log_q, extra_negatives=(u, uniform_ids, uniform_log_q, 10), training=False)
+        positive = id_hashes(ids)
+
+        def reference(query, items, bank):
+            cands = [items, tf.stop_gradient(u) if bank else u] + ([bank_emb] if bank else [])
+            cand_ids = tf.concat([positive, id_hashes(uniform_ids)] + ([bank_ids] if bank else []), axis=0)
+            unigram = tf.concat([log_q] + ([bank_log_q] if bank else []), axis=0)
+            num_unigram = 4.0 + (float(tf.reduce_sum(tf.cast(bank_valid, tf.float32))) if bank else 0.0)
+            cand_log_q = mixed_log_q(tf.concat([unigram[:4], uniform_log_q, unigram[4:]], axis=0), num_unigram,
+                                     2.0, 10)
+            valid = tf.concat([tf.ones([6], tf.bool)] + ([bank_valid] if bank else []), axis=0)
+            logits = sampled_softmax_logits(query, tf.concat(cands, axis=0), positive_ids=positive,
+                                            candidate_ids=cand_ids, candidate_log_q=cand_log_q,
+                                            candidate_valid=valid, temperature=0.5)
+            return tf.reduce_sum(softmax_cross_entropy(hard_negative_logits(logits, 3), tf.zeros([4], tf.int32)))
+
+        to_queries = reference(q, tf.stop_gradient(c), bank=True)
+        to_items = reference(tf.stop_gradient(q), c, bank=False)
+    assert float(loss) == pytest.approx(float(to_queries), rel=1e-6)
+    np.testing.assert_allclose(tape.gradient(loss, q).numpy(), tape.gradient(to_queries, q).numpy(), rtol=1e-5,
+                               atol=1e-6)
+    for x in (c, u):
+        np.testing.assert_allclose(tape.gradient(loss, x).numpy(), tape.gradient(to_items, x).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    assert np.abs(tape.gradient(loss, u).numpy()).max() > 1e-4
 
 
 def test_mixed_log_q_and_hard_negatives_by_hand():
