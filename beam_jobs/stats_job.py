@@ -57,10 +57,11 @@ after it keep its partitioning (``Reshuffle`` is a no-op there). The job creates
 element per Parquet *file*, so ``--dask_partition_size=1`` lets the workers read the
 interaction shards in parallel.
 
-The rejected fraction is rejected rows / rows read from the input: the rows of every
-split in ``<data_dir>`` plus the rows the reader rejected before writing it
-(``upstream_rejections``); rejected rows are those plus the training rows this job
-rejects.
+The rejected fraction is rejected interaction rows / interaction rows read from the
+input: the rows of every split in ``<data_dir>`` plus the interaction rows the reader
+rejected before writing it (``upstream_rejections``); rejected rows are those plus the
+training rows this job rejects. User and item rows the reader rejected are counted
+under their table in the summary's ``tables``, not in that fraction.
 
 The pipeline writes into a temporary sibling of ``output_dir``; only after the
 pipeline succeeded and the rejected fraction is within bounds is it moved into place,
@@ -735,14 +736,32 @@ def _recorded_source(data_dir: str) -> Optional[str]:
 
 
 def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir: str) -> None:
-    """Adds the reader's rejections to the summary and the dead-letter file."""
-    by_reason = {f"reader: {k}": int(v) for k, v in upstream.get("rejected_by_reason", {}).items()}
-    rejected = sum(by_reason.values())
-    summary["rows_rejected"] += rejected
-    merged = dict(summary.get("rejected_by_reason", {}))
-    merged.update(by_reason)
-    summary["rejected_by_reason"] = merged
-    summary["reader"] = {"rows_read": int(upstream.get("rows_read", 0)), "rows_rejected": rejected}
+    """Adds the reader's rejections to the summary (each to its table's counts) and the dead-letter file.
+
+    Rejected interaction rows join the interaction rows read and rejected, which the
+    rejection threshold compares; rejected user and item rows join the ``tables``
+    entry of their table. A report without ``rejected_by_table`` counts everything for
+    the interactions.
+    """
+    by_table = upstream.get("rejected_by_table")
+    if by_table is None:
+        by_table = {"interactions": upstream.get("rejected_by_reason", {})}
+    reader_tables = {}
+    for table, reasons in sorted(by_table.items()):
+        by_reason = {f"reader: {k}": int(v) for k, v in reasons.items()}
+        rejected = sum(by_reason.values())
+        if table == "interactions":
+            entry = summary
+        else:
+            entry = summary.setdefault("tables", {}).setdefault(
+                table, {"rows_read": 0, "rows_rejected": 0, "rejected_by_reason": {}})
+            entry["rows_read"] = int(entry.get("rows_read", 0)) + rejected   # rows in the input
+            reader_tables[table] = rejected
+        entry["rows_rejected"] = int(entry.get("rows_rejected", 0)) + rejected
+        entry["rejected_by_reason"] = {**entry.get("rejected_by_reason", {}), **by_reason}
+    interactions = sum(int(v) for v in by_table.get("interactions", {}).values())
+    summary["reader"] = {"rows_read": int(upstream.get("rows_read", 0)), "rows_rejected": interactions,
+                         "table_rows_rejected": reader_tables}
     examples = upstream.get("examples", [])
     if examples:
         path = FileSystems.join(write_dir, DEAD_LETTER_FILE)

@@ -16,6 +16,7 @@ row; ``"skip"`` counts it by reason, keeps the first examples, and goes on.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -26,10 +27,18 @@ from models.features import Schema
 
 BAD_ROW_POLICIES = ("fail", "skip")
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+# What `RowErrors` counts rejections for (the statistics job's table names).
+INTERACTIONS_TABLE = "interactions"
+TABLES = (INTERACTIONS_TABLE, "users", "items")
 
 
 class RowErrors:
-    """Collects bad rows under a policy; `summary()` goes into the run report."""
+    """Collects bad rows under a policy; `summary()` goes into the run report.
+
+    Rejections count for the interactions unless they happen inside `reading(table)`
+    (the user and item tables): ``rows_read`` counts interaction rows, so only their
+    rejections are comparable with it.
+    """
 
     def __init__(self, policy: str = "fail", max_examples: int = 20):
         if policy not in BAD_ROW_POLICIES:
@@ -38,7 +47,20 @@ class RowErrors:
         self.max_examples = max_examples
         self.rows_read = 0
         self.rejected: collections.Counter = collections.Counter()
+        self.rejected_by_table: Dict[str, collections.Counter] = {}
         self.examples: List[Dict[str, Any]] = []
+        self._table = INTERACTIONS_TABLE
+
+    @contextlib.contextmanager
+    def reading(self, table: str) -> Iterator["RowErrors"]:
+        """Counts the rejections inside the block for `table` (``users`` or ``items``)."""
+        if table not in TABLES:
+            raise ValueError(f"`table` should be one of {TABLES}. Received: table={table!r}")
+        previous, self._table = self._table, table
+        try:
+            yield self
+        finally:
+            self._table = previous
 
     def reject(self, path: str, line: Optional[int], field: Optional[str], reason: str,
                kind: Optional[str] = None) -> None:
@@ -51,6 +73,7 @@ class RowErrors:
         if self.policy == "fail":
             raise err
         self.rejected[kind or reason] += 1
+        self.rejected_by_table.setdefault(self._table, collections.Counter())[kind or reason] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append({"file": path, "line": line, "field": field, "reason": reason})
 
@@ -59,11 +82,14 @@ class RowErrors:
         return int(sum(self.rejected.values()))
 
     def summary(self) -> Dict[str, Any]:
+        """``rows_read`` (interaction rows), ``rows_rejected`` and ``rejected_by_reason`` (every
+        table), ``rejected_by_table`` (``{table: {reason: n}}``), ``examples``."""
         return {
             "policy": self.policy,
             "rows_read": int(self.rows_read),
             "rows_rejected": self.num_rejected,
             "rejected_by_reason": dict(self.rejected),
+            "rejected_by_table": {t: dict(c) for t, c in sorted(self.rejected_by_table.items())},
             "examples": list(self.examples),
         }
 

@@ -360,6 +360,11 @@ def _read_1m_items(path: str, errors: RowErrors) -> pd.DataFrame:
     return _build_items(rows, rows.fields[0], rows.fields[1], None, genres)
 
 
+# The user and item table readers of each layout.
+TABLE_READERS = {"atomic": (_read_atomic_users, _read_atomic_items), "100k": (_read_100k_users, _read_100k_items),
+                 "1m": (_read_1m_users, _read_1m_items)}
+
+
 # ---------------------------------------------------------------------------------
 # Interactions.
 # ---------------------------------------------------------------------------------
@@ -433,20 +438,19 @@ def read_movielens(data_dir: str, bad_rows: str = "fail", history_length: int = 
     layout, files = detect_layout(data_dir, layout)
     schema = movielens_schema(_schema_name(layout, files), history_length)
     paths = {"users": files["users"], "items": files["items"]}
+    read_users, read_items = TABLE_READERS[layout]
+    with errors.reading("users"):
+        users = read_users(files["users"], errors)
+    with errors.reading("items"):
+        items = read_items(files["items"], errors)
     if layout == "atomic":
-        users = _read_atomic_users(files["users"], errors)
-        items = _read_atomic_items(files["items"], errors)
         rows = read_delimited(files["interactions"], "\t", errors, header=True,
                               what="rating rows 'user_id  item_id  rating  timestamp'")
         cols = _atomic_columns(rows, [USER_ID, ITEM_ID, RATING, TIMESTAMP], [], arrow=True)
     else:
         if layout == "100k":
-            users = _read_100k_users(files["users"], errors)
-            items = _read_100k_items(files["items"], errors)
             delimiter, what = "\t", "rating rows 'user id \\t item id \\t rating \\t timestamp'"
         else:
-            users = _read_1m_users(files["users"], errors)
-            items = _read_1m_items(files["items"], errors)
             delimiter, what = "::", "rating rows 'UserID::MovieID::Rating::Timestamp'"
         names = (USER_ID, ITEM_ID, RATING, TIMESTAMP)
         rows = read_delimited(files["interactions"], delimiter, errors, num_fields=4, encoding="latin-1",

@@ -912,8 +912,9 @@ def read_tabular(path: str, columns: Mapping[str, str], user_table: Optional[str
     for side, id_key, id_col, explicit, specs in (("user", USER_ID, user_id_col, user_explicit, user_specs),
                                                   ("item", ITEM_ID, item_id_col, item_explicit, item_specs)):
         if table_paths[side] is not None:
-            tables[side], features[side] = _read_feature_table(
-                table_paths[side], "auto", side, id_key, id_col, explicit, cols[id_key], specs, errors)
+            with errors.reading(f"{side}s"):
+                tables[side], features[side] = _read_feature_table(
+                    table_paths[side], "auto", side, id_key, id_col, explicit, cols[id_key], specs, errors)
     known = {side: (pd.Index(t[USER_ID if side == "user" else ITEM_ID]) if t is not None else None)
              for side, t in tables.items()}
 

@@ -189,10 +189,29 @@ def test_rejected_fraction_is_over_every_row_read_from_the_input(tmp_path):
                              source="/input/ratings.csv")
     assert summary["rows_read"] == 18 and summary["rows_rejected"] == 5 and summary["rejected_fraction"] == 5 / 18
     assert summary["rows_by_split"] == {"train": 11, "test": 5} and summary["validated_rows"] == 11
-    assert summary["reader"] == {"rows_read": 18, "rows_rejected": 2}
+    assert summary["reader"] == {"rows_read": 18, "rows_rejected": 2, "table_rows_rejected": {}}
     assert summary["rejected_by_reason"] == {"empty_item_id": 1, "null_user_id": 1, "reader: bad rating": 2,
                                              "unknown_item_id": 1}
     assert summary["source"] == "/input/ratings.csv"
+
+
+def test_rejected_user_and_item_rows_count_for_their_tables_not_the_interactions(tmp_path):
+    data = write_dataset(tmp_path / "data", SHARDS, test_shards=[[("u1", "b"), ("u2", "b"), ("u3", "c")],
+                                                                 [("u4", "b"), ("u4", "c")]])
+    upstream = {"rows_read": 18, "rejected_by_reason": {"bad rating": 2, "missing user_id": 4, "bad price": 1},
+                "rejected_by_table": {"interactions": {"bad rating": 2}, "users": {"missing user_id": 4},
+                                      "items": {"bad price": 1}}, "examples": []}
+    # The 5 rejected table rows would lift the fraction from 5/18 to 10/23 if they counted as interactions.
+    summary = run_statistics(data, str(tmp_path / "out"), max_rejected_fraction=0.28, upstream_rejections=upstream)
+    assert summary["rows_read"] == 18 and summary["rows_rejected"] == 5 and summary["rejected_fraction"] == 5 / 18
+    assert summary["reader"] == {"rows_read": 18, "rows_rejected": 2,
+                                 "table_rows_rejected": {"items": 1, "users": 4}}
+    assert "reader: missing user_id" not in summary["rejected_by_reason"]
+    # The tables' rows read are the input's: the rows written plus the ones the reader rejected.
+    assert summary["tables"] == {
+        "items": {"rejected_by_reason": {"null_item_id": 1, "reader: bad price": 1}, "rows_read": 7,
+                  "rows_rejected": 2},
+        "users": {"rejected_by_reason": {"reader: missing user_id": 4}, "rows_read": 8, "rows_rejected": 4}}
 
 
 def test_output_that_is_a_file_or_holds_other_files_is_refused_before_any_work(tmp_path):

@@ -32,7 +32,8 @@ def test_every_sample_reads_into_its_schema(name, rows, clicks):
     _check_frame(schema, frame, rows)
     assert int(frame[LABEL].sum()) == clicks
     assert frame.attrs["read_report"] == {"policy": "fail", "rows_read": rows, "rows_rejected": 0,
-                                          "rejected_by_reason": {}, "examples": []}
+                                          "rejected_by_reason": {}, "rejected_by_table": {},
+                                          "examples": []}
 
 
 @needs_data

@@ -259,6 +259,9 @@ def test_movielens_bad_table_rows(tmp_path):
     # Under skip, user 2 is dropped and so are its ratings.
     ds = read_movielens(d, bad_rows="skip")
     assert ds.errors.rejected == {"bad occupation": 1, "unknown user": 1}
+    # The bad user row counts for the users table, the rating it orphans for the interactions.
+    assert ds.errors.summary()["rejected_by_table"] == {"interactions": {"unknown user": 1},
+                                                        "users": {"bad occupation": 1}}
     assert "2" not in set(ds.users[USER_ID]) and "2" not in set(_all(ds)[USER_ID])
 
 
@@ -536,6 +539,8 @@ def test_tabular_feature_tables(tmp_path):
     ds = read_tabular(log, cols, bad_rows="skip", **{**kw, "user_table": bad_users})
     # User 2 is dropped with its bad age; line 5 (user 2, item zz) counts once, as its first field.
     assert ds.errors.rejected == {"bad age": 1, "duplicate user_id": 1, "unknown user": 2}
+    assert ds.errors.summary()["rejected_by_table"] == {"interactions": {"unknown user": 2},
+                                                        "users": {"bad age": 1, "duplicate user_id": 1}}
     assert ds.errors.examples[1]["reason"] == "duplicate user_id '1' (first on line 2)"
 
 

@@ -82,8 +82,8 @@ def test_movielens_rejected_fraction_counts_every_row_read_and_replaces_a_previo
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows_read"] == 400 and summary["rows_rejected"] == 4 and summary["rejected_fraction"] == 0.01
-    assert sum(summary["rows_by_split"].values()) == 396 and summary["reader"] == {"rows_read": 400,
-                                                                                   "rows_rejected": 4}
+    assert sum(summary["rows_by_split"].values()) == 396 and summary["reader"] == {
+        "rows_read": 400, "rows_rejected": 4, "table_rows_rejected": {}}
     assert not (out / "vocab" / "old_feature.txt").exists()
     assert sorted(os.listdir(tmp_path)) == ["ml", "out"]  # no backup or temporary sibling left
 
