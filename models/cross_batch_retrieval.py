@@ -14,7 +14,8 @@ items are added (`models.sampled_softmax.mixed_log_q`). A candidate with the
 positive's id is masked (accidental hit) wherever it sits. After the loss, the
 batch's item embeddings are enqueued into the bank with stop-gradient.
 
-Formula: L = Σ_i w_i · −log softmax(z_i)[i],  z_ij = q_i·c_j/τ − log Q(j).
+Formula: L = Σ_i w_i · −log softmax(z_i)[i],  z_ij = q_i·c_j/τ − a·log Q(j)  (a = `logq_weight`, 1 by
+default).
 
 The loss is computed by `models.sampled_softmax.sampled_softmax_loss` (one softmax and a
 hand-written gradient, both item-gradient modes below); with hard negatives, by the
@@ -95,6 +96,10 @@ class CrossBatchRetrieval(keras.layers.Layer):
         ``uniform`` (only the items drawn uniformly from the corpus, as in SimpleX: the
         batch's and the bank's items follow the interaction distribution, and a
         pairwise loss without logQ correction pushes popular items down).
+      logq_weight: a in z_ij = q_i·c_j/τ − a·log Q(j). 1 is the unbiased correction (the
+        sampled softmax estimates the full softmax over the corpus); above 1 the trained
+        scores keep a share of popularity, q_i·c_j/τ ≈ log p(j|i) + (a − 1)·log q(j) up to a
+        row constant, and below 1 they lose one. Applies when log q is given.
 
     Call:
       query_embeddings ``[B, D]``, candidate_embeddings ``[B, D]`` (the positives),
@@ -109,8 +114,11 @@ class CrossBatchRetrieval(keras.layers.Layer):
     def __init__(self, embedding_dim: int, memory_size: int = 0, warmup_steps: int = 0, temperature: float = 1.0,
                  remove_accidental_hits: bool = True, num_hard_negatives: int = 0,
                  drift_correction: str = "mean", item_gradient: str = "batch", loss: str = "softmax",
-                 margin: float = 0.9, negative_weight: float = 150.0, ccl_negatives: str = "all", **kwargs):
+                 margin: float = 0.9, negative_weight: float = 150.0, ccl_negatives: str = "all",
+                 logq_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
+        if not 0.0 <= float(logq_weight) < float("inf"):
+            raise ValueError(f"`logq_weight` should be a finite number >= 0. Received: logq_weight={logq_weight}")
         if ccl_negatives not in CCL_NEGATIVES:
             raise ValueError(f"`ccl_negatives` should be one of {CCL_NEGATIVES}. "
                              f"Received: ccl_negatives={ccl_negatives!r}")
@@ -147,6 +155,7 @@ class CrossBatchRetrieval(keras.layers.Layer):
         self.margin = float(margin)
         self.negative_weight = float(negative_weight)
         self.ccl_negatives = ccl_negatives
+        self.logq_weight = float(logq_weight)
         self.memory = (CrossBatchMemory(self.memory_size, self.embedding_dim, name="memory")
                        if self.memory_size else None)
 
@@ -185,14 +194,13 @@ class CrossBatchRetrieval(keras.layers.Layer):
                 self.memory.enqueue(stored, log_q, positive_ids)
         return (loss, share) if return_bank_share else loss
 
-    @staticmethod
-    def _candidates(batch_embeddings, bank, uniform, positive_ids, log_q, corrected):
+    def _candidates(self, batch_embeddings, bank, uniform, positive_ids, log_q, corrected):
         """Every candidate, fresh ones first: the batch, the uniform items, then the bank.
 
         Returns ``(embeddings [N, D], ids [N], log Q [N] or None, valid [N], F or None)``:
         log Q is log q(i), or the log mixture probability when uniform items are drawn
-        (None without correction and without uniform items); F is the number of fresh
-        candidates when there is a bank.
+        (None without correction and without uniform items), times `logq_weight`; F is the
+        number of fresh candidates when there is a bank.
         """
         batch = tf.shape(batch_embeddings)[0]
         embeddings, ids, logqs, valid = [batch_embeddings], [positive_ids], [log_q], [tf.ones([batch], tf.bool)]
@@ -217,6 +225,8 @@ class CrossBatchRetrieval(keras.layers.Layer):
             all_log_q = mixed_log_q(all_log_q, num_unigram, tf.cast(tf.shape(uniform[0])[0], tf.float32), uniform[3])
         elif not corrected:
             all_log_q = None
+        if all_log_q is not None and self.logq_weight != 1.0:
+            all_log_q = all_log_q * self.logq_weight
         return (tf.concat(embeddings, axis=0), tf.concat(ids, axis=0), all_log_q, tf.concat(valid, axis=0),
                 num_fresh)
 
@@ -303,7 +313,8 @@ class CrossBatchRetrieval(keras.layers.Layer):
                 "remove_accidental_hits": self.remove_accidental_hits,
                 "num_hard_negatives": self.num_hard_negatives, "drift_correction": self.drift_correction,
                 "item_gradient": self.item_gradient, "loss": self.loss, "margin": self.margin,
-                "negative_weight": self.negative_weight, "ccl_negatives": self.ccl_negatives}
+                "negative_weight": self.negative_weight, "ccl_negatives": self.ccl_negatives,
+                "logq_weight": self.logq_weight}
 
 
 def _global_mean(embeddings: tf.Tensor) -> tf.Tensor:

@@ -246,6 +246,9 @@ class RetrievalConfig:
         embeddings: ``mean`` or ``attention`` (weights from a learned query vector,
         `models.towers.MaskedAttentionPooling`; it starts as the mean).
       logq_correction: subtract log q(i) from candidate logits.
+      logq_weight: a in the corrected logits q·c/τ − a·log q(i): 1 is the unbiased
+        correction; above 1 the trained scores keep a share of popularity, (a − 1)·log q(i)
+        (`models.cross_batch_retrieval.CrossBatchRetrieval`).
       remove_accidental_hits: mask in-batch copies of the positive item.
       loss: ``softmax`` (sampled softmax with logQ correction, the loss of
         `tfrs.tasks.Retrieval`) or ``ccl`` (the cosine contrastive loss of SimpleX over
@@ -338,6 +341,7 @@ class RetrievalConfig:
     query_dropout: float = 0.0
     history_pooling: str = "mean"
     logq_correction: bool = True
+    logq_weight: float = 1.0
     remove_accidental_hits: bool = True
     loss: str = "softmax"
     ccl_margin: float = 0.9
@@ -437,6 +441,14 @@ class RetrievalConfig:
             raise ConfigError(f"`retrieval.embedding_l2` should be >= 0. Received: {self.embedding_l2}")
         if not 0 <= self.query_dropout < 1:
             raise ConfigError(f"`retrieval.query_dropout` should be in [0, 1). Received: {self.query_dropout}")
+        if not 0 <= self.logq_weight < math.inf:
+            raise ConfigError(f"`retrieval.logq_weight` should be a finite number >= 0. Received: {self.logq_weight}")
+        if self.logq_weight != 1.0 and not self.logq_correction:
+            raise ConfigError("`retrieval.logq_weight` weighs the logQ correction, which logq_correction=false turns "
+                              f"off. Received: logq_correction=false, logq_weight={self.logq_weight}")
+        if self.logq_weight != 1.0 and self.loss == "ccl":
+            raise ConfigError("`retrieval.logq_weight` applies to the softmax loss; loss=ccl has no logQ correction. "
+                              f"Received: loss='ccl', logq_weight={self.logq_weight}")
         if self.ssl_weight < 0:
             raise ConfigError(f"`retrieval.ssl_weight` should be >= 0. Received: {self.ssl_weight}")
         if not 0 <= self.ssl_value_dropout < 1:

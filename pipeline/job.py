@@ -159,7 +159,7 @@ def retrieval_task(config: RunConfig):
                                num_hard_negatives=r.num_hard_negatives, drift_correction=r.drift_correction,
                                item_gradient=r.item_gradient, loss=r.loss, margin=r.ccl_margin,
                                negative_weight=r.ccl_negative_weight, ccl_negatives=r.ccl_negatives,
-                               name="cross_batch_retrieval")
+                               logq_weight=r.logq_weight, name="cross_batch_retrieval")
 
 
 def item_corpus(data_dir: str, schema: Schema) -> Dict[str, np.ndarray]:

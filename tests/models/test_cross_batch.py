@@ -351,6 +351,41 @@ def test_hard_negatives_with_a_bank_split_the_gradient_as_the_two_losses_do():
     assert np.abs(tape.gradient(loss, u).numpy()).max() > 1e-4
 
 
+@pytest.mark.parametrize("hard", [0, 3])
+def test_logq_weight_scales_every_candidates_correction(hard):
+    rng = np.random.default_rng(6)
+    q, c, old = (tf.constant(rng.normal(size=(4, 3)), tf.float32) for _ in range(3))
+    u = tf.constant(rng.normal(size=(2, 3)), tf.float32)
+    log_q = tf.math.log(tf.constant([0.1, 0.2, 0.3, 0.4]))
+    ids, extra_ids = tf.constant(["a", "b", "c", "d"]), tf.constant(["u", "v"])
+
+    def loss(weight):
+        task = CrossBatchRetrieval(3, memory_size=8, temperature=0.5, num_hard_negatives=hard, logq_weight=weight,
+                                   drift_correction="none")
+        task(q, old, tf.constant(["w", "x", "y", "z"]), log_q)
+        return float(task(q, c, ids, log_q, extra_negatives=(u, extra_ids, tf.fill([2], float(np.log(0.1))), 10),
+                          training=False))
+
+    # By hand: the logits of every row over batch, uniform items and bank, less a·log Q of the mixture.
+    cands = np.concatenate([c.numpy(), u.numpy(), old.numpy()])
+    unigram = np.concatenate([log_q.numpy(), np.log([0.1, 0.2, 0.3, 0.4])])
+    mixture = np.log((8 * np.exp(np.concatenate([unigram[:4], [0, 0], unigram[4:]])) + 2 / 10) / 10)
+    mixture[4:6] = np.log((8 * np.exp(np.log(0.1)) + 2 / 10) / 10)
+    for weight in (0.0, 1.0, 2.5):
+        logits = q.numpy() @ cands.T / 0.5 - weight * mixture[None, :]
+        if hard:
+            keep = np.full(logits.shape, False)
+            for i in range(4):
+                negatives = np.delete(np.arange(logits.shape[1]), i)
+                keep[i, negatives[np.argsort(-logits[i, negatives])[:hard]]] = True
+                keep[i, i] = True
+            logits = np.where(keep, logits, -np.inf)
+        assert loss(weight) == pytest.approx(_np_loss(logits).sum(), rel=1e-5), weight
+    with pytest.raises(ValueError, match="logq_weight=-1"):
+        CrossBatchRetrieval(3, logq_weight=-1)
+    assert CrossBatchRetrieval.from_config(CrossBatchRetrieval(3, logq_weight=1.5).get_config()).logq_weight == 1.5
+
+
 def test_mixed_log_q_and_hard_negatives_by_hand():
     # 2 unigram draws with q = 0.5, 2 uniform draws over 4 items: Q = (2*0.5 + 2/4) / 4 = 0.375.
     got = mixed_log_q(tf.math.log(tf.constant([0.5])), 2, 2, 4).numpy()

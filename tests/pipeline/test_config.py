@@ -48,6 +48,7 @@ def test_yaml_file_round_trip(tmp_path):
     ("retrieval.ccl_negative_weight=-1", "`retrieval.ccl_negative_weight` should be >= 0"),
     ("retrieval.embedding_l2=-0.1", "`retrieval.embedding_l2` should be >= 0"),
     ("retrieval.query_dropout=1.0", "`retrieval.query_dropout` should be in \\[0, 1\\)"),
+    ("retrieval.logq_weight=-0.5", "`retrieval.logq_weight` should be a finite number >= 0. Received: -0.5"),
     ("retrieval.learning_rate_schedule=exponential", "`retrieval.learning_rate_schedule` should be one of constant"),
     ("retrieval.learning_rate_decay=1.5", r"`retrieval.learning_rate_decay` should be in \(0, 1\]"),
     ("retrieval.learning_rate_schedule=step", "used by, and needed by, learning_rate_schedule=step"),
@@ -570,3 +571,29 @@ def test_retrieval_settings_reach_the_model():
     built = model.get_config()
     assert {k: built[k] for k in values} == values
     assert built["numeric_stats"] == {"price": [1.0, 2.0]}
+
+
+def test_logq_weight_needs_the_softmax_with_its_correction():
+    with pytest.raises(ConfigError, match="logq_correction=false turns off. Received: logq_correction=false, "
+                                          "logq_weight=1.5"):
+        load_config(None, ["retrieval.logq_correction=false", "retrieval.logq_weight=1.5"])
+    with pytest.raises(ConfigError, match="loss=ccl has no logQ correction"):
+        load_config(None, ["retrieval.loss=ccl", "retrieval.logq_weight=0.5"])
+    assert load_config(None, ["retrieval.logq_weight=1.25"]).retrieval.logq_weight == 1.25
+
+
+def test_retrieval_loss_settings_reach_the_task():
+    """Each `retrieval.*` key that is a `CrossBatchRetrieval` setting arrives in the task `recfunnel run` builds."""
+    from pipeline.job import retrieval_task
+
+    values = {"memory_size": 9, "warmup_steps": 4, "num_hard_negatives": 3, "drift_correction": "none",
+              "item_gradient": "all", "logq_weight": 1.5, "temperature": 0.2, "remove_accidental_hits": False}
+    config = load_config(None, ["retrieval.negatives=cbns"] + [f"retrieval.{k}={v}".replace("False", "false")
+                                                               for k, v in values.items()])
+    built = retrieval_task(config).get_config()
+    assert {k: built[k] for k in values} == values
+    ccl = {"margin": 0.5, "negative_weight": 10.0, "ccl_negatives": "uniform"}
+    config = load_config(None, ["retrieval.loss=ccl", "retrieval.negatives=mixed", "retrieval.num_mixed_negatives=4",
+                                *(f"retrieval.ccl_{k.replace('ccl_', '')}={v}" for k, v in ccl.items())])
+    built = retrieval_task(config).get_config()
+    assert {k: built[k] for k in ccl} == ccl and built["loss"] == "ccl"
