@@ -582,6 +582,18 @@ def test_logq_weight_needs_the_softmax_with_its_correction():
     assert load_config(None, ["retrieval.logq_weight=1.25"]).retrieval.logq_weight == 1.25
 
 
+def test_a_logq_weight_above_one_with_the_tail_task_warns(caplog):
+    from pipeline.job import build_retrieval_model
+    from tiny_schema import SCHEMA, VOCABS
+
+    for weight, warned in ((1.25, True), (1.0, False)):
+        caplog.clear()
+        config = load_config(None, ["retrieval.ssl_weight=0.5", "retrieval.ssl_masking=random",
+                                    "retrieval.ssl_items=batch", f"retrieval.logq_weight={weight}"])
+        build_retrieval_model(config, SCHEMA, VOCABS, None, {"price": [1.0, 2.0]})
+        assert ("lowers the recall of tail items" in caplog.text) == warned, weight
+
+
 def test_retrieval_loss_settings_reach_the_task():
     """Each `retrieval.*` key that is a `CrossBatchRetrieval` setting arrives in the task `recfunnel run` builds."""
     from pipeline.job import retrieval_task
