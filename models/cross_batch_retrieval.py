@@ -19,7 +19,7 @@ default).
 
 The loss is computed by `models.sampled_softmax.sampled_softmax_loss` (one softmax and a
 hand-written gradient, both item-gradient modes below); with hard negatives, by the
-unfused chain (`masked_logits` → top-k → cross-entropy).
+unfused chain (`sampled_softmax_logits` → top-k → cross-entropy).
 
 Two corrections keep the bank from destabilising training (both on by default; the
 paper's form is ``item_gradient="all", drift_correction="none"``):
@@ -62,8 +62,8 @@ from typing import Optional, Tuple
 from models.cosine_contrastive import check_ccl_args, cosine_contrastive_loss
 from models.cross_batch_memory import CrossBatchMemory
 from models.distribution import cross_replica_sum
-from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, masked_logits, mixed_log_q,
-                                    routed_scores, sampled_softmax_loss, softmax_cross_entropy)
+from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q,
+                                    sampled_softmax_logits, sampled_softmax_loss, softmax_cross_entropy)
 from models.tf_compat import keras, tf
 
 DRIFT_CORRECTIONS = ("mean", "none")
@@ -184,8 +184,17 @@ class CrossBatchRetrieval(keras.layers.Layer):
             loss, share = self._ccl_loss(query_embeddings, candidate_embeddings, bank, uniform, **args)
         elif not self.num_hard_negatives:
             loss, share = self._fused_loss(query_embeddings, candidate_embeddings, bank, uniform, **args)
+        elif bank is not None and self.item_gradient == "batch":
+            # Queries see every candidate; fresh items get the gradient of the softmax over
+            # the fresh candidates only, whose item gradients sum to zero (see above).
+            sg_uniform = None if uniform is None else (tf.stop_gradient(uniform[0]),) + uniform[1:]
+            query_loss, share = self._loss(query_embeddings, tf.stop_gradient(candidate_embeddings), bank,
+                                           sg_uniform, **args)
+            item_loss, _ = self._loss(tf.stop_gradient(query_embeddings), candidate_embeddings, None, uniform,
+                                      **args)
+            loss = query_loss + (item_loss - tf.stop_gradient(item_loss))
         else:
-            loss, share = self._hard_negative_loss(query_embeddings, candidate_embeddings, bank, uniform, **args)
+            loss, share = self._loss(query_embeddings, candidate_embeddings, bank, uniform, **args)
 
         if self.memory is not None and training:
             with tf.control_dependencies([loss]):
@@ -264,48 +273,23 @@ class CrossBatchRetrieval(keras.layers.Layer):
             remove_accidental_hits=self.remove_accidental_hits, sample_weight=sample_weight)
         return tf.reduce_sum(losses), tf.zeros([], tf.float32)
 
-    def _hard_negative_loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected,
-                            sample_weight):
+    def _loss(self, query, batch_embeddings, bank, uniform, *, positive_ids, log_q, corrected, sample_weight):
         """(Σ_i w_i · −log softmax(z_i)[i], bank share) with the k hardest negatives of each row only
-        (`num_hard_negatives`): the unfused chain.
-
-        With a bank and ``item_gradient="batch"`` the queries get the gradient of this loss over
-        every candidate, the fresh items that of the same loss over the fresh candidates only
-        (batch and uniform items, log Q of their own mixture); the value is the former's. The
-        scores are computed once for both (`routed_scores`).
-        """
+        (`num_hard_negatives`): the unfused chain."""
         candidates, ids, all_log_q, valid, num_fresh = self._candidates(batch_embeddings, bank, uniform,
                                                                         positive_ids, log_q, corrected)
-        split = bank is not None and self.item_gradient == "batch"
-        if split:
-            scores, fresh_scores = routed_scores(query, candidates, num_fresh)
-        else:
-            scores = tf.matmul(query, candidates, transpose_b=True)
-        logits = self._masked_logits(scores, positive_ids, ids, all_log_q, valid)
+        logits = sampled_softmax_logits(
+            query, candidates, positive_ids=positive_ids, candidate_ids=ids, candidate_log_q=all_log_q,
+            candidate_valid=valid, temperature=self.temperature, remove_accidental_hits=self.remove_accidental_hits)
         share = tf.zeros([], tf.float32)
         if bank is not None:
             probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=1)[:, num_fresh:]
             share = tf.reduce_mean(tf.reduce_sum(probs, axis=1))
-        loss = self._hard_cross_entropy(logits, sample_weight)
-        if split:
-            _, fresh_ids, fresh_log_q, fresh_valid, _ = self._candidates(batch_embeddings, None, uniform,
-                                                                         positive_ids, log_q, corrected)
-            item_loss = self._hard_cross_entropy(
-                self._masked_logits(fresh_scores, positive_ids, fresh_ids, fresh_log_q, fresh_valid), sample_weight)
-            loss = loss + (item_loss - tf.stop_gradient(item_loss))
-        return loss, tf.stop_gradient(share)
-
-    def _masked_logits(self, scores, positive_ids, ids, log_q, valid):
-        return masked_logits(scores, positive_ids=positive_ids, candidate_ids=ids, candidate_log_q=log_q,
-                             candidate_valid=valid, temperature=self.temperature,
-                             remove_accidental_hits=self.remove_accidental_hits)
-
-    def _hard_cross_entropy(self, logits, sample_weight):
-        losses = softmax_cross_entropy(hard_negative_logits(logits, self.num_hard_negatives),
-                                       tf.zeros([tf.shape(logits)[0]], tf.int32))
+        logits = hard_negative_logits(logits, self.num_hard_negatives)
+        losses = softmax_cross_entropy(logits, tf.zeros([tf.shape(batch_embeddings)[0]], tf.int32))
         if sample_weight is not None:
             losses = losses * tf.cast(sample_weight, losses.dtype)
-        return tf.reduce_sum(losses)
+        return tf.reduce_sum(losses), tf.stop_gradient(share)
 
     def get_config(self):
         return {**super().get_config(), "embedding_dim": self.embedding_dim, "memory_size": self.memory_size,

@@ -80,19 +80,9 @@ def sampled_softmax_logits(query: tf.Tensor, candidates: tf.Tensor, *, positive_
       remove_accidental_hits: mask candidates with the positive's id other than the
         positive itself.
     """
-    return masked_logits(tf.matmul(query, candidates, transpose_b=True), positive_ids=positive_ids,
-                         candidate_ids=candidate_ids, candidate_log_q=candidate_log_q,
-                         candidate_valid=candidate_valid, temperature=temperature,
-                         remove_accidental_hits=remove_accidental_hits)
-
-
-def masked_logits(scores: tf.Tensor, *, positive_ids: tf.Tensor, candidate_ids: tf.Tensor,
-                  candidate_log_q: Optional[tf.Tensor] = None, candidate_valid: Optional[tf.Tensor] = None,
-                  temperature: float = 1.0, remove_accidental_hits: bool = True) -> tf.Tensor:
-    """`sampled_softmax_logits` from the scores q·cᵀ ``[B, N]`` already computed."""
     if temperature <= 0:
         raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
-    logits = scores / temperature
+    logits = tf.matmul(query, candidates, transpose_b=True) / temperature
     if candidate_log_q is not None:
         logits = logits - tf.cast(candidate_log_q, logits.dtype)[tf.newaxis, :]
     masked = (accidental_hits(positive_ids, candidate_ids) if remove_accidental_hits
@@ -193,30 +183,6 @@ def sampled_softmax_loss(query: tf.Tensor, candidates: tf.Tensor, *, positive_id
         return (loss, tf.stop_gradient(stale_mass)), grad
 
     return fused(query, candidates)
-
-
-def routed_scores(query: tf.Tensor, candidates: tf.Tensor, num_fresh) -> tuple:
-    """The scores q·cᵀ computed once, as two views that route the gradient apart.
-
-    Returns ``(to_queries [B, N], to_items [B, F])``, equal in value to the scores and
-    their first F columns: a loss on the first view differentiates the queries only
-    (as if the candidates were constants), a loss on the second the first F candidates
-    only (as if the queries were). Two matmuls with stop-gradients give the same
-    gradients but compute the ``[B, F]`` block twice.
-    """
-    num = tf.shape(candidates)[0]
-
-    @tf.custom_gradient
-    def scores(q, c):
-        z = tf.matmul(q, c, transpose_b=True)
-
-        def grad(d_to_queries, d_to_items):
-            d_c = tf.matmul(d_to_items, q, transpose_a=True)
-            return tf.matmul(d_to_queries, c), tf.pad(d_c, [[0, num - num_fresh], [0, 0]])
-
-        return (z, z[:, :num_fresh]), grad
-
-    return scores(query, candidates)
 
 
 def hard_negative_logits(logits: tf.Tensor, num_hard_negatives: int) -> tf.Tensor:

@@ -9,7 +9,7 @@ from conftest import python_subprocess
 
 from models.cross_batch_memory import CrossBatchMemory
 from models.cross_batch_retrieval import CrossBatchRetrieval
-from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q, routed_scores,
+from models.sampled_softmax import (MASKED_LOGIT, hard_negative_logits, id_hashes, mixed_log_q,
                                     sampled_softmax_logits, sampled_softmax_loss, softmax_cross_entropy)
 from models.tf_compat import keras, tf
 
@@ -285,29 +285,6 @@ def test_item_gradient_batch_keeps_the_item_gradients_balanced():
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     assert share_b == pytest.approx(p[:, 4:].sum(axis=1).mean(), rel=1e-5)
-
-
-def test_routed_scores_split_the_gradient_as_two_stop_gradient_matmuls():
-    rng = np.random.default_rng(5)
-    q = tf.constant(rng.normal(size=(3, 4)), tf.float32)
-    c = tf.constant(rng.normal(size=(7, 4)), tf.float32)
-    a, b = (tf.constant(rng.normal(size=s), tf.float32) for s in ((3, 7), (3, 5)))
-
-    def objective(to_queries, to_items):
-        return tf.reduce_sum(a * tf.sin(to_queries)) + tf.reduce_sum(b * to_items ** 2)
-
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([q, c])
-        to_queries, to_items = routed_scores(q, c, 5)
-        got = objective(to_queries, to_items)
-        want = objective(tf.matmul(q, tf.stop_gradient(c), transpose_b=True),
-                         tf.matmul(tf.stop_gradient(q), c[:5], transpose_b=True))
-    np.testing.assert_allclose(to_items.numpy(), (q.numpy() @ c.numpy().T)[:, :5], rtol=1e-6)
-    assert float(got) == pytest.approx(float(want), rel=1e-6)
-    for x in (q, c):
-        np.testing.assert_allclose(tape.gradient(got, x).numpy(), tape.gradient(want, x).numpy(), rtol=1e-5,
-                                   atol=1e-6)
-    assert not tape.gradient(got, c).numpy()[5:].any()      # the columns after F get nothing
 
 
 def test_hard_negatives_with_a_bank_split_the_gradient_as_the_two_losses_do():
