@@ -746,12 +746,12 @@ def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir
     by_table = upstream.get("rejected_by_table")
     if by_table is None:
         by_table = {"interactions": upstream.get("rejected_by_reason", {})}
-    reader_tables = {}
+    interactions, reader_tables = 0, {}
     for table, reasons in sorted(by_table.items()):
         by_reason = {f"reader: {k}": int(v) for k, v in reasons.items()}
         rejected = sum(by_reason.values())
         if table == "interactions":
-            entry = summary
+            entry, interactions = summary, rejected
         else:
             entry = summary.setdefault("tables", {}).setdefault(
                 table, {"rows_read": 0, "rows_rejected": 0, "rejected_by_reason": {}})
@@ -759,7 +759,6 @@ def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir
             reader_tables[table] = rejected
         entry["rows_rejected"] = int(entry.get("rows_rejected", 0)) + rejected
         entry["rejected_by_reason"] = {**entry.get("rejected_by_reason", {}), **by_reason}
-    interactions = sum(int(v) for v in by_table.get("interactions", {}).values())
     summary["reader"] = {"rows_read": int(upstream.get("rows_read", 0)), "rows_rejected": interactions,
                          "table_rows_rejected": reader_tables}
     examples = upstream.get("examples", [])

@@ -46,7 +46,6 @@ class RowErrors:
         self.policy = policy
         self.max_examples = max_examples
         self.rows_read = 0
-        self.rejected: collections.Counter = collections.Counter()
         self.rejected_by_table: Dict[str, collections.Counter] = {}
         self.examples: List[Dict[str, Any]] = []
         self._table = INTERACTIONS_TABLE
@@ -72,10 +71,14 @@ class RowErrors:
         err = DataError(path, line, field, reason)
         if self.policy == "fail":
             raise err
-        self.rejected[kind or reason] += 1
         self.rejected_by_table.setdefault(self._table, collections.Counter())[kind or reason] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append({"file": path, "line": line, "field": field, "reason": reason})
+
+    @property
+    def rejected(self) -> collections.Counter:
+        """Rejections by reason over every table."""
+        return sum(self.rejected_by_table.values(), collections.Counter())
 
     @property
     def num_rejected(self) -> int:
