@@ -230,9 +230,8 @@ def build_retrieval_model(config: RunConfig, schema: Schema, vocabularies, log_q
                     "(see README, Self-supervised item task)")
     if r.ssl_weight and r.logq_weight > 1:
         log.warning("retrieval.logq_weight=%s > 1 keeps popularity in the scores and lowers the recall of tail "
-                    "items, which the self-supervised task (retrieval.ssl_weight) is there to raise: on the "
-                    "synthetic data 1.25 cut tail Recall@50 from 0.105 to 0.078 (see README, How much popularity "
-                    "the scores keep)", r.logq_weight)
+                    "items, which the self-supervised task (retrieval.ssl_weight) is there to raise (measured in "
+                    "benchmarks/RESULTS.md; see README, How much popularity the scores keep)", r.logq_weight)
     mixed = r.negatives == "mixed"
     if mixed and corpus is None:
         raise ValueError("negatives=mixed needs the item corpus to sample from")
