@@ -22,7 +22,7 @@ existed serve with ``<workdir>/data``.
 The query tower, item tower and index of one version belong together (the required
 models). The pre-ranker and ranker score (user, item) feature pairs and depend on no
 retrieval model: serving uses the one with the same version number when it exists,
-else the newest one (`stage_version`). Version numbers are shared by all models
+else the newest one that passed its run's gate (`stage_version`). Version numbers are shared by all models
 (`next_version`), so a ranker exported on its own schedule never collides with a
 retrieval version.
 """
@@ -87,14 +87,33 @@ def version_path(workdir: str, model: str, version: int) -> str:
     return os.path.join(model_dir(workdir, model), str(int(version)))
 
 
-def promoted(workdir: str) -> Optional[Dict[str, Any]]:
-    """The promotion record (``version``, ``metrics``, ``promoted_at``), or None."""
-    path = os.path.join(workdir, EXPORT_DIR, PROMOTED_FILE)
+class BadRecordError(ValueError):
+    """``promoted.json`` or ``rejected.json`` cannot be read as what it should hold."""
+
+
+def _read_record(path: str) -> Optional[Any]:
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise BadRecordError(f"{path}: not a readable JSON record: {e}") from None
+
+
+def promoted(workdir: str) -> Optional[Dict[str, Any]]:
+    """The promotion record (``version``, ``metrics``, ``promoted_at``), or None.
+
+    Raises:
+      BadRecordError: the file exists and is not a JSON object with an integer ``version``.
+    """
+    path = os.path.join(workdir, EXPORT_DIR, PROMOTED_FILE)
+    record = _read_record(path)
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("version"), int)
+                                   and not isinstance(record["version"], bool)):
+        raise BadRecordError(f"{path}: should be a JSON object with an integer \"version\". Received: "
+                             f"{json.dumps(record)[:200]}")
+    return record
 
 
 def promoted_version(workdir: str) -> Optional[int]:
@@ -112,13 +131,19 @@ def complete_versions(workdir: str) -> List[int]:
 
 
 def rejected_versions(workdir: str) -> Dict[int, str]:
-    """Versions a quality gate turned down, with the gate's reason."""
+    """Versions a quality gate turned down, with the gate's reason.
+
+    Raises:
+      BadRecordError: the file exists and is not a JSON object of version → reason.
+    """
     path = os.path.join(workdir, EXPORT_DIR, REJECTED_FILE)
-    try:
-        with open(path) as f:
-            return {int(v): str(reason) for v, reason in json.load(f).items()}
-    except FileNotFoundError:
+    record = _read_record(path)
+    if record is None:
         return {}
+    if not isinstance(record, dict) or not all(v.isdigit() for v in record):
+        raise BadRecordError(f"{path}: should be a JSON object of version number → reason. Received: "
+                             f"{json.dumps(record)[:200]}")
+    return {int(v): str(reason) for v, reason in record.items()}
 
 
 def write_rejected(workdir: str, rejected: Dict[int, str]) -> None:
@@ -156,15 +181,22 @@ def serving_data_dir(workdir: str, version: int) -> str:
 def stage_version(workdir: str, model: str, version: int) -> Optional[int]:
     """The version of an optional model served with retrieval `version`.
 
-    The same version number when that export exists, else the newest complete one,
-    None when there is none.
+    The same version number when that export exists; else the newest one that a quality
+    gate did not turn down and that is either part of a complete run no newer than
+    `version` or exported on its own (no retrieval model or serving data under its
+    number). A model of a run still in progress, or of a run its gate rejected, is
+    never chosen. None when there is none.
     """
     if model not in OPTIONAL_MODELS:
         raise ValueError(f"`model` should be one of {OPTIONAL_MODELS}. Received: model={model!r}")
     vs = versions(workdir, model)
-    if not vs:
-        return None
-    return int(version) if int(version) in vs else vs[-1]
+    if int(version) in vs:
+        return int(version)
+    rejected = rejected_versions(workdir)
+    complete = set(complete_versions(workdir))
+    of_runs = {v for m in REQUIRED_MODELS + (SERVING_DATA,) for v in versions(workdir, m)}
+    eligible = [v for v in vs if v not in rejected and ((v in complete and v <= int(version)) or v not in of_runs)]
+    return eligible[-1] if eligible else None
 
 
 def write_promoted(workdir: str, version: int, metrics: Dict[str, Any],

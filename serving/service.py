@@ -47,6 +47,7 @@ from serving.user_store import UnknownUserError
 log = logging.getLogger("recfunnel.serving")
 
 FOLLOW_MODES = ("promoted", "latest")
+MAX_POLL_INTERVAL = 86400.0  # a day
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +95,9 @@ class ServiceConfig:
     def __post_init__(self):
         if self.follow not in FOLLOW_MODES:
             raise ValueError(f"`follow` should be one of {FOLLOW_MODES}. Received: follow={self.follow!r}")
-        if self.poll_interval < 0:
-            raise ValueError(f"`poll_interval` should be >= 0. Received: poll_interval={self.poll_interval}")
+        if not 0 <= self.poll_interval <= MAX_POLL_INTERVAL:  # NaN too
+            raise ValueError(f"`poll_interval` should be in [0, {MAX_POLL_INTERVAL}] seconds (0 = no reloading). "
+                             f"Received: poll_interval={self.poll_interval}")
         if self.version is not None and self.version < 1:
             raise ValueError(f"`version` should be a positive integer. Received: version={self.version}")
         for name in ("max_k", "max_body_bytes", "max_list_length", "max_batch_size", "batch_workers"):
@@ -158,6 +160,12 @@ class ModelWatcher:
             self.last_check = time.time()
             try:
                 target = self.target()
+            except exports.BadRecordError as e:  # a damaged promoted.json / rejected.json: say so, keep serving
+                if self.last_error != str(e):
+                    log.error("%s; still serving %s", e, self.current.version if self.current is not None
+                              else "nothing")
+                self.last_error = str(e)
+                return False
             except OSError as e:  # the workdir is being rewritten; try again next time
                 log.warning("cannot read the exports of %s: %s", self.config.workdir, e)
                 return False
@@ -393,7 +401,10 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
     from models.features import Schema
 
     watcher = watcher or ModelWatcher(config)
-    version = config.version if config.version is not None else exports.serving_version(config.workdir)
+    try:
+        version = config.version if config.version is not None else exports.serving_version(config.workdir)
+    except exports.BadRecordError:  # the watcher reports it (503 with the reason) until the record is mended
+        version = None
     schema_dir = (exports.serving_data_dir(config.workdir, version) if version is not None
                   else os.path.join(config.workdir, DATA_DIR))
     schema_path = os.path.join(schema_dir, layout.SCHEMA_FILE)
@@ -449,8 +460,12 @@ def create_app(config: ServiceConfig, watcher: Optional[ModelWatcher] = None):
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
+        content_type = request.headers.get("content-type", "")
+        detail = (_describe_validation_errors(errors) if "json" in content_type.lower() else
+                  f"the body should be JSON sent with Content-Type: application/json. Received: Content-Type: "
+                  f"{content_type or '(none)'}")
         return JSONResponse(status_code=422, content={
-            "detail": _describe_validation_errors(errors),
+            "detail": detail,
             "errors": [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]})
 
     slots = threading.BoundedSemaphore(config.max_concurrent) if config.max_concurrent else None

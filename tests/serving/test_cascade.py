@@ -193,6 +193,37 @@ def test_optional_model_versions_and_next_version(tmp_path):
         exports.stage_version(w, "index", 1)
 
 
+def test_an_optional_model_of_a_rejected_or_unfinished_run_is_not_served(tmp_path):
+    w = str(tmp_path)
+    for model, vs in (("query_tower", (1, 2, 3, 5)), ("item_tower", (1, 2, 3)), ("index", (1, 2)),
+                      ("serving_data", (1, 2, 3, 5)), ("ranker", (1, 3, 4, 5))):
+        for v in vs:
+            os.makedirs(exports.version_path(w, model, v))
+    # 3: a run stopped before its index; 5: a run between its export and index stages; 4: exported on its own.
+    assert exports.stage_version(w, "ranker", 2) == 4
+    exports.write_rejected(w, {4: "ranker.auc=0.5000 < min_value=0.6"})
+    assert exports.stage_version(w, "ranker", 2) == 1
+    exports.write_rejected(w, {1: "worse than before", 4: "ranker.auc=0.5000 < min_value=0.6"})
+    assert exports.stage_version(w, "ranker", 2) is None
+    assert exports.stage_version(w, "ranker", 5) == 5  # its own version, pinned on purpose
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("promoted.json", '{"version": ', r"promoted.json: not a readable JSON record"),
+    ("promoted.json", '{"version": "2"}', r'promoted.json: should be a JSON object with an integer "version"'),
+    ("promoted.json", "[2]", r'promoted.json: should be a JSON object with an integer "version"'),
+    ("rejected.json", '{"2": ', r"rejected.json: not a readable JSON record"),
+    ("rejected.json", '{"v2": "bad"}', r"rejected.json: should be a JSON object of version number"),
+])
+def test_a_damaged_promotion_record_is_an_error_naming_the_file(tmp_path, name, text, message):
+    w = str(tmp_path)
+    os.makedirs(os.path.join(w, exports.EXPORT_DIR))
+    with open(os.path.join(w, exports.EXPORT_DIR, name), "w") as f:
+        f.write(text)
+    with pytest.raises(exports.BadRecordError, match=message):
+        exports.serving_version(w)
+
+
 def test_reload_reuses_unchanged_parts(copy_workdir, ranked_workdir, publish):
     w = copy_workdir(ranked_workdir)
     first = Cascade.load(w)

@@ -80,19 +80,32 @@ def test_serve_answers_over_http_and_stops_cleanly(ranked_workdir):
 
 
 def test_serve_usage_errors_exit_2(tmp_path, ranked_workdir):
-    proc = recfunnel("serve", "--workdir", str(tmp_path / "missing"))
-    assert proc.returncode == 2 and "workdir not found" in proc.stderr
+    (tmp_path / "afile").write_text("")
+    proc = recfunnel("serve", "--workdir", str(tmp_path / "afile"))
+    assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--retrieval-candidates", "10",
                      "--preranker-candidates", "20")
-    assert proc.returncode == 2 and "`preranker_candidates` should not exceed `retrieval_candidates`" in proc.stderr
+    assert proc.returncode == 2 and ("`--preranker-candidates` should not exceed `--retrieval-candidates`. "
+                                     "Received: --preranker-candidates=20, --retrieval-candidates=10") in proc.stderr
+    for value in ("nan", "inf", "1e12", "-1"):
+        proc = recfunnel("serve", "--workdir", ranked_workdir, "--poll-interval", value)
+        assert proc.returncode == 2 and "`--poll-interval` should be in [0, 86400.0] seconds" in proc.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = recfunnel("serve", "--workdir", ranked_workdir, "--port", str(port))
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr and "loaded" not in proc.stderr  # refused before loading a model
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--follow", "sometimes")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--max-concurrent", "-1")
-    assert proc.returncode == 2 and "`max_concurrent` should be >= 0" in proc.stderr
+    assert proc.returncode == 2 and "`--max-concurrent` should be >= 0" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--max-concurrent", "2")
-    assert proc.returncode == 2 and "`max_concurrent` applies when batching is off (max_batch_size=1)" in proc.stderr
+    assert proc.returncode == 2
+    assert "`--max-concurrent` applies when batching is off (--max-batch-size=1)" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--max-batch-size", "0")
-    assert proc.returncode == 2 and "`max_batch_size` should be a positive integer" in proc.stderr
+    assert proc.returncode == 2 and "`--max-batch-size` should be a positive integer" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--tf-threads", "-2")
     assert proc.returncode == 2 and "--tf-threads should be >= 0" in proc.stderr
     proc = recfunnel("serve", "--workdir", ranked_workdir, "--processes", "0")

@@ -364,3 +364,45 @@ def test_concurrent_requests_are_batched_with_the_answers_they_get_alone(ranked_
         assert [i["item_id"] for i in out["items"]] == [i["item_id"] for i in alone["items"]]
         np.testing.assert_allclose([i["score"] for i in out["items"]], [i["score"] for i in alone["items"]],
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_damaged_promotion_record_answers_503_naming_it_and_keeps_the_served_version(copy_workdir, base_workdir):
+    from serving import exports
+
+    w = copy_workdir(base_workdir)
+    exports.write_promoted(w, 1, {})
+    record = os.path.join(w, "export", "promoted.json")
+    with open(record) as f:
+        good = f.read()
+    with open(record, "w") as f:
+        f.write('{"version": ')
+    app = create_app(ServiceConfig(w, poll_interval=0))
+    with TestClient(app) as c:  # starts anyway, and says what is wrong
+        r = c.get("/readyz")
+        assert r.status_code == 503 and f"{record}: not a readable JSON record" in r.json()["detail"]
+        with open(record, "w") as f:
+            f.write(good)
+        assert app.state.watcher.refresh() is True
+        assert c.get("/readyz").json()["version"] == 1
+        with open(record, "w") as f:
+            f.write("[1]")
+        assert app.state.watcher.refresh() is False
+        models = c.get("/v1/models").json()
+        assert models["version"] == 1 and "should be a JSON object" in models["last_error"]
+        assert c.post("/v1/recommend", json={"user_id": "u1", "k": 2}).status_code == 200
+    assert isinstance(exports.BadRecordError("x"), ValueError)
+
+
+def test_a_body_without_a_json_content_type_is_told_so(client):
+    r = client.post("/v1/recommend", content=b'{"user_id": "u1", "k": 1}',
+                    headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422
+    assert r.json()["detail"] == ("the body should be JSON sent with Content-Type: application/json. Received: "
+                                  "Content-Type: application/x-www-form-urlencoded")
+
+
+def test_a_workdir_that_does_not_exist_yet_is_waited_for(tmp_path):
+    w = str(tmp_path / "not-yet")
+    with TestClient(create_app(ServiceConfig(w, poll_interval=0))) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and f"nothing exported under {w}" in r.json()["detail"]
