@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from typing import List, Optional
@@ -139,7 +140,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     log = logging.getLogger("recfunnel")
     try:
         if args.command == "config":
-            print(dump_config(load_config(args.config, args.overrides)), end="")
+            config = load_config(args.config, args.overrides)
+            from pipeline.job import check_beam_flags
+            check_beam_flags(config)  # what `run` checks before any work
+            print(dump_config(config), end="")
             return EXIT_OK
         if args.command == "run":
             config = load_config(args.config, args.overrides)
@@ -177,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # succeeded. Point stdout at /dev/null so that the interpreter's final flush does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         log.debug("failure", exc_info=True)
         print(f"recfunnel: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -191,13 +195,18 @@ def _query(args) -> int:
     if args.k < 1:
         print(f"recfunnel: -k should be a positive integer. Received: {args.k}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.user_id.strip():
+        print(f"recfunnel: --user-id should be a non-empty id. Received: {args.user_id!r}", file=sys.stderr)
+        return EXIT_USAGE
     if not os.path.isdir(args.workdir):
         print(f"recfunnel: workdir not found: {args.workdir}", file=sys.stderr)
         return EXIT_USAGE
-    try:  # nothing exported yet, no such version, or every version turned down by its gate
+    from serving.exports import BadRecordError
+
+    try:  # nothing exported yet, no such version, every version turned down by its gate, or a damaged export
         rec = Recommender(args.workdir, args.version)
-    except FileNotFoundError as e:
-        print(f"recfunnel: {e}", file=sys.stderr)
+    except (OSError, BadRecordError) as e:
+        print(f"recfunnel: cannot load the export of {args.workdir}: {_describe_load_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     try:
         out = rec.recommend(args.user_id, k=args.k, exclude_seen=not args.include_seen,
@@ -209,9 +218,20 @@ def _query(args) -> int:
     return EXIT_OK
 
 
+def _describe_load_error(e: Exception) -> str:
+    """The error's message; a file-not-found error whose message is only the path (as pyarrow's) says so."""
+    message = str(e)
+    if isinstance(e, FileNotFoundError):
+        if e.filename:
+            return f"file not found: {e.filename}"
+        if ": " not in message:  # a bare path (every message of ours says what is missing before a colon)
+            return f"file not found: {message}"
+    return message
+
+
 def _serve(args) -> int:
-    if not os.path.isdir(args.workdir):
-        print(f"recfunnel: workdir not found: {args.workdir}", file=sys.stderr)
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        print(f"recfunnel: workdir {args.workdir} is a file, not a directory", file=sys.stderr)
         return EXIT_USAGE
     if not 0 <= args.port <= 65535:
         print(f"recfunnel: --port should be in [0, 65535]. Received: {args.port}", file=sys.stderr)
@@ -233,8 +253,9 @@ def _serve(args) -> int:
             cascade=CascadeConfig(retrieval_candidates=args.retrieval_candidates,
                                   preranker_candidates=args.preranker_candidates,
                                   use_preranker=not args.no_preranker, use_ranker=not args.no_ranker))
-    except ValueError as e:
-        print(f"recfunnel: {e}", file=sys.stderr)
+    except ValueError as e:  # named as the flags that set them
+        message = re.sub(r"`(\w+)`|\b(\w+)=", lambda m: _as_flag(args, m), str(e))
+        print(f"recfunnel: {message}", file=sys.stderr)
         return EXIT_USAGE
     if args.tf_threads < 0:
         print(f"recfunnel: --tf-threads should be >= 0. Received: {args.tf_threads}", file=sys.stderr)
@@ -242,9 +263,46 @@ def _serve(args) -> int:
     if args.processes < 1:
         print(f"recfunnel: --processes should be >= 1. Received: {args.processes}", file=sys.stderr)
         return EXIT_USAGE
-    serve(config, host=args.host, port=args.port, access_log=args.access_log,
-          log_level="debug" if args.verbose else "info", processes=args.processes, tf_threads=args.tf_threads)
+    problem = _cannot_listen(args.host, args.port)
+    if problem:  # before loading any model
+        print(f"recfunnel: cannot listen on {args.host}:{args.port}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.isdir(args.workdir):
+        logging.getLogger("recfunnel").warning("workdir %s does not exist yet: serving waits for a version "
+                                               "(503 until then)", args.workdir)
+    try:
+        serve(config, host=args.host, port=args.port, access_log=args.access_log,
+              log_level="debug" if args.verbose else "info", processes=args.processes, tf_threads=args.tf_threads)
+    except SystemExit as e:  # uvicorn exits when its startup fails (its message is logged)
+        return EXIT_FAILED if e.code else EXIT_OK
     return EXIT_OK
+
+
+def _as_flag(args, match) -> str:
+    """`name` or name= of a ServiceConfig/CascadeConfig field as the `serve` flag that sets it."""
+    name = match.group(1) or match.group(2)
+    if not hasattr(args, name):
+        return match.group(0)
+    flag = "--" + name.replace("_", "-")
+    return f"`{flag}`" if match.group(1) else f"{flag}="
+
+
+def _cannot_listen(host: str, port: int) -> Optional[str]:
+    """Why the service could not bind (host, port) now (in use, no such address), or None."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return str(e.strerror or e)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def _stats(args, pipeline_args: List[str]) -> int:
@@ -259,10 +317,10 @@ def _stats(args, pipeline_args: List[str]) -> int:
     from pipeline.job import read_source
 
     # Malformed rows go to the dead-letter file and count toward the threshold,
-    # rather than stopping the reader at the first one (unless the config says so).
-    overrides = ["data.bad_rows=skip", f"data.source={args.dataset}"] + (
-        [f"data.path={args.data_dir}"] if args.data_dir else [])
-    config = load_config(args.config, overrides + list(args.overrides))
+    # rather than stopping the reader at the first one (unless the config or --set says so).
+    values = [("data.source", args.dataset, f"--dataset {args.dataset}")] + (
+        [("data.path", args.data_dir, f"--data-dir {args.data_dir}")] if args.data_dir else [])
+    config = load_config(args.config, list(args.overrides), values=values, defaults={"data.bad_rows": "skip"})
     if fraction is None:
         fraction = config.stats.max_rejected_fraction
     beam_args = list(config.stats.pipeline_args) + pipeline_args

@@ -62,6 +62,11 @@ CUTOFF_METRICS = {
     "index": ("recall", "ndcg", "recall_vs_exact"),
     "baseline.popularity": ("recall", "ndcg"),
 }
+# Other metrics a run writes that can gate a promotion (higher is better), and the stage
+# metrics that cannot (lower is better).
+GATE_STAGE_METRICS = ("ranker.auc", "ranker.gauc", "preranker.auc", "preranker.gauc")
+LOWER_IS_BETTER = ("log_loss", "ece", "latency_ms_median", "latency_ms_p99", "expected_latency_ms", "parameters",
+                   "num_features")
 
 
 class ConfigError(ValueError):
@@ -193,6 +198,14 @@ class DataConfig:
                               f"Received: {self.history_mode!r}")
         if self.history_length < 1:
             raise ConfigError(f"`data.history_length` should be >= 1. Received: {self.history_length}")
+        # One knob for the sequence length whatever the source: the generator's own is kept equal to it.
+        if self.synthetic.history_length not in (SyntheticConfig.history_length, self.history_length):
+            raise ConfigError("`data.synthetic.history_length` follows `data.history_length`: set that instead. "
+                              f"Received: data.synthetic.history_length={self.synthetic.history_length}, "
+                              f"data.history_length={self.history_length}", key="data.synthetic.history_length")
+        if self.synthetic.history_length != self.history_length:
+            object.__setattr__(self, "synthetic", dataclasses.replace(self.synthetic,
+                                                                      history_length=self.history_length))
         if self.source in TABULAR_SOURCES:
             _check_tabular(self.source, self.tabular)
             if "format" not in self.tabular:
@@ -413,11 +426,12 @@ class RetrievalConfig:
         if self.loss == "ccl" and not self.normalize:
             raise ConfigError("`retrieval.loss=ccl` trains cosine similarities, and serving scores dot products of "
                               "the tower outputs: set `retrieval.normalize=true`. Received: normalize=false")
-        if self.ccl_negatives == "uniform" and (self.loss != "ccl" or self.num_mixed_negatives < 1):
+        if self.ccl_negatives == "uniform" and (self.loss != "ccl" or self.negatives != "mixed"
+                                                or self.num_mixed_negatives < 1):
             raise ConfigError("`retrieval.ccl_negatives=uniform` keeps only the uniformly drawn negatives of the "
                               "cosine contrastive loss: set `retrieval.loss=ccl` and `retrieval.negatives=mixed` "
                               f"with `num_mixed_negatives` >= 1. Received: loss={self.loss}, "
-                              f"num_mixed_negatives={self.num_mixed_negatives}")
+                              f"negatives={self.negatives}, num_mixed_negatives={self.num_mixed_negatives}")
         if self.loss == "ccl" and self.num_hard_negatives:
             raise ConfigError("`retrieval.num_hard_negatives` applies to the softmax loss, not to loss=ccl. "
                               f"Received: num_hard_negatives={self.num_hard_negatives}")
@@ -435,6 +449,15 @@ class RetrievalConfig:
         if self.negatives == "mixed" and self.num_mixed_negatives < 1:
             raise ConfigError("`retrieval.num_mixed_negatives` should be >= 1 with negatives=mixed. "
                               f"Received: num_mixed_negatives={self.num_mixed_negatives}")
+        if self.negatives != "mixed" and self.num_mixed_negatives:
+            raise ConfigError("`retrieval.num_mixed_negatives` draws uniform negatives, which only negatives=mixed "
+                              "uses (with `memory_size` it combines them with a bank): set "
+                              f"`retrieval.negatives=mixed` or num_mixed_negatives=0. Received: "
+                              f"negatives={self.negatives}, num_mixed_negatives={self.num_mixed_negatives}")
+        if self.warmup_steps and not self.memory_size:
+            raise ConfigError("`retrieval.warmup_steps` delays the memory bank, and there is none: set "
+                              "`retrieval.memory_size` (negatives=cbns or mixed) or warmup_steps=0. "
+                              f"Received: memory_size=0, warmup_steps={self.warmup_steps}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"`retrieval.dropout` should be in [0, 1). Received: {self.dropout}")
         if self.embedding_l2 < 0:
@@ -671,7 +694,9 @@ class RunConfig:
             key, value = found
             raise ConfigError(f"`{key}` should be a finite number. Received: {value}", key=key)
         metric = re.fullmatch(r"(.+)\.([a-z_]+)@(\d+)", self.promotion.metric)
-        if metric is not None and metric.group(1) in CUTOFF_METRICS:
+        if metric is None or metric.group(1) not in CUTOFF_METRICS:
+            self._check_stage_metric(self.promotion.metric)
+        else:
             prefix, name, k = metric.group(1), metric.group(2), int(metric.group(3))
             if name not in CUTOFF_METRICS[prefix]:
                 raise ConfigError(f"`promotion.metric` {self.promotion.metric!r} is not a metric the evaluation "
@@ -681,6 +706,22 @@ class RunConfig:
                 raise ConfigError(f"`promotion.metric` {self.promotion.metric!r} is measured at K={k}, which is "
                                   f"not among `evaluation.ks` {list(self.evaluation.ks)}: add {k} to "
                                   "evaluation.ks or gate on a metric at one of its cut-offs", key="promotion.metric")
+
+    def _check_stage_metric(self, name: str) -> None:
+        """`promotion.metric` outside the cut-off metrics: a ranker or pre-ranker AUC the run will write."""
+        stage = name.split(".", 1)[0]
+        if name not in GATE_STAGE_METRICS:
+            lower = stage in ("ranker", "preranker") and name.split(".", 1)[-1] in LOWER_IS_BETTER
+            why = ("lower is better for it, and the gate keeps a version whose metric is higher" if lower
+                   else "it is not a metric the run writes")
+            raise ConfigError(f"`promotion.metric` {name!r} cannot gate a promotion: {why}. Use a cut-off metric "
+                              f"<prefix>.<name>@K (prefix in {', '.join(CUTOFF_METRICS)}; K in `evaluation.ks`) "
+                              f"or one of {', '.join(GATE_STAGE_METRICS)}", key="promotion.metric")
+        needed = ("ranker",) if stage == "ranker" else ("ranker", "preranker")  # the pre-ranker distils the ranker
+        off = [s for s in needed if not getattr(self, s).enabled]
+        if off:
+            raise ConfigError(f"`promotion.metric` {name!r} is written by the {stage} stage, which "
+                              f"`{off[0]}.enabled=false` turns off", key="promotion.metric")
 
 
 def _non_finite(value: Any, key: str) -> Optional[Tuple[str, float]]:
@@ -710,6 +751,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # a section with every key commented out
+            value = {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"`{key}` should be a mapping. Received: {value!r}", key=key)
         return _build(tp, value, key)
@@ -726,6 +769,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         elem = args[0] if args else Any
         return tuple(_convert(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (dict, Dict, Mapping):
+        if value is None:
+            value = {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"`{key}` should be a mapping. Received: {value!r}", key=key)
         return dict(value)
@@ -780,14 +825,53 @@ def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     for p in parts[:-1]:
         child = node.setdefault(p, {})
+        if child is None:  # a section with every key commented out
+            child = node[p] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"cannot set `{dotted}`: `{p}` is not a section")
         node = child
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the scalars of YAML 1.2 (``1e-3`` is a number; ``on``/``off``/``yes``/``no`` are strings) and
+    duplicate keys refused (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> Tuple[str, Any]:
-    """``a.b=value`` → (``"a.b"``, YAML-parsed value)."""
+    """``a.b=value`` → (``"a.b"``, YAML-parsed value).
+
+    A value that YAML cannot start a scalar with (``%``, ``@``, a backquote), such as a
+    strftime format ``%Y-%m-%d``, is taken as the string it is.
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} should look like section.key=value")
     key, raw = text.split("=", 1)
@@ -795,7 +879,7 @@ def parse_override(text: str) -> Tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = raw.strip() if raw.strip()[:1] in ("%", "@", "`") else _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse the value: {e}") from None
     return key, value
@@ -818,7 +902,7 @@ def _read_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} "
                           f"(offset {e.start})") from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = _load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if loaded is None:
@@ -839,46 +923,62 @@ def _has_key(tree: Mapping[str, Any], dotted: str) -> bool:
 
 def _origin(error: ConfigError, path: Optional[str], file_tree: Mapping[str, Any],
             overrides: Sequence[Tuple[str, str]]) -> str:
-    """Where the values an error names came from: ``--set key=value`` overrides, the file, or both.
+    """Where the values an error names came from: overrides (``--set key=value``, or a command's own
+    flag), the file, or both.
 
-    A key counts as set by the last override of it or of a section holding it, else by
-    the file when the file has it. When none of the keys named was set anywhere (a
-    default in conflict with another setting), every source is named.
+    `overrides` holds (dotted key, how it was given). A key counts as set by the last
+    override of it or of a section holding it, else by the file when the file has it.
+    When none of the keys named was set anywhere (a default in conflict with another
+    setting), every source is named.
     """
     keys = list(dict.fromkeys(([error.key] if error.key else []) + _keys_in(str(error))))
     blamed: List[str] = []
     in_file = False
     for key in keys:
-        setters = [text for dotted, text in overrides
+        setters = [given for dotted, given in overrides
                    if key == dotted or key.startswith((dotted + ".", dotted + "["))]
         if setters:
-            if f"--set {setters[-1]}" not in blamed:
-                blamed.append(f"--set {setters[-1]}")
+            if setters[-1] not in blamed:
+                blamed.append(setters[-1])
         elif path and _has_key(file_tree, key):
             in_file = True
     sources = ([path] if in_file else []) + blamed
     if not sources:
-        sources = ([path] if path else []) + [f"--set {text}" for _, text in overrides]
+        sources = ([path] if path else []) + [given for _, given in overrides]
     return " and ".join(sources)
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), *,
+                values: Sequence[Tuple[str, Any, str]] = (), defaults: Mapping[str, Any] = {}) -> RunConfig:
     """Reads a YAML config (or the defaults) and applies ``key=value`` overrides.
 
+    Args:
+      path: the YAML file, or None for the built-in defaults.
+      overrides: ``--set`` texts ``section.key=value`` (values read as YAML), applied last.
+      values: (dotted key, value, how it was given, e.g. ``"--data-dir X"``) set as they are (no
+        YAML reading), after the file and before `overrides`: a command's own flags.
+      defaults: dotted key → value used where neither the file nor an override sets the key.
+
     Raises:
-      ConfigError: naming the key, the value and where it came from (`path`, or the
-        ``--set`` override).
+      ConfigError: naming the key, the value and where it came from (`path`, the
+        ``--set`` override, or the flag of `values`).
     """
     file_tree = _read_file(path) if path else {}
     tree = copy.deepcopy(file_tree)
     applied: List[Tuple[str, str]] = []
+    settings = [(key, value, given) for key, value, given in values]
     for text in overrides:
         key, value = parse_override(text)
+        settings.append((key, value, f"--set {text}"))
+    for key, value in defaults.items():
+        if not _has_key(file_tree, key) and not any(key == k for k, _, _ in settings):
+            _set_dotted(tree, key, value)
+    for key, value, given in settings:
         try:
             _set_dotted(tree, key, value)
         except ConfigError as e:
-            raise ConfigError(f"--set {text}: {e}") from None
-        applied.append((key, text))
+            raise ConfigError(f"{given}: {e}") from None
+        applied.append((key, given))
     try:
         return _build(RunConfig, tree)
     except ConfigError as e:

@@ -60,6 +60,22 @@ class StageTimer:
 
 
 # -- stages --------------------------------------------------------------------------
+def check_beam_flags(config: RunConfig, paths: Optional[Dict[str, str]] = None) -> None:
+    """Raises ConfigError unless Beam accepts `stats.pipeline_args` (and, on a remote runner, `paths`)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # Beam's import warns on the root logger that optional GCP clients are absent
+    try:
+        from beam_jobs.options import validate_pipeline_args
+    finally:
+        root.setLevel(level)
+
+    try:
+        validate_pipeline_args(list(config.stats.pipeline_args), paths)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"`stats.pipeline_args`: {e}", key="stats.pipeline_args") from e
+
+
 def read_source(config: RunConfig):
     """The configured reader's `RawDataset`."""
     data = config.data
@@ -594,17 +610,18 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
     for name, value in (("from_stage", from_stage), ("only_stage", only_stage)):
         if value is not None and value not in STAGES:
             raise ValueError(f"`{name}` should be one of {STAGES}. Received: {value!r}")
-    from beam_jobs.options import validate_pipeline_args
-
-    try:  # a typo in the Beam flags fails now, not after the data stage
-        validate_pipeline_args(list(config.stats.pipeline_args), {"data_dir": os.path.join(workdir, DATA_DIR),
-                                                                   "output_dir": os.path.join(workdir, STATS_DIR)})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"`stats.pipeline_args`: {e}") from e
+    # A typo in the Beam flags fails now, not after the data stage.
+    check_beam_flags(config, {"data_dir": os.path.join(workdir, DATA_DIR),
+                              "output_dir": os.path.join(workdir, STATS_DIR)})
     if only_stage not in (None, STAGES[0]) and not os.path.isdir(workdir):
         raise ConfigError(f"--only-stage {only_stage} needs the earlier stages' outputs, and workdir {workdir} does "
                           f"not exist: run the job without --only-stage first")
-    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir} is a file, not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
     with WorkdirLock(workdir):
         started = time.time()
         run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))

@@ -140,6 +140,28 @@ def test_query_errors_are_clear(workdir):
     assert proc.returncode == 2 and "export query_tower version 9 is missing" in proc.stderr
     proc = recfunnel("serve", "--workdir", workdir, "--version", "9")
     assert proc.returncode == 2 and "--version 9 is not a complete export" in proc.stderr
+    proc = recfunnel("query", "--workdir", workdir, "--user-id", "", "--cold-start")
+    assert proc.returncode == 2 and "--user-id should be a non-empty id. Received: ''" in proc.stderr
+
+
+def test_query_on_a_damaged_export_names_what_is_missing(workdir, tmp_path):
+    import shutil
+
+    w = str(tmp_path / "w")
+    shutil.copytree(workdir, w)
+    ranker = os.path.join(w, "export", "ranker", "1")
+    for name in os.listdir(ranker):
+        path = os.path.join(ranker, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    proc = recfunnel("query", "--workdir", w, "--user-id", "u1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"cannot load the export of {w}: " in proc.stderr and "SavedModel file does not exist" in proc.stderr
+    os.rename(os.path.join(w, "export", "ranker"), os.path.join(w, "export", "ranker-away"))
+    users = os.path.join(w, "export", "serving_data", "1", "users.parquet")
+    os.remove(users)
+    proc = recfunnel("query", "--workdir", w, "--user-id", "u1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"cannot load the export of {w}: file not found: {users}" in proc.stderr
 
 
 def test_a_reader_that_closes_the_output_early_is_not_an_error(workdir):
@@ -178,6 +200,13 @@ def test_bad_config_is_rejected_before_any_work(tmp_path):
     proc = recfunnel("run", "--workdir", w, "--set", 'stats.pipeline_args=["--temp_locaton=x"]')
     assert proc.returncode == 2 and "`stats.pipeline_args`" in proc.stderr and "--temp_locaton" in proc.stderr
     assert "did you mean --temp_location" in proc.stderr and not os.path.exists(w)
+    proc = recfunnel("config", "--set", "stats.pipeline_args=[--runner=Bogus]")
+    assert proc.returncode == 2 and "Unknown Beam runner: --runner=Bogus" in proc.stderr
+    (tmp_path / "afile").write_text("")
+    for workdir, message in ((tmp_path / "afile", "is a file, not a directory"),
+                             (tmp_path / "afile" / "sub", "cannot create workdir")):
+        proc = recfunnel("run", "--workdir", str(workdir))
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_saved_models_load_in_a_fresh_process(workdir):

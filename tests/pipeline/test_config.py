@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, dump_config, load_config, parse_override
+from pipeline.config import ConfigError, RetrievalConfig, RunConfig, dump_config, load_config, parse_override
 
 
 def test_defaults_and_overrides():
@@ -520,6 +520,14 @@ def test_the_file_name_decides_the_format_when_it_is_not_set(tmp_path):
     (["promotion.metric=index.recall_vs_exact@100"], r"K=100, which is not among `evaluation.ks`"),
     (["promotion.metric=retrieval.tail.precision@10"], r"'retrieval.tail.precision@10' is not a metric the "
                                                        r"evaluation writes"),
+    (["promotion.metric=recall@10"], r"'recall@10' cannot gate a promotion: it is not a metric the run writes"),
+    (["promotion.metric=custom.score@7"], r"'custom.score@7' cannot gate a promotion: it is not a metric"),
+    (["promotion.metric=ranker.log_loss"], r"'ranker.log_loss' cannot gate a promotion: lower is better for it"),
+    (["promotion.metric=preranker.latency_ms_median"], r"lower is better for it"),
+    (["promotion.metric=ranker.auc", "ranker.enabled=false"], r"'ranker.auc' is written by the ranker stage, "
+                                                              r"which `ranker.enabled=false` turns off"),
+    (["promotion.metric=preranker.gauc", "ranker.enabled=false"], r"`ranker.enabled=false` turns off"),
+    (["promotion.metric=preranker.auc", "preranker.enabled=false"], r"`preranker.enabled=false` turns off"),
 ])
 def test_promotion_metric_must_be_one_the_evaluation_writes(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -527,9 +535,9 @@ def test_promotion_metric_must_be_one_the_evaluation_writes(overrides, message):
 
 
 @pytest.mark.parametrize("metric", ["retrieval.recall@50", "retrieval.tail.recall@10", "index.ndcg@50",
-                                    "baseline.popularity.recall@10", "ranker.auc", "preranker.auc",
-                                    "custom.score@7"])
-def test_promotion_metrics_that_are_evaluated_or_not_decidable_load(metric):
+                                    "baseline.popularity.recall@10", "ranker.auc", "ranker.gauc",
+                                    "preranker.auc", "preranker.gauc"])
+def test_promotion_metrics_the_run_writes_load(metric):
     assert load_config(None, [f"promotion.metric={metric}"]).promotion.metric == metric
 
 
@@ -609,3 +617,60 @@ def test_retrieval_loss_settings_reach_the_task():
                                 *(f"retrieval.ccl_{k.replace('ccl_', '')}={v}" for k, v in ccl.items())])
     built = retrieval_task(config).get_config()
     assert {k: built[k] for k in ccl} == ccl and built["loss"] == "ccl"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["retrieval.loss=ccl", "retrieval.ccl_negatives=uniform", "retrieval.num_mixed_negatives=100"],
+     r"set `retrieval.loss=ccl` and `retrieval.negatives=mixed`.*Received: loss=ccl, negatives=inbatch"),
+    (["retrieval.warmup_steps=100"], r"`retrieval.warmup_steps` delays the memory bank, and there is none.*"
+                                     r"Received: memory_size=0, warmup_steps=100"),
+    (["retrieval.negatives=cbns", "retrieval.memory_size=64", "retrieval.num_mixed_negatives=8"],
+     r"`retrieval.num_mixed_negatives` draws uniform negatives, which only negatives=mixed uses.*"
+     r"Received: negatives=cbns, num_mixed_negatives=8"),
+])
+def test_retrieval_settings_that_would_be_ignored_are_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_mixed_negatives_with_a_bank_take_a_warmup():
+    r = load_config(None, ["retrieval.negatives=mixed", "retrieval.num_mixed_negatives=8", "retrieval.memory_size=64",
+                           "retrieval.warmup_steps=10"]).retrieval
+    assert (r.negatives, r.num_mixed_negatives, r.memory_size, r.warmup_steps) == ("mixed", 8, 64, 10)
+
+
+def test_the_generator_history_length_follows_data_history_length():
+    assert load_config(None, ["data.history_length=7"]).data.synthetic.history_length == 7
+    assert load_config(None, []).data.synthetic.history_length == 20
+    with pytest.raises(ConfigError, match=r"`data.synthetic.history_length` follows `data.history_length`: set "
+                                          r"that instead. Received: data.synthetic.history_length=50, "
+                                          r"data.history_length=20"):
+        load_config(None, ["data.synthetic.history_length=50"])
+
+
+@pytest.mark.parametrize("raw,value", [("1e-3", 0.001), ("5e-4", 0.0005), ("1.5E9", 1.5e9), (".5", 0.5), ("3", 3),
+                                       ("off", "off"), ("yes", "yes"), ("true", True), ("%Y-%m-%d", "%Y-%m-%d"),
+                                       ("[1e-3, 2]", [0.001, 2])])
+def test_override_values_are_read_as_yaml_1_2(raw, value):
+    assert parse_override(f"a.b={raw}") == ("a.b", value)
+
+
+def test_scientific_notation_sets_a_number_in_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("retrieval:\n  learning_rate: 1e-3\n")
+    assert load_config(str(path), []).retrieval.learning_rate == 0.001
+    assert load_config(None, ["retrieval.learning_rate=5e-4"]).retrieval.learning_rate == 0.0005
+
+
+def test_a_duplicate_key_in_a_config_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("retrieval:\n  epochs: 3\nranker:\n  epochs: 2\nretrieval:\n  batch_size: 128\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML: duplicate key 'retrieval' \(first on line 1\)"):
+        load_config(str(path), [])
+
+
+def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("retrieval:\n  # epochs: 3\ndata:\n  source: synthetic\n  tabular:\n")
+    assert load_config(str(path), []).retrieval.epochs == RetrievalConfig().epochs
+    assert load_config(str(path), ["retrieval.epochs=3"]).retrieval.epochs == 3
