@@ -8,7 +8,8 @@ Reads ``<data_dir>`` (layout in `models.data_layout`: ``interactions/train-*.par
     vocab/<name>.txt       one token per line, most frequent first
     dead_letter.jsonl      one JSON object per malformed record (no particular order):
                            {"file", "record" (0-based row in the file), "reason",
-                            "user_id", "item_id"}
+                            "user_id", "item_id"}, then one per row the reader rejected:
+                           {"file", "record" (its line), "field", "reason", "stage": "reader"}
     summary.json           rows read/rejected by reason, runtime, runner, sizes (its presence,
                            next to nothing but these files, marks a statistics output)
 
@@ -666,6 +667,14 @@ def check_output_dir(output_dir: str, name: str = "output_dir") -> None:
     lost, so it is refused. `name` is how messages call the path (e.g. ``--output``).
     """
     kind, entries = _existing(output_dir)
+    if kind == "absent" and _is_local(output_dir):  # its parent must be (or become) a writable directory
+        parent = os.path.dirname(os.path.abspath(output_dir))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputNotReplaceable(
+                f"{name} {output_dir!r} cannot be created: {parent!r} is "
+                + ("a file, not a directory" if not os.path.isdir(parent) else "not writable"))
     if kind == "absent" or (kind == "dir" and not entries):
         return
     if kind == "file":
@@ -735,13 +744,25 @@ def _recorded_source(data_dir: str) -> Optional[str]:
     return source if isinstance(source, str) and source else None
 
 
-def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir: str) -> None:
+def _reader_rejections(upstream: Dict[str, Any], data_dir: str) -> Iterable[Dict[str, Any]]:
+    """Every rejection of the reader, streamed from the file in `data_dir` that the report names
+    (``rejections_file``); a report without one gives only its ``examples``."""
+    name = upstream.get("rejections_file")
+    if not name:
+        yield from upstream.get("examples", [])
+        return
+    with FileSystems.open(FileSystems.join(data_dir, name), compression_type="uncompressed") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir: str, data_dir: str) -> None:
     """Adds the reader's rejections to the summary (each to its table's counts) and the dead-letter file.
 
     Rejected interaction rows join the interaction rows read and rejected, which the
     rejection threshold compares; rejected user and item rows join the ``tables``
     entry of their table. A report without ``rejected_by_table`` counts everything for
-    the interactions.
+    the interactions. The dead letters are streamed, never held in memory.
     """
     by_table = upstream.get("rejected_by_table")
     if by_table is None:
@@ -761,18 +782,17 @@ def _merge_upstream(summary: Dict[str, Any], upstream: Dict[str, Any], write_dir
         entry["rejected_by_reason"] = {**entry.get("rejected_by_reason", {}), **by_reason}
     summary["reader"] = {"rows_read": int(upstream.get("rows_read", 0)), "rows_rejected": interactions,
                          "table_rows_rejected": reader_tables}
-    examples = upstream.get("examples", [])
-    if examples:
+    if upstream.get("rejections_file") or upstream.get("examples"):
         path = FileSystems.join(write_dir, DEAD_LETTER_FILE)
-        existing = b""
-        if FileSystems.exists(path):
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                existing = f.read()
-        with FileSystems.create(path, compression_type="uncompressed") as f:
-            f.write(existing)
-            for e in examples:
+        merged = path + ".merging"
+        with FileSystems.create(merged, compression_type="uncompressed") as f:
+            if FileSystems.exists(path):
+                with FileSystems.open(path, compression_type="uncompressed") as existing:
+                    shutil.copyfileobj(existing, f)
+            for e in _reader_rejections(upstream, data_dir):
                 f.write((json.dumps({"file": e.get("file"), "record": e.get("line"), "field": e.get("field"),
                                      "reason": e.get("reason"), "stage": "reader"}) + "\n").encode("utf-8"))
+        FileSystems.rename([merged], [path])
 
 
 class DirectRunnerWithoutPrism(DirectRunner):
@@ -829,9 +849,11 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
       split: which interaction shards to count (``"train"``).
       upstream_rejections: rows rejected before the data reached this job (by the
         reader that built `data_dir`): ``{"rows_read", "rejected_by_reason",
-        "examples": [{"file", "line", "field", "reason"}]}``. They count toward the
-        threshold (as rejected rows and as rows read), appear in the summary and are
-        written to the dead-letter file.
+        "examples": [{"file", "line", "field", "reason"}], "rejections_file"?}``. They
+        count toward the threshold (as rejected rows and as rows read), appear in the
+        summary and are written to the dead-letter file: every one from
+        ``rejections_file`` (a JSON-lines file in `data_dir` with the same fields as the
+        examples), else the examples.
       source: the input the data was read from (a path), named in messages and in the
         summary; default: the ``source`` recorded in `data_dir`'s read report, else
         `data_dir`.
@@ -859,6 +881,8 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
         raise ValueError("`max_rejected_fraction` should be in [0, 1]. "
                          f"Received: max_rejected_fraction={max_rejected_fraction!r}")
     output_dir = output_dir.rstrip("/") or output_dir
+    if _is_local(output_dir):  # `.` must name its parent's entry: the temporary sibling goes there
+        output_dir = os.path.abspath(output_dir)
     options = validate_pipeline_args(pipeline_args, {"data_dir": data_dir, "output_dir": output_dir})
     check_output_dir(output_dir)
     schema_path = FileSystems.join(data_dir, data_layout.SCHEMA_FILE)
@@ -883,7 +907,7 @@ def run_statistics(data_dir: str, output_dir: str, pipeline_args: Sequence[str] 
         summary = _read_json(FileSystems.join(write_dir, SUMMARY_FILE))
         source = source or _recorded_source(data_dir) or data_dir
         if upstream_rejections:
-            _merge_upstream(summary, upstream_rejections, write_dir)
+            _merge_upstream(summary, upstream_rejections, write_dir, data_dir)
         if summary["validated_rows"] == 0:
             raise ValueError(f"No {split} interactions were read from {source} (dataset {data_dir}).")
         summary["rows_by_split"] = _rows_by_split(data_dir, split)

@@ -10,7 +10,8 @@ values ``"train"``/``"test"``).
 
 Malformed input is reported through a `RowErrors` collector that knows the policy:
 ``"fail"`` (default) raises `DataError` naming file, line and field at the first bad
-row; ``"skip"`` counts it by reason, keeps the first examples, and goes on.
+row; ``"skip"`` counts it by reason, keeps the first examples, and goes on (every
+rejection is also spooled to a temporary file, for the statistics job's dead letters).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from typing import Any, Callable, Dict, Iterator, List, Optional
+import json
+import shutil
+import tempfile
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional
 
 import pandas as pd
 
@@ -38,6 +42,10 @@ class RowErrors:
     Rejections count for the interactions unless they happen inside `reading(table)`
     (the user and item tables): ``rows_read`` counts interaction rows, so only their
     rejections are comparable with it.
+
+    Under ``skip``, `examples` keeps the first `max_examples` rejections and every one is
+    written, as a JSON line, to a temporary file (`copy_rejections`), so that millions of
+    them cost disk, not memory.
     """
 
     def __init__(self, policy: str = "fail", max_examples: int = 20):
@@ -49,6 +57,7 @@ class RowErrors:
         self.rejected_by_table: Dict[str, collections.Counter] = {}
         self.examples: List[Dict[str, Any]] = []
         self._table = INTERACTIONS_TABLE
+        self._spool: Optional[IO[str]] = None
 
     @contextlib.contextmanager
     def reading(self, table: str) -> Iterator["RowErrors"]:
@@ -62,18 +71,34 @@ class RowErrors:
             self._table = previous
 
     def reject(self, path: str, line: Optional[int], field: Optional[str], reason: str,
-               kind: Optional[str] = None) -> None:
+               kind: Optional[str] = None, rows: int = 1) -> None:
         """Records one bad row; raises `DataError` under the ``fail`` policy.
 
         `kind` is the counter key (defaults to `reason`); keep it free of row values so
-        counts aggregate.
+        counts aggregate. `rows` is how many rows the rejection counts for (a record whose
+        quoted value swallowed the lines after it counts once per line).
         """
         err = DataError(path, line, field, reason)
         if self.policy == "fail":
             raise err
-        self.rejected_by_table.setdefault(self._table, collections.Counter())[kind or reason] += 1
+        self.rejected_by_table.setdefault(self._table, collections.Counter())[kind or reason] += rows
+        example = {"file": path, "line": line, "field": field, "reason": reason}
         if len(self.examples) < self.max_examples:
-            self.examples.append({"file": path, "line": line, "field": field, "reason": reason})
+            self.examples.append(example)
+        if self._spool is None:
+            self._spool = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self._spool.write(json.dumps(example) + "\n")
+
+    def copy_rejections(self, out: IO[str]) -> None:
+        """Writes every rejection so far to `out`, one JSON object per line, in the order
+        recorded: ``{"file", "line", "field", "reason"}`` (`line` None where the row has
+        no line, e.g. Parquet, whose reason names the row)."""
+        if self._spool is None:
+            return
+        self._spool.flush()
+        self._spool.seek(0)
+        shutil.copyfileobj(self._spool, out)
+        self._spool.seek(0, 2)  # back to the end: later rejections append
 
     @property
     def rejected(self) -> collections.Counter:

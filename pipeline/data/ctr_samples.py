@@ -7,7 +7,9 @@ labelled impressions with one column per schema feature (``str`` for categorical
 ``frame.attrs["read_report"]`` holds the rows read/rejected (`RowErrors.summary`).
 
 Malformed rows raise `DataError` naming the file, the 1-based line and the field
-(``bad_rows="fail"``, default) or are counted and dropped (``"skip"``).
+(``bad_rows="fail"``, default) or are counted and dropped (``"skip"``). The files are
+UTF-8 (a byte-order mark is allowed); a row with bytes that are not UTF-8 is malformed, and
+so is a row with a (quoted) value spanning lines, which counts once per line it spans.
 
 What the files hold, and how they map onto the schema (the schema needs ``user_id``
 first on the user side and ``item_id`` first on the item side):
@@ -62,6 +64,7 @@ from models.ranking.sequences import build_sequences
 from pipeline.data.canonical import DataError, RowErrors
 from pipeline.data.movielens import (OCCUPATIONS_1M, age_bucket, decade_of, movielens_schema, split_title,
                                      title_tokens)
+from pipeline.data.tabular import MAX_SECONDS
 
 SAMPLE_FILES = {
     "criteo": "criteo_sample.txt",
@@ -105,7 +108,8 @@ class _Rows:
     def __iter__(self) -> Iterator[Tuple[int, List[str]]]:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"CTR sample file not found: {self.path}")
-        with open(self.path, newline="", encoding="utf-8") as f:
+        # Undecodable bytes become lone surrogates, found row by row below.
+        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -120,12 +124,30 @@ class _Rows:
                                 f"{header[diff] if diff < len(header) else None!r}, expected "
                                 f"{self.expected[diff] if diff < len(self.expected) else None!r}")
             previous = reader.line_num
-            for fields in reader:
+            while True:
+                try:
+                    fields = next(reader, None)
+                except csv.Error as e:  # e.g. a quote still open at the end of the file
+                    raise DataError(self.path, previous + 1, None, f"not a CSV row: {e}") from None
+                if fields is None:
+                    return
                 # The row's first line (a quoted field may span several lines).
                 line, previous = previous + 1, reader.line_num
                 if not fields or all(not x.strip() for x in fields):
                     continue
-                self.errors.rows_read += 1
+                self.errors.rows_read += previous - line + 1
+                if previous > line:
+                    self.errors.reject(self.path, line, None, f"a quoted value spans lines {line}–{previous} "
+                                                              "(unbalanced quote?)",
+                                       kind="line break in value", rows=previous - line + 1)
+                    continue
+                try:
+                    "".join(fields).encode("utf-8")
+                except UnicodeEncodeError as e:
+                    byte = ord(e.object[e.start]) - 0xDC00
+                    self.errors.reject(self.path, line, None, f"not valid UTF-8 text (byte 0x{byte:02x})",
+                                       kind="not UTF-8")
+                    continue
                 if len(fields) != len(self.expected):
                     self.errors.reject(self.path, line, None,
                                        f"expected {len(self.expected)} fields, found {len(fields)}",
@@ -330,6 +352,9 @@ def read_movielens_sample(path: str, bad_rows: str = "fail", history_length: int
         seconds = r["timestamp"]
         if not seconds.lstrip("-").isdigit():
             raise _BadField("timestamp", f"timestamp {seconds!r} is not a number of seconds", "bad timestamp")
+        if abs(int(seconds)) > MAX_SECONDS:
+            raise _BadField("timestamp", f"timestamp {seconds!r} is out of range: more than 2**62 seconds from 1970",
+                            "bad timestamp")
         if r["gender"] not in ("M", "F"):
             raise _BadField("gender", f"gender {r['gender']!r} is not M or F", "bad gender")
         if r["age"] not in ML1M_AGE_CODES:

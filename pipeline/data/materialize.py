@@ -39,6 +39,9 @@ POSITIVES = ("auto", "all", "label")
 HISTORY_MODES = ("past", "all_other", "random_prefix", "all")
 # Recorded in the read report: the order of the rows in the example shards.
 EXAMPLE_ORDER = "random"
+# Every row the reader rejected, one JSON object per line (the read report keeps only the
+# first examples); named by the report's ``read.rejections_file`` when written.
+REJECTIONS_FILE = "read_rejections.jsonl"
 
 
 def positives_mode(schema: Schema, positives: str) -> str:
@@ -92,7 +95,9 @@ def materialize(raw: RawDataset, out_dir: str, split: SplitConfig = SplitConfig(
     Test events see all training positives in every mode.
 
     Returns:
-      a summary dict (rows per split, users, items, rejected rows, seconds).
+      a summary dict (rows per split, users, items, rejected rows, seconds). When the
+      reader rejected rows, all of them are written to `REJECTIONS_FILE` in `out_dir`
+      (``read.rejections_file`` names it; ``read.examples`` keeps the first ones).
     """
     if history_mode not in HISTORY_MODES:
         raise ValueError(f"`history_mode` should be one of {HISTORY_MODES}. Received: history_mode={history_mode!r}")
@@ -113,6 +118,10 @@ def materialize(raw: RawDataset, out_dir: str, split: SplitConfig = SplitConfig(
     os.makedirs(os.path.join(tmp, layout.EXAMPLES_DIR))
     try:
         summary = _write(raw, tmp, split, mode, history_length, history_mode)
+        if raw.errors.num_rejected:
+            with open(os.path.join(tmp, REJECTIONS_FILE), "w", encoding="utf-8") as f:
+                raw.errors.copy_rejections(f)
+            summary["read"]["rejections_file"] = REJECTIONS_FILE
         summary["seconds"] = round(time.time() - start, 3)
         with open(os.path.join(tmp, layout.READ_REPORT_FILE), "w") as f:
             json.dump(summary, f, indent=2)

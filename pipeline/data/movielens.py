@@ -384,9 +384,12 @@ def _read_ratings(rows: DelimitedRows, cols: Dict[str, pa.Array], users: pd.Inde
     ratings, bad_rating = parse_numbers(cols[RATING])
     problems.reject(bad_rating, RATING, "bad rating",
                     lambda r: f"rating {cols[RATING][r].as_py()!r} is not a number")
-    seconds, bad_ts = parse_seconds(cols[TIMESTAMP])
+    seconds, bad_ts, huge = parse_seconds(cols[TIMESTAMP])
     problems.reject(bad_ts, TIMESTAMP, "bad timestamp",
                     lambda r: f"timestamp {cols[TIMESTAMP][r].as_py()!r} is not a number of seconds")
+    problems.reject(huge, TIMESTAMP, "bad timestamp",
+                    lambda r: f"timestamp {cols[TIMESTAMP][r].as_py()!r} is out of range: more than 2**62 seconds "
+                              "from 1970")
     keep = problems.flush()
     return {"user": codes["user"][keep], "item": codes["item"][keep], TIMESTAMP: seconds[keep],
             RATING: ratings[keep].astype(np.float32)}

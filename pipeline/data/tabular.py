@@ -18,9 +18,11 @@ The helpers below it are shared with the MovieLens and BARS readers:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import glob as globlib
+import io
 import os
 from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union)
 
@@ -89,7 +91,7 @@ class FileProblems:
         self.lines = np.asarray(lines, dtype=np.int64)
         self.location = location
         self.bad = np.zeros(len(self.lines), dtype=bool)
-        self._entries: List[Tuple[int, int, Optional[str], str, str]] = []
+        self._entries: List[Tuple[int, int, Optional[str], str, str, int]] = []
         self._seq = 0
 
     @property
@@ -97,14 +99,18 @@ class FileProblems:
         # Under "fail" only the earliest problem of each check can be the one raised.
         return self.errors.policy == "fail"
 
-    def add_line(self, line: int, field: Optional[str], reason: str, kind: str) -> None:
-        """A problem on a line that produced no row (e.g. a wrong number of fields)."""
-        self._entries.append((int(line), self._seq, field, reason, kind))
+    def add_line(self, line: int, field: Optional[str], reason: str, kind: str, count: int = 1) -> None:
+        """A problem on a line that produced no row (e.g. a wrong number of fields); it counts
+        as `count` rejected rows (see `RowErrors.reject`)."""
+        self._entries.append((int(line), self._seq, field, reason, kind, int(count)))
         self._seq += 1
 
     def reject(self, mask: np.ndarray, field: Optional[str], kind: str,
-               describe: Callable[[int], str]) -> None:
-        """Marks the rows where `mask` is True as bad; `describe(row)` gives the reason."""
+               describe: Callable[[int], str], counts: Optional[np.ndarray] = None) -> None:
+        """Marks the rows where `mask` is True as bad; `describe(row)` gives the reason.
+
+        `counts`: ``[rows]`` how many rejected rows each counts as (default 1 each).
+        """
         rows = np.flatnonzero(np.asarray(mask, dtype=bool))
         if len(rows) == 0:
             return
@@ -113,22 +119,23 @@ class FileProblems:
             rows = rows[:1]
         seq = self._seq
         self._seq += 1
-        self._entries.extend((int(self.lines[r]), seq, field, describe(int(r)), kind) for r in rows)
+        self._entries.extend((int(self.lines[r]), seq, field, describe(int(r)), kind,
+                              1 if counts is None else int(counts[r])) for r in rows)
 
     def flush(self) -> np.ndarray:
         """Reports the problems in line order; returns the ``[rows]`` mask of good rows."""
         self._entries.sort(key=lambda e: (e[0], e[1]))
         last_line = None
-        for line, _, field, reason, kind in self._entries:
+        for line, _, field, reason, kind, count in self._entries:
             if line == last_line:
                 continue
             last_line = line
             if self.only_first:
                 reason += " (bad_rows='skip' drops such rows and counts them)"
             if self.location == "row":
-                self.errors.reject(self.path, None, field, f"row {line} (0-based): {reason}", kind=kind)
+                self.errors.reject(self.path, None, field, f"row {line} (0-based): {reason}", kind=kind, rows=count)
             else:
-                self.errors.reject(self.path, line, field, reason, kind=kind)
+                self.errors.reject(self.path, line, field, reason, kind=kind, rows=count)
         self._entries = []
         return ~self.bad
 
@@ -138,9 +145,13 @@ def _read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def read_text_lines(path: str, encoding: str = "utf-8", header: bool = False
+def read_text_lines(path: str, encoding: str = "utf-8", header: bool = False, delimiter: Optional[str] = None
                     ) -> Tuple[Optional[str], pa.Array, np.ndarray]:
     """The non-blank lines of a text file, whitespace-trimmed, with their line numbers.
+
+    ``\\n``, ``\\r\\n`` and ``\\r`` each end a line, so no line holds a line break. With a tab
+    `delimiter` only spaces are trimmed: a trailing tab is an empty last field, not padding.
+    A line of nothing but whitespace is blank either way.
 
     Returns:
       ``(header, lines, numbers)``: the first line when `header` (else None), a pyarrow
@@ -155,11 +166,14 @@ def read_text_lines(path: str, encoding: str = "utf-8", header: bool = False
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
+        before = raw[:e.start]
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
         raise DataError(path, line, None,
                         f"not valid {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     if text.startswith("\ufeff"):
         text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     lines = text.split("\n")
     head = None
     first = 0
@@ -171,8 +185,8 @@ def read_text_lines(path: str, encoding: str = "utf-8", header: bool = False
         head = lines[first].strip()
         first += 1
     array = pa.array(lines[first:], pa.string())
-    array = pc.utf8_trim_whitespace(array)
-    nonblank = pc.not_equal(array, "")
+    nonblank = pc.not_equal(pc.utf8_trim_whitespace(array), "")
+    array = pc.utf8_trim(array, " ") if delimiter == "\t" else pc.utf8_trim_whitespace(array)
     numbers = np.arange(first + 1, len(lines) + 1, dtype=np.int64)[nonblank.to_numpy(zero_copy_only=False)]
     return head, array.filter(nonblank), numbers
 
@@ -222,7 +236,7 @@ def read_delimited(path: str, delimiter: str, errors: RowErrors, *, num_fields: 
       field_names: names used in the wrong-field-count message.
       what: description of the expected rows, for the empty-file message.
     """
-    head, lines, numbers = read_text_lines(path, encoding, header)
+    head, lines, numbers = read_text_lines(path, encoding, header, delimiter)
     head_fields = [h.strip() for h in head.split(delimiter)] if head is not None else None
     if num_fields is None:
         if head_fields is None:
@@ -275,14 +289,17 @@ def parse_numbers(values: Strings) -> Tuple[np.ndarray, np.ndarray]:
     return numbers, ~np.isfinite(numbers)
 
 
-def parse_seconds(values: Strings) -> Tuple[np.ndarray, np.ndarray]:
-    """``[n]`` strings of (possibly fractional) seconds -> (``[n]`` int64 floored, ``[n]`` bad mask)."""
+def parse_seconds(values: Strings) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[n]`` strings of (possibly fractional) seconds -> (``[n]`` int64 floored, ``[n]`` unparsable,
+    ``[n]`` out of range: more than `MAX_SECONDS` from 1970). The masks do not overlap; masked rows get 0."""
     ints = _arrow_cast(values, pa.int64())
     if ints is not None:
-        return ints.astype(np.int64), np.zeros(len(values), dtype=bool)
+        ints = ints.astype(np.int64)
+        huge = (ints > MAX_SECONDS) | (ints < -MAX_SECONDS)
+        return np.where(huge, 0, ints), np.zeros(len(values), dtype=bool), huge
     floats, bad = parse_numbers(values)
-    bad |= np.abs(np.where(bad, 0.0, floats)) > MAX_SECONDS
-    return np.floor(np.where(bad, 0.0, floats)).astype(np.int64), bad
+    huge = ~bad & (np.abs(np.where(bad, 0.0, floats)) > MAX_SECONDS)
+    return np.floor(np.where(bad | huge, 0.0, floats)).astype(np.int64), bad, huge
 
 
 def lookup_ids(values: Strings, table_ids: pd.Index) -> np.ndarray:
@@ -429,29 +446,61 @@ def resolve_files(path: str, fmt: str = "auto", what: str = "interaction log") -
     return out
 
 
-def _csv_header(path: str, delimiter: str) -> List[str]:
-    head = b""
+def _physical_lines(path: str) -> Iterator[Tuple[int, bytes]]:
+    """``(1-based number, bytes without the line break)`` of each line of a (possibly compressed) file.
+
+    ``\\n``, ``\\r\\n`` and ``\\r`` each end a line, as for the CSV parser.
+    """
     with pa.input_stream(path, compression="detect") as stream:
-        while b"\n" not in head:
-            block = stream.read(1 << 16)
-            if not block:
-                break
-            head += block
+        # latin-1 maps each byte to one character: this splits the bytes themselves.
+        for number, line in enumerate(io.TextIOWrapper(stream, encoding="latin-1", newline=""), 1):
+            yield number, line.rstrip("\r\n").encode("latin-1")
+
+
+def _unreadable(path: str, e: BaseException) -> DataError:
+    return DataError(path, None, None, f"cannot read the file: {e}")
+
+
+def _csv_header(path: str, delimiter: str) -> Tuple[List[str], int]:
+    """The column names of a CSV (names may be quoted) or TSV file, stripped, and the line they are on.
+
+    Blank lines before the header are skipped.
+    """
     try:
-        first = head.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+        for number, raw in _physical_lines(path):
+            raw = raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
+            if raw.strip():
+                break
+        else:
+            raise DataError(path, None, None, "the file is empty; expected a header line naming the columns")
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(path, e) from None
+    try:
+        text = raw.decode("utf-8")
+        names = next(csv.reader([text])) if delimiter == "," else text.split(delimiter)
     except UnicodeDecodeError:
-        raise DataError(path, 1, None, "the header line is not valid UTF-8 text") from None
-    if not first.strip():
-        raise DataError(path, None, None, "the file is empty; expected a header line naming the columns")
-    return [c.strip() for c in next(csv.reader([first], delimiter=delimiter))]
+        raise DataError(path, number, None, "the header line is not valid UTF-8 text") from None
+    except csv.Error as e:
+        raise DataError(path, number, None, f"the header line is not a CSV line: {e}") from None
+    return [c.strip() for c in names], number
 
 
-def _require_columns(path: str, available: Sequence[str], wanted: Mapping[str, str], location: str) -> None:
+def _parquet_columns(path: str) -> List[str]:
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(path, None, None, f"not a readable Parquet file: {e}") from None
+
+
+def _require_columns(path: str, available: Sequence[str], wanted: Mapping[str, str], line: Optional[int]) -> None:
+    """Every wanted column is in `available` exactly once (`line`: the header's, None for Parquet)."""
     missing = {key: col for key, col in wanted.items() if col not in available}
     if missing:
         shown = ", ".join(f"{col!r} (for {key})" for key, col in missing.items())
-        raise DataError(path, 1 if location == "line" else None, None,
-                        f"no column {shown}; the file has columns {list(available)}")
+        raise DataError(path, line, None, f"no column {shown}; the file has columns {list(available)}")
+    dupes = sorted({c for c in wanted.values() if list(available).count(c) > 1})
+    if dupes:
+        raise DataError(path, line, None, f"the file names column(s) {dupes} more than once")
 
 
 @dataclasses.dataclass
@@ -466,66 +515,178 @@ class _Columns:
 
 def _read_columns(path: str, fmt: str, wanted: Mapping[str, str], errors: RowErrors, what: str) -> _Columns:
     """Reads the columns `wanted` (key -> file column) of one CSV/TSV/Parquet file."""
-    if fmt == "parquet":
-        try:
-            schema = pq.read_schema(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(path, None, None, f"not a readable Parquet file: {e}") from None
-        _require_columns(path, schema.names, wanted, "row")
+    if fmt != "parquet":
+        return _read_text_columns(path, fmt, wanted, errors, what)
+    _require_columns(path, _parquet_columns(path), wanted, None)
+    try:
         table = pq.read_table(path, columns=sorted(set(wanted.values())))
-        if table.num_rows == 0:
-            raise empty_file_error(path, what)
-        n = table.num_rows
-        problems = FileProblems(path, errors, np.arange(n, dtype=np.int64), location="row")
-        arrays = {key: table.column(col).combine_chunks() for key, col in wanted.items()}
-        return _Columns(path, arrays, problems, n)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(path, None, None, f"not a readable Parquet file: {e}") from None
+    for key in (USER_ID, ITEM_ID):
+        if key in wanted and pa.types.is_nested(table.schema.field(wanted[key]).type):
+            raise DataError(path, None, key, f"the id column {wanted[key]!r} has type "
+                                             f"{table.schema.field(wanted[key]).type}; expected string or integer")
+    if table.num_rows == 0:
+        raise empty_file_error(path, what)
+    n = table.num_rows
+    problems = FileProblems(path, errors, np.arange(n, dtype=np.int64), location="row")
+    arrays = {key: table.column(col).combine_chunks() for key, col in wanted.items()}
+    for key, array in arrays.items():
+        problems.reject(_inner_line_breaks(array), key, "line break in value",
+                        lambda r, k=key, a=array: f"{k} {a[r].as_py()!r} holds a line break")
+    return _Columns(path, arrays, problems, n)
 
-    delimiter = "\t" if fmt == "tsv" else ","
-    header = _csv_header(path, delimiter)
-    _require_columns(path, header, wanted, "line")
-    dupes = sorted({c for c in wanted.values() if header.count(c) > 1})
-    if dupes:
-        raise DataError(path, 1, None, f"the header names column(s) {dupes} more than once")
-    skipped: List[Tuple[int, int, int]] = []
+
+def _inner_line_breaks(array: pa.Array) -> np.ndarray:
+    """``[n]`` True where a text value, or an element of a list value, still holds a line break
+    once trimmed (a vocabulary file holds one value per line)."""
+    values, rows = array, None
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        values, rows = pc.list_flatten(array), pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return np.zeros(len(array), dtype=bool)
+    found = pc.fill_null(pc.match_substring_regex(pc.utf8_trim_whitespace(values), "[\r\n]"), False)
+    found = found.to_numpy(zero_copy_only=False)
+    if rows is None:
+        return found
+    out = np.zeros(len(array), dtype=bool)
+    out[rows[found]] = True
+    return out
+
+
+def _line_breaks(values: pa.Array) -> np.ndarray:
+    """``[n]`` line breaks in each (binary or string) value; ``\\r\\n`` counts one."""
+    count = pc.count_substring(values, "\n").to_numpy(zero_copy_only=False).astype(np.int64)
+    cr = pc.count_substring(values, "\r").to_numpy(zero_copy_only=False)
+    if cr.any():
+        count += cr - pc.count_substring(values, "\r\n").to_numpy(zero_copy_only=False)
+    return count
+
+
+def _spans(first: int, extra: int) -> str:
+    return f"spans lines {first}–{first + extra} (unbalanced quote?)"
+
+
+def _read_text_columns(path: str, fmt: str, wanted: Mapping[str, str], errors: RowErrors, what: str) -> _Columns:
+    """The `wanted` columns of a CSV (quoted values allowed) or TSV (no quoting) file as strings.
+
+    Line numbers are physical: every column is parsed (as bytes, a block at a time) to count
+    the line breaks inside quoted values, and only the wanted columns are kept. Bad rows:
+    a wrong number of fields, a wanted value holding a line break or not UTF-8. A rejected
+    record that spans several lines counts as that many rows read and rejected: an
+    unbalanced quote swallows the lines after it, which may have been rows.
+    """
+    delimiter = "," if fmt == "csv" else "\t"
+    header, header_line = _csv_header(path, delimiter)
+    _require_columns(path, header, wanted, header_line)
+    position = {key: header.index(col) for key, col in wanted.items()}
+    names = [str(j) for j in range(len(header))]  # the file's names may be empty or repeat unwanted ones
+    ragged: List[Tuple[int, int, Optional[str]]] = []  # (record number, fields, text or None if not UTF-8)
 
     def on_invalid(row) -> str:
-        skipped.append((row.number, row.expected_columns, row.actual_columns))
+        try:
+            text = row.text
+        except UnicodeDecodeError:
+            text = None
+        ragged.append((row.number, row.actual_columns, text))
         return "skip"
 
-    used = sorted(set(wanted.values()))
-    table = pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(use_threads=False, encoding="utf8"),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid,
-                                         ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in used},
-                                             include_columns=used, strings_can_be_null=False,
-                                             quoted_strings_can_be_null=False))
-    n = table.num_rows
-    # Line of data row i: rows are lines 2, 3, ... minus the skipped (ragged) lines.
-    skipped_lines = np.sort(np.asarray([s[0] for s in skipped if s[0] is not None], dtype=np.int64))
-    shift = skipped_lines - 2 - np.arange(len(skipped_lines))
-    rows = np.arange(n, dtype=np.int64)
-    lines = rows + 2 + np.searchsorted(shift, rows, side="right")
-    arrays = {key: table.column(col).combine_chunks() for key, col in wanted.items()}
-    # Blank lines come back as rows of empty strings: not data.
-    blank = np.ones(n, dtype=bool)
-    for col in used:
-        blank &= pc.equal(pc.utf8_trim_whitespace(table.column(col).combine_chunks()), "").to_numpy(
-            zero_copy_only=False)
-    if blank.any():
-        keep = pa.array(~blank)
-        arrays = {k: a.filter(keep) for k, a in arrays.items()}
-        lines = lines[~blank]
-    if len(lines) == 0 and not skipped:
+    parts: Dict[str, List[pa.Array]] = {key: [] for key in wanted}
+    part_breaks: Dict[str, List[np.ndarray]] = {key: [] for key in wanted}
+    all_breaks: List[np.ndarray] = []  # per record, in every value
+    all_empty: List[np.ndarray] = []
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=False, column_names=names, skip_rows=header_line),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if fmt == "csv" else False,
+                                             newlines_in_values=fmt == "csv", invalid_row_handler=on_invalid,
+                                             ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.binary()),
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False))
+        for batch in reader:
+            breaks = [_line_breaks(column) for column in batch.columns]
+            all_breaks.append(np.sum(breaks, axis=0))
+            all_empty.append(np.logical_and.reduce([pc.equal(pc.binary_length(column), 0).to_numpy(
+                zero_copy_only=False) for column in batch.columns]))
+            for key, j in position.items():
+                parts[key].append(batch.column(j))
+                part_breaks[key].append(breaks[j])
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(path, e) from None
+
+    # Records (rows and ragged lines) in file order, with the line each starts on.
+    first = header_line + 1
+    is_ragged = np.zeros(sum(map(len, all_breaks)) + len(ragged), dtype=bool)
+    ragged_at = np.asarray([number - first for number, _, _ in ragged], dtype=np.int64)
+    is_ragged[ragged_at] = True
+    extra = np.zeros(len(is_ragged), dtype=np.int64)  # line breaks inside the record
+    extra[~is_ragged] = _concat(all_breaks, np.int64)
+    extra[ragged_at] = [text.count("\n") + text.count("\r") - text.count("\r\n") if text else 0
+                        for _, _, text in ragged]
+    starts = first + np.arange(len(extra)) + np.cumsum(extra) - extra
+    # Blank lines come back as rows of empty values, and so do lines of bare delimiters: those are rows.
+    row_at = np.flatnonzero(~is_ragged)
+    blank = np.zeros(len(row_at), dtype=bool)
+    candidates = row_at[_concat(all_empty, bool)]
+    if len(candidates):
+        wanted_lines = set(starts[candidates].tolist())
+        empty_lines = set()
+        for number, raw in _physical_lines(path):
+            if number in wanted_lines and not raw:
+                empty_lines.add(number)
+            if number >= starts[candidates[-1]]:
+                break
+        blank = np.isin(starts[row_at], list(empty_lines))
+    row_at = row_at[~blank]
+    lines, row_extra = starts[row_at], extra[row_at]
+    if len(lines) == 0 and not ragged:
         raise empty_file_error(path, what + " after the header line")
+
     problems = FileProblems(path, errors, lines)
-    entries = skipped[:1] if problems.only_first else skipped
-    for number, expected, actual in entries:
-        problems.add_line(number if number is not None else 0, None,
-                          f"expected {expected} fields separated by {delimiter!r}, found {actual}",
-                          kind="wrong number of fields")
-    return _Columns(path, arrays, problems, len(lines) + len(skipped))
+    for number, found, text in (ragged[:1] if problems.only_first else ragged):
+        i = number - first
+        reason = f"expected {len(header)} fields separated by {delimiter!r}, found {found}"
+        if text is None:
+            reason = f"not valid UTF-8 text; {reason}"
+        if extra[i]:
+            reason = f"the record {_spans(starts[i], extra[i])}; {reason}"
+        problems.add_line(starts[i], None, reason, kind="wrong number of fields", count=extra[i] + 1)
+    values = {key: pa.chunked_array(parts[key], pa.binary()).combine_chunks().filter(pa.array(~blank))
+              for key in wanted}
+    in_value = {key: _concat(part_breaks[key], np.int64)[~blank] > 0 for key in wanted}
+    split = np.logical_or.reduce(list(in_value.values()))
+    if len(split) and split[-1] and row_at[-1] == len(extra) - 1:
+        # A quote still open at the end of the file took in its last line break too.
+        row_extra[-1] = min(row_extra[-1], max(n for n, _ in _physical_lines(path)) - lines[-1])
+    for key in wanted:
+        problems.reject(in_value[key], key, "line break in value",
+                        lambda r, k=key: f"the quoted {k} value {_spans(lines[r], row_extra[r])}",
+                        counts=row_extra + 1)
+    arrays = {}
+    for key, raw in values.items():
+        try:
+            arrays[key] = raw.cast(pa.string())
+        except pa.ArrowInvalid:  # not UTF-8: find the values
+            bad = np.asarray([not _is_utf8(v) for v in raw.to_pylist()], dtype=bool)
+            problems.reject(bad, key, "not UTF-8", lambda r, k=key, v=raw: f"{k} {v[r].as_py()!r} is not UTF-8 text")
+            arrays[key] = pc.if_else(pa.array(bad), pa.scalar(b"", pa.binary()), raw).cast(pa.string())
+    lines_read = len(lines) + len(ragged) + int(extra[ragged_at].sum()) + int(row_extra[split].sum())
+    return _Columns(path, arrays, problems, lines_read)
+
+
+def _concat(parts: List[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _strings(array: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
@@ -719,13 +880,13 @@ def _read_feature_table(path: str, fmt: str, side: str, id_key: str, id_column: 
     lengths: Dict[str, int] = {s.feature.name: 1 for s in specs if s.feature.kind == Kind.MULTI_CATEGORICAL}
     seen: Dict[str, str] = {}
     for file, kind in files:
-        available = (pq.read_schema(file).names if kind == "parquet"
-                     else _csv_header(file, "\t" if kind == "tsv" else ","))
+        available, header_line = (_parquet_columns(file), None) if kind == "parquet" else _csv_header(
+            file, "\t" if kind == "tsv" else ",")
         column = id_column
         if not id_explicit and column not in available and id_key in available:
             column = id_key
         if column not in available:
-            raise DataError(file, 1 if kind != "parquet" else None, None,
+            raise DataError(file, header_line, None,
                             f"no id column {column!r} in the {side} table (columns: {available}); name it with "
                             f"a {{'name': {id_key!r}, 'column': ...}} entry in `{side}_features`")
         wanted = {id_key: column}
@@ -882,18 +1043,21 @@ def read_tabular(path: str, columns: Mapping[str, str], user_table: Optional[str
         dates in that format. Dates without a time zone are taken as UTC.
 
     Missing ids, unparsable timestamps, ratings or labels, timestamps of more than
-    `MAX_SECONDS` seconds from 1970 and lines with a wrong field count are bad rows: the
-    `DataError` names the file, the line (CSV: 1-based, the header is line 1; line
-    numbers count records, so they match physical lines unless a quoted value spans
-    lines) or, for Parquet, the 0-based row, and the field. Missing categorical feature
-    values become the OOV token, missing multi-valued ones ``[]``. Everything is held in
-    memory (ids are stored as integer codes).
+    `MAX_SECONDS` seconds from 1970, lines with a wrong field count, values that are not
+    UTF-8 and ids or categorical values holding a line break (CSV: a quoted value over
+    several lines, likely an unbalanced quote; such a record counts once per line) are bad
+    rows: the `DataError` names the file, the line (CSV/TSV: 1-based physical lines, the
+    header's included) or, for Parquet, the 0-based row, and the field. Only empty lines are
+    blank; a line of empty values is a row. CSV values may be quoted; TSV has no quoting.
+    Missing categorical feature values become the OOV token, missing multi-valued ones
+    ``[]``. Everything is held in memory (ids are stored as integer codes).
 
     Raises:
       ValueError: an invalid option (see `TabularOptions`).
       DataError: a bad row under ``fail``; a path with nothing to read, a file of
-        another format than `format`, a missing column (see `resolve_files`); no valid
-        row at all.
+        another format than `format`, a missing or repeated column (see `resolve_files`),
+        an unreadable file (corrupt Parquet, truncated compressed data), an id column of
+        lists; no valid row at all.
     """
     errors = RowErrors(bad_rows)
     history_length = check_history_length(history_length)

@@ -214,6 +214,39 @@ def test_rejected_user_and_item_rows_count_for_their_tables_not_the_interactions
         "users": {"rejected_by_reason": {"reader: missing user_id": 4}, "rows_read": 8, "rows_rejected": 4}}
 
 
+def test_every_reader_rejection_reaches_the_dead_letter_file(tmp_path):
+    """The read report keeps 20 examples; the reader's rejections file in the dataset has them all."""
+    data = write_dataset(tmp_path / "data", SHARDS)
+    letters = [{"file": "/in/log.csv", "line": k + 2, "field": "timestamp", "reason": f"timestamp 'x{k}' is bad"}
+               for k in range(25)]
+    with open(os.path.join(data, "read_rejections.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in letters)
+    upstream = {"rows_read": 36, "rejected_by_reason": {"bad timestamp": 25}, "examples": letters[:20],
+                "rejections_file": "read_rejections.jsonl"}
+    # 11 training rows + 25 rejected by the reader = 36 read; 3 + 25 = 28 rejected.
+    summary = run_statistics(data, str(tmp_path / "out"), max_rejected_fraction=0.8, upstream_rejections=upstream)
+    assert (summary["rows_read"], summary["rows_rejected"]) == (36, 28)
+    with open(tmp_path / "out" / "dead_letter.jsonl") as f:
+        dead = [json.loads(line) for line in f]
+    reader = [d for d in dead if d.get("stage") == "reader"]
+    assert len(dead) == 4 + 25  # 3 interaction rows and 1 item row rejected by the job
+    assert reader == [{"file": "/in/log.csv", "record": k + 2, "field": "timestamp",
+                       "reason": f"timestamp 'x{k}' is bad", "stage": "reader"} for k in range(25)]
+    assert sorted(os.listdir(tmp_path / "out")) == ["dead_letter.jsonl", "feature_mi.json", "item_frequencies.csv",
+                                                    "summary.json", "vocab"]
+
+
+def test_output_dot_is_the_current_directory(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "data", SHARDS)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    summary = run_statistics(data, ".", max_rejected_fraction=0.3)
+    # The temporary directory was a sibling of `out`, not `out/..tmp-*`.
+    assert summary["output_dir"] == str(out) and sorted(os.listdir(tmp_path)) == ["data", "out"]
+    assert (out / "item_frequencies.csv").read_text().startswith("item_id,count,probability\na,5,")
+
+
 def test_output_that_is_a_file_or_holds_other_files_is_refused_before_any_work(tmp_path):
     afile = tmp_path / "afile.txt"
     afile.write_text("mine\n")

@@ -180,3 +180,25 @@ def test_malformed_rows_name_file_line_and_field(tmp_path):
     with pytest.raises(DataError, match="no valid rows"):
         read_criteo(_write(tmp_path / "c2.txt", ("label",) + CRITEO_NUMERIC + CRITEO_CATEGORICAL,
                            [good[:-1]]), bad_rows="skip")
+
+
+def test_byte_order_mark_undecodable_bytes_line_breaks_and_huge_timestamps(tmp_path):
+    ml = ["1", "10", "4", "978300760", "Foo (1995)", "Comedy", "F", "25", "4", "02139"]
+    lines = [",".join(MOVIELENS_COLUMNS).encode(), ",".join(ml).encode(),          # 1, 2
+             ",".join(ml[:4] + ['"Bar\nBaz (1996)"'] + ml[5:]).encode(),           # 3-4: one row over two lines
+             ",".join(ml[:3] + ["9000000000000000000"] + ml[4:]).encode(),         # 5: > 2**62 seconds
+             ",".join(ml[:4] + ["Café (1990)"] + ml[5:]).encode("latin-1")]        # 6: byte 0xe9 is not UTF-8
+    path = tmp_path / "ml.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # the header starts with a byte-order mark
+    with pytest.raises(DataError, match=r"ml.txt, line 3: a quoted value spans lines 3–4 \(unbalanced quote\?\)"):
+        read_movielens_sample(str(path))
+    _, frame = read_movielens_sample(str(path), bad_rows="skip")
+    assert frame[USER_ID].tolist() == ["1"]
+    report = frame.attrs["read_report"]
+    # 5 data lines = 1 kept + 2 (the two-line row) + 1 + 1.
+    assert report["rows_read"] == 5 and report["rows_rejected"] == 4
+    assert report["rejected_by_reason"] == {"line break in value": 2, "bad timestamp": 1, "not UTF-8": 1}
+    assert [(e["line"], e["field"], e["reason"]) for e in report["examples"]] == [
+        (3, None, "a quoted value spans lines 3–4 (unbalanced quote?)"),
+        (5, "timestamp", "timestamp '9000000000000000000' is out of range: more than 2**62 seconds from 1970"),
+        (6, None, "not valid UTF-8 text (byte 0xe9)")]

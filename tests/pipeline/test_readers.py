@@ -462,11 +462,11 @@ def test_tabular_csv_bad_rows_name_the_line(tmp_path):
     text = ("uid,iid,ts,stars,clicked,comment\n"  # line 1
             "1,a,10,4,1,x\n"                      # 2
             "1,a,11,4\n"                          # 3: ragged
-            '2,"b,c",12,3,0,"two\nlines"\n'     # 4-5: a quoted newline counts as one record
-            ",a,13,4,1,x\n"                       # 6: missing user (line 5 by record count)
-            "3,a,soon,4,1,x\n"                    # 7: bad timestamp (record 6)
+            '2,"b,c",12,3,0,"two\nlines"\n'     # 4-5: one record (the comment column is not read)
+            ",a,13,4,1,x\n"                       # 6: missing user
+            "3,a,soon,4,1,x\n"                    # 7: bad timestamp
             "\n"                                  # 8: blank, ignored
-            "4,a,15,4,maybe,x\n")                 # 9: bad label (record 8)
+            "4,a,15,4,maybe,x\n")                 # 9: bad label
     p = _write(tmp_path / "bad.csv", text)
     with pytest.raises(DataError) as e:
         read_tabular(p, COLUMNS)
@@ -474,7 +474,7 @@ def test_tabular_csv_bad_rows_name_the_line(tmp_path):
     assert "expected 6 fields separated by ',', found 4" in str(e.value)
     ds = read_tabular(p, COLUMNS, bad_rows="skip")
     assert [(x["line"], x["field"]) for x in ds.errors.examples] == [
-        (3, None), (5, "user_id"), (6, "timestamp"), (8, "label")]
+        (3, None), (6, "user_id"), (7, "timestamp"), (9, "label")]  # physical lines
     assert ds.errors.rejected == {"wrong number of fields": 1, "missing user_id": 1, "bad timestamp": 1,
                                   "bad label": 1}
     assert ds.errors.rows_read == 6  # data records; the blank line is not one
@@ -609,6 +609,183 @@ def test_tabular_timestamps_beyond_int64_seconds_are_bad_rows(tmp_path):
                                             r"out of range"):
             read_tabular(path, cols)
         assert _all(read_tabular(path, cols, bad_rows="skip"))["timestamp"].tolist() == [10, 5]
+
+
+# The defects of the input-handling review: each test writes the smallest file showing one.
+CSV_COLS = {"user_id": "u", "item_id": "i", "timestamp": "t"}
+
+
+def test_tabular_unbalanced_quote_names_the_lines_it_swallowed_and_counts_them(tmp_path):
+    text = ("u,i,t\n"        # 1
+            "1,a,10\n"       # 2
+            "2,b,20\n"       # 3
+            '3,"c,30\n'      # 4: the quote never closes and takes in lines 4-7 as one record of 2 fields
+            "4,d,40\n"       # 5
+            "5,e,50\n"       # 6
+            "6,f,60\n")      # 7
+    p = _write(tmp_path / "stray.csv", text)
+    with pytest.raises(DataError) as e:
+        read_tabular(p, CSV_COLS)
+    assert (e.value.path, e.value.line, e.value.field) == (p, 4, None)
+    assert "the record spans lines 4–7 (unbalanced quote?); expected 3 fields separated by ',', found 2" in str(
+        e.value)
+    ds = read_tabular(p, CSV_COLS, bad_rows="skip")
+    # Every data line is accounted for: 6 read = 2 kept + 4 rejected (lines 4-7).
+    assert _all(ds)[[USER_ID, ITEM_ID]].values.tolist() == [["1", "a"], ["2", "b"]]
+    assert (ds.errors.rows_read, ds.errors.num_rejected) == (6, 4)
+    assert ds.errors.rejected == {"wrong number of fields": 4} and len(ds.errors.examples) == 1
+    # TSV has no quoting: a quote is an ordinary character.
+    p = _write(tmp_path / "q.tsv", 'u\ti\tt\n1\t12" vinyl\t10\n2\t"open\t20\n3\tc\t30\n')
+    assert _all(read_tabular(p, CSV_COLS))[ITEM_ID].tolist() == ['12" vinyl', '"open', "c"]
+
+
+def test_tabular_quoted_line_break_in_a_read_value_is_a_bad_row(tmp_path):
+    # Lines: 1 header, 2-3 one record whose item id holds a line break, 4 good, 5 bad timestamp.
+    p = _write(tmp_path / "nl.csv", 'u,i,t\n1,"a\nb",10\n2,c,20\n3,d,zz\n')
+    with pytest.raises(DataError, match=r"nl.csv, line 2, field 'item_id': the quoted item_id value spans lines "
+                                        r"2–3 \(unbalanced quote\?\)"):
+        read_tabular(p, CSV_COLS)
+    ds = read_tabular(p, CSV_COLS, bad_rows="skip")
+    assert _all(ds)[[USER_ID, ITEM_ID]].values.tolist() == [["2", "c"]]
+    assert [(x["line"], x["field"]) for x in ds.errors.examples] == [(2, "item_id"), (5, "timestamp")]
+    # 4 data lines = 1 kept + 2 (the two-line record) + 1 (bad timestamp).
+    assert ds.errors.rows_read == 4 and ds.errors.rejected == {"line break in value": 2, "bad timestamp": 1}
+    # A quote left open in the last record runs to the end of the file (lines 3-4), not past it.
+    p = _write(tmp_path / "end.csv", 'u,i,t\n1,a,10\n2,b,"20\n3,c,30\n')
+    ds = read_tabular(p, CSV_COLS, bad_rows="skip")
+    assert ds.errors.examples[0]["reason"] == "the quoted timestamp value spans lines 3–4 (unbalanced quote?)"
+    assert (ds.errors.rows_read, ds.errors.num_rejected) == (3, 2)
+
+
+def test_tabular_line_breaks_inside_parquet_ids_and_table_values_are_bad_rows(tmp_path):
+    p = str(tmp_path / "log.parquet")
+    pq.write_table(pa.table({"u": ["1", "2\n3", " 4\n"], "i": ["a", "a", "b"], "t": [1, 2, 3]}), p)
+    with pytest.raises(DataError, match=r"log.parquet, field 'user_id': row 1 \(0-based\): user_id '2\\n3' holds "
+                                        r"a line break"):
+        read_tabular(p, CSV_COLS)
+    ds = read_tabular(p, CSV_COLS, bad_rows="skip")
+    assert _all(ds)[USER_ID].tolist() == ["1", "4"]  # a line break at the end is trimmed like a space
+    items = str(tmp_path / "items.parquet")
+    pq.write_table(pa.table({"i": ["a", "b"], "brand": ["p", "q"], "tags": [["x"], ["y\nz"]]}), items)
+    kw = dict(item_table=items, item_features=[{"name": "brand", "kind": "categorical"},
+                                               {"name": "tags", "kind": "multi_categorical"}])
+    with pytest.raises(DataError, match=r"items.parquet, field 'tags': row 1 \(0-based\): tags \['y\\nz'\] holds"):
+        read_tabular(p, CSV_COLS, **kw)
+    csv_items = _write(tmp_path / "items.csv", 'i,brand\na,p\nb,"q\nr"\n')
+    with pytest.raises(DataError, match=r"items.csv, line 3, field 'brand': the quoted brand value spans lines 3–4"):
+        read_tabular(p, CSV_COLS, **{**kw, "item_table": csv_items, "item_features": kw["item_features"][:1]})
+
+
+def test_tabular_unreadable_files_are_data_errors_naming_the_file(tmp_path):
+    import gzip
+
+    # Spaces around the header's names, CR-only line ends, a leading blank line: all read.
+    p = _write(tmp_path / "spaces.csv", "u, i , t \n1,a,10\n")
+    assert _all(read_tabular(p, CSV_COLS)).values.tolist() == [["1", "a", 10]]
+    p = _write(tmp_path / "cr.csv", "u,i,t\r1,a,10\r2,b,zz\r")
+    with pytest.raises(DataError, match=r"cr.csv, line 3, field 'timestamp': timestamp 'zz'"):
+        read_tabular(p, CSV_COLS)
+    p = _write(tmp_path / "lead.csv", "\n \nu,i,t\n1,a,10\n2,b,zz\n")
+    with pytest.raises(DataError, match=r"lead.csv, line 5, field 'timestamp'"):
+        read_tabular(p, CSV_COLS)
+    with pytest.raises(DataError, match=r"blank.csv: the file is empty; expected a header line"):
+        read_tabular(_write(tmp_path / "blank.csv", "\n\n"), CSV_COLS)
+    # Bytes that are not UTF-8: a bad row naming the line and field.
+    p = str(tmp_path / "latin.csv")
+    with open(p, "wb") as f:
+        f.write(b"u,i,t\n1,a,10\n2,caf\xe9,20\n")
+    with pytest.raises(DataError, match=r"latin.csv, line 3, field 'item_id': item_id b'caf\\xe9' is not UTF-8"):
+        read_tabular(p, CSV_COLS)
+    ds = read_tabular(p, CSV_COLS, bad_rows="skip")
+    assert len(_all(ds)) == 1 and ds.errors.rejected == {"not UTF-8": 1}
+    # A truncated gzip stream.
+    p = str(tmp_path / "cut.csv.gz")
+    with open(p, "wb") as f:
+        f.write(gzip.compress(b"u,i,t\n" + b"1,a,10\n" * 1000)[:-12])  # cut inside the deflate data
+    with pytest.raises(DataError, match=r"cut.csv.gz: cannot read the file: .*[Tt]runcated"):
+        read_tabular(p, CSV_COLS)
+    # Parquet: a corrupt feature table, a column name given twice.
+    log = _write(tmp_path / "log.csv", "u,i,t\n1,a,10\n")
+    bad = _write(tmp_path / "items.parquet", "not parquet")
+    with pytest.raises(DataError, match=r"items.parquet: not a readable Parquet file"):
+        read_tabular(log, CSV_COLS, item_table=bad, item_features=[{"name": "b", "kind": "categorical"}])
+    dup = str(tmp_path / "dup.parquet")
+    pq.write_table(pa.Table.from_arrays([pa.array(["1"]), pa.array(["a"]), pa.array([1]), pa.array(["b"])],
+                                        names=["u", "i", "t", "i"]), dup)
+    with pytest.raises(DataError, match=r"dup.parquet: the file names column\(s\) \['i'\] more than once"):
+        read_tabular(dup, CSV_COLS)
+
+
+def test_tabular_row_of_empty_read_columns_is_a_bad_row_and_only_empty_lines_are_blank(tmp_path):
+    p = _write(tmp_path / "empty_ids.csv", "u,i,t,note\n1,a,100,x\n,,,hello\n,,,\n\n3,c,300,y\n")
+    with pytest.raises(DataError, match=r"empty_ids.csv, line 3, field 'user_id': missing user_id"):
+        read_tabular(p, CSV_COLS)
+    ds = read_tabular(p, CSV_COLS, bad_rows="skip")
+    assert [(x["line"], x["field"]) for x in ds.errors.examples] == [(3, "user_id"), (4, "user_id")]
+    assert ds.errors.rows_read == 4 and len(_all(ds)) == 2  # line 5 is blank: not a row
+
+
+def test_tabular_parquet_id_column_of_lists_is_an_error(tmp_path):
+    p = str(tmp_path / "lists.parquet")
+    pq.write_table(pa.table({"u": ["1", "2"], "i": [[1], [2]], "t": [1, 2]}), p)
+    with pytest.raises(DataError) as e:
+        read_tabular(p, CSV_COLS, bad_rows="skip")
+    assert (e.value.path, e.value.field) == (p, "item_id")
+    assert "the id column 'i' has type list<element: int64>; expected string or integer" in str(e.value)
+
+
+def test_atomic_empty_last_field_is_a_missing_value_not_a_short_line(tmp_path):
+    d = _atomic(tmp_path)
+    # User 3 without zip code, movie 2 without genres: the line ends with the tab before the empty field.
+    _write(os.path.join(d, "ml-100k.user"),
+           "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+           "1\t24\tM\ttechnician\t85711\n2\t53\tF\tother\t94043\n\t\t\t\t\n3\t17\tM\tstudent\t\n")
+    _write(os.path.join(d, "ml-100k.item"),
+           "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+           "1\tToy Story\t1995\tAnimation\n2\tUntitled\t1996\t\n3\tunknown\tunkonwn\tunknown\n")
+    ds = read_movielens(d)  # "fail": a short line would raise
+    assert ds.errors.num_rejected == 0 and ds.errors.rows_read == 5  # the line of tabs alone is blank
+    assert ds.users.iloc[2].to_dict() == {USER_ID: "3", "gender": "M", "age": "under 18", "occupation": "student",
+                                          "zip_prefix": "unknown"}
+    assert ds.items.iloc[1].to_dict() == {ITEM_ID: "2", "genres": [], "release_year": "1996", "decade": "1990s",
+                                          "title_tokens": ["untitled"]}
+
+
+def test_parse_seconds_bounds_both_paths_and_movielens_says_out_of_range(tmp_path):
+    from pipeline.data.tabular import MAX_SECONDS, parse_seconds
+
+    # Integer path: 2**62 is the largest magnitude allowed.
+    secs, bad, huge = parse_seconds(pa.array(["10", "-9000000000000000000", str(MAX_SECONDS)]))
+    assert secs.tolist() == [10, 0, MAX_SECONDS] and bad.tolist() == [False] * 3
+    assert huge.tolist() == [False, True, False]
+    # Float path (a value that is no integer): floor(1.5) = 1, 9e18 > 2**62 ~ 4.6e18.
+    secs, bad, huge = parse_seconds(pa.array(["10", "9000000000000000000", "1.5", "9e18", "x"]))
+    assert secs.tolist() == [10, 0, 1, 0, 0]
+    assert bad.tolist() == [False, False, False, False, True] and huge.tolist() == [False, True, False, True, False]
+    d = _ml100k(tmp_path, data=U_DATA + "1\t3\t4\t9000000000000000000\n2\t3\t4\t9e18\n")
+    with pytest.raises(DataError, match=r"u.data, line 6, field 'timestamp': timestamp '9000000000000000000' is out "
+                                        r"of range: more than 2\*\*62 seconds from 1970"):
+        read_movielens(d)
+    ds = read_movielens(d, bad_rows="skip")
+    assert ds.errors.rejected == {"bad timestamp": 2} and "'9e18' is out of range" in ds.errors.examples[1]["reason"]
+
+
+def test_materialize_keeps_every_rejection_for_the_dead_letters(tmp_path):
+    import json
+
+    from pipeline.data.materialize import REJECTIONS_FILE, materialize
+    from pipeline.data.splits import SplitConfig
+
+    # Lines 2-5 good, 6-35 bad timestamps: 30 rejections, more than the 20 examples the report keeps.
+    text = "u,i,t\n" + "".join(f"{u},a,{10 + u}\n" for u in range(1, 5)) + "".join(f"9,b,x{k}\n" for k in range(30))
+    ds = read_tabular(_write(tmp_path / "log.csv", text), CSV_COLS, bad_rows="skip")
+    summary = materialize(ds, str(tmp_path / "data"), SplitConfig(method="time", cutoff=13))
+    assert len(summary["read"]["examples"]) == 20 and summary["read"]["rejections_file"] == REJECTIONS_FILE
+    with open(tmp_path / "data" / REJECTIONS_FILE) as f:
+        letters = [json.loads(line) for line in f]
+    assert [x["line"] for x in letters] == list(range(6, 36))
+    assert letters[-1] == {"file": str(tmp_path / "log.csv"), "line": 35, "field": "timestamp",
+                           "reason": "timestamp 'x29' is not a number of seconds"}
 
 
 def test_tabular_options_are_checked_without_reading(tmp_path):

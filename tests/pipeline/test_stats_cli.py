@@ -3,10 +3,12 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import recfunnel
+from conftest import REPO, recfunnel
 
 
 def _bars(tmp_path, bad_lines):
@@ -121,6 +123,16 @@ def test_output_that_is_a_file_or_another_directory_is_refused_before_reading(tm
     assert (target if kind == "file" else target / "notes.txt").read_text() == "mine\n"
 
 
+def test_output_under_a_file_is_refused_before_reading(tmp_path):
+    (tmp_path / "afile").write_text("mine\n")
+    target = tmp_path / "afile" / "sub" / "out"
+    missing = str(tmp_path / "no-such-data")  # reading it would fail with exit 1
+    proc = recfunnel("stats", "--dataset", "bars", "--data-dir", missing, "--output", str(target))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"recfunnel: --output '{target}' cannot be created: '{tmp_path / 'afile'}' is a file, not a directory"
+            in proc.stderr) and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("value", ["2", "-0.1", "nan"])
 def test_max_rejected_fraction_out_of_range_is_refused_at_once(tmp_path, value):
     missing = str(tmp_path / "no-such-data")  # reading it would fail with exit 1
@@ -139,3 +151,22 @@ def test_misspelled_beam_option_is_refused_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "--direct_num_workrs=2" in proc.stderr and "did you mean --direct_num_workers" in proc.stderr
     assert "Traceback" not in proc.stderr and not os.path.exists(out)
+
+
+def test_every_rejected_line_reaches_the_dead_letters_with_output_dot(tmp_path):
+    """25 malformed lines (the read report keeps 20 examples), statistics written to `--output .`."""
+    data = _bars(tmp_path, [f"{100 + k} 4 x{k}" for k in range(25)])  # lines 6..30 of train.txt
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", "--dataset", "bars", "--data-dir", data,
+                           "--output", ".", "--max-rejected-fraction", "0.5", "--direct_num_workers=1"],
+                          capture_output=True, text=True, timeout=600, cwd=str(out),
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["bars", "out"]  # no temporary directory left, inside or beside
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reader"]["rows_rejected"] == 25 and summary["rows_read"] == 160 + 25
+    with open(out / "dead_letter.jsonl") as f:
+        reader = [d for d in map(json.loads, f) if d.get("stage") == "reader"]
+    assert [(d["record"], d["field"]) for d in reader] == [(line, "item") for line in range(6, 31)]
+    assert all(d["file"] == os.path.join(data, "train.txt") for d in reader)
