@@ -27,8 +27,9 @@ Models, all trained on the training rows:
 
 Reported per model:
 
-* ``recall_top10_in_top100``: over test users, |ranker top-10 ∩ model top-100| / 10 on the
-  user's retrieved candidates (how AutoFAS measures agreement with the ranker);
+* ``recall_top10_in_top100``: over test users, |ranker top-10 ∩ model top-100| / |ranker top-10|
+  on the user's retrieved candidates (how AutoFAS measures agreement with the ranker; the
+  top-10 is every candidate when there are fewer than 10);
 * ``recall_vs_hand_mlp`` (AutoFAS models): the mean per-user difference from the hand
   MLP's recall on the same users, with its standard error; near a recall of 1 the two
   differ on a few users only, and this says whether a gap is more than those few;
@@ -122,6 +123,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=d.seed)
     args = p.parse_args(argv)
+    if not 0 < args.test_fraction < 1:
+        p.error(f"--test-fraction should be in (0, 1). Received: {args.test_fraction}")
+    # Unlike benchmarks/ranking.py, no 0: the ranker, AutoFAS and the hand MLP all pick their epoch on these events.
+    if not 0 < args.validation_fraction < 1:
+        p.error(f"--validation-fraction should be in (0, 1). Received: {args.validation_fraction}")
     if args.headline_lambda2 not in args.lambda2:
         p.error(f"--headline-lambda2 {args.headline_lambda2} should be one of --lambda2 {args.lambda2}")
     return args
@@ -288,7 +294,8 @@ def main(argv=None) -> None:
     hand_names = list(args.hand_features or names)
     unknown = sorted(set(hand_names) - set(names))
     if unknown:
-        raise SystemExit(f"--hand-features names {unknown}, which are not features of the {args.dataset} schema {names}")
+        raise SystemExit(f"--hand-features names {unknown}, which are not features of the {args.dataset} "
+                         f"schema {names}")
     train_x = inputs_from_frame(schema, train_frame, names)
     valid_x = inputs_from_frame(schema, valid_frame, names)
     test_x = inputs_from_frame(schema, test_frame, names)
@@ -349,7 +356,7 @@ def main(argv=None) -> None:
             idx = candidates[u]
             scores = fn(**inputs_of_user(row, idx))["scores"].numpy().reshape(-1)
             top100 = set(idx[np.argsort(-scores, kind="stable")[:100]].tolist())
-            recalls.append(len(top100 & ranker_top10[u]) / 10.0)
+            recalls.append(len(top100 & ranker_top10[u]) / len(ranker_top10[u]))
         # Latency is measured at the end, all models interleaved (`_interleaved_latency`): the
         # signature on strings, and as the serving cascade calls it, on items encoded in advance.
         inputs = inputs_of_user(user_rows[0], candidates[0])

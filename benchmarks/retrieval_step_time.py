@@ -67,18 +67,28 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1 or args.steps_per_round < 1 or args.cached_batches < 1:
         p.error("--rounds, --steps-per-round and --cached-batches should be >= 1")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        p.error(f"--batch-sizes should be comma-separated integers. Received: {args.batch_sizes}")
 
     from models.tf_compat import tf  # noqa: F401  (Keras 2 before TFRS imports TensorFlow)
     import tensorflow_recommenders as tfrs
 
     from benchmarks.retrieval_bars import prepare
     from models.input_pipeline import example_dataset
-    from models.data_layout import example_files
+    from models.data_layout import READ_REPORT_FILE, example_files
     from pipeline import job
     from pipeline.config import load_config
 
     base = prepare(args.data_dir, args.cache, 50, "all_other")
     data_dir = os.path.join(base, job.DATA_DIR)
+    with open(os.path.join(data_dir, READ_REPORT_FILE)) as f:
+        train_rows = json.load(f)["rows"]["train"]
+    # Batches drop the remainder: a batch larger than the data would never come.
+    if not all(1 <= b <= train_rows for b in batch_sizes):
+        p.error(f"--batch-sizes should be between 1 and the {train_rows} training rows of {args.data_dir}. "
+                f"Received: {args.batch_sizes}")
     warmup = 5
     memory_sizes = [int(m) for m in args.memory_sizes.split(",")]
     known = _variants(memory_sizes, args.mixed_negatives, warmup)
@@ -88,7 +98,7 @@ def main() -> None:
         p.error(f"--variants should include tfrs and name only {', '.join(known)}. Received: {args.variants}")
 
     results = {}
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch_size in batch_sizes:
         runs = {}
         for name in names:
             config = load_config(None, [*known[name], f"retrieval.batch_size={batch_size}",

@@ -82,7 +82,7 @@ def main() -> None:
 
     from benchmarks.common import train_and_evaluate
     from pipeline import job
-    from pipeline.config import load_config
+    from pipeline.config import ConfigError, load_config
 
     if args.seeds < 1 or args.first_seed < 0:
         p.error(f"--seeds should be >= 1 and --first-seed >= 0; got {args.seeds} and {args.first_seed}")
@@ -95,20 +95,24 @@ def main() -> None:
               f"retrieval.ssl_weight={args.alpha}"]
     if args.data_path:
         common.append(f"data.path={args.data_path}")
-    if args.epochs:
+    if args.epochs is not None:  # 0 included: the config rejects it
         common.append(f"retrieval.epochs={args.epochs}")
     common += args.set
+    try:
+        cfg = load_config(config_path, common)
+    except ConfigError as e:  # e.g. --epochs 0
+        p.error(str(e))
     base = tempfile.mkdtemp(prefix="recfunnel-ssl-")
     runs = {name: [] for name in names}
     try:
-        cfg = load_config(config_path, common)
         job.stage_data(cfg, base)
         job.stage_stats(cfg, base)
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for name in names:
                 cfg = load_config(config_path, common + VARIANTS[name].split() + [f"retrieval.seed={seed}"])
                 summary, m, seconds = train_and_evaluate(cfg, base, f"{name}-{seed}")
-                row = {"seed": seed, "seconds_per_epoch": seconds / cfg.retrieval.epochs,
+                row = {"seed": seed, "epochs": len(summary["loss"]),
+                       "seconds_per_epoch": seconds / cfg.retrieval.epochs,
                        "final_main_loss": summary["loss"][-1],
                        "final_ssl_loss": (summary.get("ssl_loss") or [None])[-1],
                        "tail_users": m["evaluation"]["tail_users"],
@@ -135,7 +139,7 @@ def main() -> None:
                 for k in METRICS}
             res["epoch_time_ratio"] = round(res["seconds_per_epoch"]["mean"] / base_row["seconds_per_epoch"]["mean"], 3)
     out = {"dataset": args.dataset, "config": config_path or "built-in synthetic", "seeds": args.seeds,
-           "first_seed": args.first_seed,
+           "first_seed": args.first_seed, "epochs": cfg.retrieval.epochs,
            "alpha": args.alpha, "overrides": common, "machine_cpus": os.cpu_count(), "results": results,
            "runs": runs}
     with open(args.out, "w") as f:

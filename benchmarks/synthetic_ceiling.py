@@ -44,8 +44,8 @@ def main() -> None:
     from pipeline import job
     from pipeline.config import load_config
     from pipeline.data.synthetic import synthetic_world
-    from pipeline.evaluation import (items_by_popularity, popularity_ranking, recall_ndcg_at_k, tail_only,
-                                     test_positives, top_k_excluding)
+    from pipeline.evaluation import (items_by_popularity, popularity_ranking, ranked_ids, recall_ndcg_at_k,
+                                     tail_only, test_positives, top_k_excluding)
     from serving.user_store import UserStore
 
     cfg = load_config(None, args.set)
@@ -86,7 +86,7 @@ def main() -> None:
         for name, scores in (("click law", impression - np.logaddexp(0.0, -click_logit)),
                              ("impression law", impression)):
             top, _ = top_k_excluding(scores, kmax, exclude)
-            ranked[name].extend([item_ids[i] for i in row] for row in top)
+            ranked[name].extend(ranked_ids(top, item_ids))
 
     results = {}
     for name in ranked:

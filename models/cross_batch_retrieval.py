@@ -57,6 +57,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 from models.cosine_contrastive import check_ccl_args, cosine_contrastive_loss
@@ -137,8 +138,8 @@ class CrossBatchRetrieval(keras.layers.Layer):
         if drift_correction not in DRIFT_CORRECTIONS:
             raise ValueError(f"`drift_correction` should be one of {DRIFT_CORRECTIONS}. "
                              f"Received: drift_correction={drift_correction!r}")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"`temperature` should be a finite number > 0. Received: temperature={temperature}")
         for name, value in (("memory_size", memory_size), ("warmup_steps", warmup_steps),
                             ("num_hard_negatives", num_hard_negatives)):
             if int(value) < 0:
@@ -162,6 +163,10 @@ class CrossBatchRetrieval(keras.layers.Layer):
     def call(self, query_embeddings, candidate_embeddings, candidate_ids, candidate_log_q=None, step=None,
              extra_negatives: Optional[Tuple] = None, sample_weight=None, training=True,
              return_bank_share=False):
+        for name, x in (("query_embeddings", query_embeddings), ("candidate_embeddings", candidate_embeddings)):
+            if x.shape[-1] is not None and x.shape[-1] != self.embedding_dim:
+                raise ValueError(f"`embedding_dim` should be the size of the towers' embeddings. Received: "
+                                 f"embedding_dim={self.embedding_dim}, {name} of size {x.shape[-1]}")
         batch = tf.shape(candidate_embeddings)[0]
         positive_ids = id_hashes(candidate_ids)
         corrected = candidate_log_q is not None

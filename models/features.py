@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -289,9 +290,32 @@ def feature_lists(columns: Mapping[str, Any]) -> Dict[str, list]:
     out = {}
     for name, values in columns.items():
         array = np.asarray(values)
-        if array.dtype.kind in "OS":  # strings (TensorFlow hands them back as bytes)
-            array = np.char.decode(array.astype(bytes), "utf-8")
-        out[name] = array.tolist()
+        # Strings: TensorFlow hands them back as bytes; an object array may hold str (any Unicode).
+        out[name] = _decoded(array.tolist()) if array.dtype.kind in "OS" else array.tolist()
+    return out
+
+
+def _decoded(values):
+    """Nested lists with every bytes value decoded as UTF-8 (str values kept)."""
+    if isinstance(values, list):
+        return [_decoded(v) for v in values]
+    return values.decode("utf-8") if isinstance(values, bytes) else values
+
+
+def checked_numeric_stats(numeric_stats: Optional[Mapping[str, Sequence[float]]]) -> Dict[str, List[float]]:
+    """``numeric_stats`` (feature → (mean, std), or None) as ``{feature: [mean, std]}`` floats, checked
+    as every model that standardizes needs them: a finite mean and a finite std > 0.
+
+    Raises:
+      ValueError: naming the feature and its stats when they are not so.
+    """
+    out = {}
+    for name, stats in (numeric_stats or {}).items():
+        values = [float(x) for x in stats]
+        if len(values) != 2 or not (math.isfinite(values[0]) and math.isfinite(values[1]) and values[1] > 0):
+            raise ValueError(f"`numeric_stats[{name!r}]` should be (mean, std) with a finite mean and a finite "
+                             f"std > 0. Received: numeric_stats[{name!r}]={values}")
+        out[name] = values
     return out
 
 

@@ -18,8 +18,10 @@ from models.tf_compat import keras, tf
 def log_q_with_floor(probabilities: np.ndarray, floor: float) -> np.ndarray:
     """log max(q, floor): items never seen in training get the floor, not log 0."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    if np.any(probabilities < 0) or np.any(probabilities > 1):
-        raise ValueError("`probabilities` should be in [0, 1].")
+    bad = np.flatnonzero(~((probabilities >= 0) & (probabilities <= 1)))  # NaN fails both
+    if len(bad):
+        raise ValueError(f"`probabilities` should be in [0, 1]. Received: probabilities[{bad[0]}]="
+                         f"{probabilities[bad[0]]} ({len(bad)} of {len(probabilities)} values are not)")
     if not 0 < floor <= 1:
         raise ValueError(f"`floor` should be in (0, 1]. Received: floor={floor}")
     return np.log(np.maximum(probabilities, floor))

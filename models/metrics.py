@@ -59,7 +59,9 @@ def recall_vs_exact(approx_scores: np.ndarray, exact_scores: np.ndarray, k: int,
     Compares scores, not ids, so ties between equally scored items cannot flip the
     result: an approximate hit counts when its exact score reaches the exact K-th
     score (minus `atol` for float noise). Rows are users; scores are sorted
-    descending; ``-inf`` marks missing entries.
+    descending; ``-inf`` marks missing entries. A row whose exact top-K has fewer than K
+    entries (fewer items left than K) is judged on those: its recall is
+    hits / (finite exact entries), so returning all of them scores 1.
 
     Args:
       approx_scores: ``[U, K]`` exact scores of the items the index returned.
@@ -68,7 +70,11 @@ def recall_vs_exact(approx_scores: np.ndarray, exact_scores: np.ndarray, k: int,
     approx_scores = np.asarray(approx_scores, dtype=np.float64)[:, :k]
     exact_scores = np.asarray(exact_scores, dtype=np.float64)[:, :k]
     if approx_scores.shape[0] != exact_scores.shape[0]:
-        raise ValueError("`approx_scores` and `exact_scores` should have the same number of rows")
-    kth = exact_scores[:, -1:]
+        raise ValueError("`approx_scores` and `exact_scores` should have the same number of rows. "
+                         f"Received: {approx_scores.shape[0]} and {exact_scores.shape[0]}")
+    finite = np.isfinite(exact_scores)
+    wanted = finite.sum(axis=1)
+    # The lowest exact score that counts (+inf when the row has none, so nothing is found).
+    kth = np.where(finite, exact_scores, np.inf).min(axis=1, keepdims=True)
     found = np.isfinite(approx_scores) & (approx_scores >= kth - atol)
-    return float(found.sum(axis=1).clip(max=k).mean() / k)
+    return float((found.sum(axis=1).clip(max=wanted) / np.maximum(wanted, 1)).mean())

@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from models.tf_compat import tf
@@ -80,8 +81,8 @@ def sampled_softmax_logits(query: tf.Tensor, candidates: tf.Tensor, *, positive_
       remove_accidental_hits: mask candidates with the positive's id other than the
         positive itself.
     """
-    if temperature <= 0:
-        raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` should be a finite number > 0. Received: temperature={temperature}")
     logits = tf.matmul(query, candidates, transpose_b=True) / temperature
     if candidate_log_q is not None:
         logits = logits - tf.cast(candidate_log_q, logits.dtype)[tf.newaxis, :]
@@ -130,8 +131,8 @@ def sampled_softmax_loss(query: tf.Tensor, candidates: tf.Tensor, *, positive_id
       z_ij = q_i·c_j/τ + bias_j (masked entries excluded), and Σ_{j≥F} softmax(z_i)_j
       (a statistic: not differentiated).
     """
-    if temperature <= 0:
-        raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` should be a finite number > 0. Received: temperature={temperature}")
     query = tf.cast(query, tf.float32)
     candidates = tf.cast(candidates, tf.float32)
     batch = tf.shape(query)[0]

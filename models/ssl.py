@@ -10,6 +10,7 @@ Recommendations", CIKM 2021.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -201,8 +202,8 @@ class ItemSelfSupervision(keras.layers.Layer):
         super().__init__(**kwargs)
         if masking not in MASKINGS:
             raise ValueError(f"`masking` should be one of {MASKINGS}. Received: masking={masking!r}")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"`temperature` should be a finite number > 0. Received: temperature={temperature}")
         if not 0.0 <= value_dropout < 1.0:
             raise ValueError(f"`value_dropout` should be in [0, 1). Received: value_dropout={value_dropout}")
         if share not in ("full", "partial"):

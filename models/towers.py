@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from models.features import ITEM_ID, OOV_TOKEN, PAD_TOKEN, Feature, Kind, Schema
+from models.features import ITEM_ID, OOV_TOKEN, PAD_TOKEN, Feature, Kind, Schema, checked_numeric_stats
 from models.tf_compat import keras, tf
 
 
@@ -191,7 +191,7 @@ class Tower(keras.Model):
         self.output_dim = int(output_dim)
         self.normalize = bool(normalize)
         self.dropout = float(dropout)
-        self.numeric_stats = {k: [float(x) for x in v] for k, v in (numeric_stats or {}).items()}
+        self.numeric_stats = checked_numeric_stats(numeric_stats)
         needs_items = any(f.name == ITEM_ID or f.kind == Kind.SEQUENCE for f in self.features)
         if needs_items and shared_item_embedding is None:
             if ITEM_ID not in self.vocabularies:
@@ -245,7 +245,7 @@ class Tower(keras.Model):
             x = inputs[f.name]
             if f.kind == Kind.NUMERIC:
                 mean, std = self.numeric_stats.get(f.name, (0.0, 1.0))
-                parts.append(((tf.cast(x, tf.float32) - mean) / max(std, 1e-6))[:, tf.newaxis])
+                parts.append(((tf.cast(x, tf.float32) - mean) / std)[:, tf.newaxis])
             elif f.vocabulary_name == ITEM_ID:
                 ids = self.item_embedding.ids(x)
                 emb = self.item_embedding.embedding(ids)

@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Sequence
 
 import tensorflow_recommenders as tfrs
@@ -74,10 +75,10 @@ class TwoTowerModel(tfrs.Model):
                  ssl: Optional[ItemSelfSupervision] = None, ssl_weight: float = 0.0,
                  history_pooling: str = "mean", embedding_l2: float = 0.0, query_dropout: float = 0.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"`temperature` should be positive. Received: temperature={temperature}")
-        if embedding_l2 < 0:
-            raise ValueError(f"`embedding_l2` should be >= 0. Received: embedding_l2={embedding_l2}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"`temperature` should be a finite number > 0. Received: temperature={temperature}")
+        if not (math.isfinite(embedding_l2) and embedding_l2 >= 0):
+            raise ValueError(f"`embedding_l2` should be a finite number >= 0. Received: embedding_l2={embedding_l2}")
         self.embedding_l2 = float(embedding_l2)
         if not 0 <= query_dropout < 1:
             raise ValueError(f"`query_dropout` should be in [0, 1). Received: query_dropout={query_dropout}")
@@ -97,6 +98,9 @@ class TwoTowerModel(tfrs.Model):
         self._default_task = task is None
         self.task = task if task is not None else tfrs.tasks.Retrieval(
             temperature=self.temperature, remove_accidental_hits=self.remove_accidental_hits)
+        if int(num_mixed_negatives) < 0:
+            raise ValueError("`num_mixed_negatives` should be >= 0. "
+                             f"Received: num_mixed_negatives={num_mixed_negatives}")
         self.num_mixed_negatives = int(num_mixed_negatives)
         if self.num_mixed_negatives:
             if not isinstance(self.task, CrossBatchRetrieval):
@@ -104,8 +108,8 @@ class TwoTowerModel(tfrs.Model):
             if corpus is None:
                 raise ValueError("`num_mixed_negatives` needs the item `corpus` to sample from")
         self.corpus = {k: tf.constant(v) for k, v in corpus.items()} if corpus is not None else None
-        if ssl_weight < 0:
-            raise ValueError(f"`ssl_weight` should be >= 0. Received: ssl_weight={ssl_weight}")
+        if not (math.isfinite(ssl_weight) and ssl_weight >= 0):
+            raise ValueError(f"`ssl_weight` should be a finite number >= 0. Received: ssl_weight={ssl_weight}")
         self.ssl = ssl
         self.ssl_weight = float(ssl_weight)
         self.main_loss_tracker = keras.metrics.Mean(name="main_loss")

@@ -24,6 +24,7 @@ from models.metrics import recall_ndcg_at_k, recall_vs_exact
 from pipeline.config import EvaluationConfig
 
 NEG_INF = -np.inf
+NO_ITEM = -1  # an empty slot of `top_k_excluding` (fewer items left than k)
 
 
 def test_positives(data_dir: str) -> Dict[str, List[str]]:
@@ -73,16 +74,27 @@ def top_k_excluding(scores: np.ndarray, k: int, exclude: Sequence[Sequence[int]]
     """Top-k columns of each row of ``scores [U, N]`` (modified in place: excluded
     columns set to -inf), skipping each row's `exclude` indices.
 
-    Returns (indices ``[U, k]``, scores ``[U, k]``) sorted by descending score.
+    Returns (indices ``[U, k]``, scores ``[U, k]``) sorted by descending score, k capped
+    at N. An excluded column is never returned: a row with fewer than k columns left
+    fills its last slots with `NO_ITEM` and score -inf, which callers drop (`ranked_ids`).
     """
     k = min(k, scores.shape[1])
+    excluded = np.zeros(scores.shape, dtype=bool)
     for row, ex in enumerate(exclude):
         if len(ex):
-            scores[row, np.asarray(ex, dtype=np.int64)] = NEG_INF
+            excluded[row, np.asarray(ex, dtype=np.int64)] = True
+    scores[excluded] = NEG_INF
     part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k:]
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
+    idx, top = np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
+    idx[np.take_along_axis(excluded, idx, axis=1)] = NO_ITEM
+    return idx, top
+
+
+def ranked_ids(indices: np.ndarray, item_ids: Sequence[str]) -> List[List[str]]:
+    """`top_k_excluding` indices → per row, the item ids in rank order, `NO_ITEM` slots dropped."""
+    return [[item_ids[i] for i in row if i != NO_ITEM] for row in indices]
 
 
 def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequence[Sequence[int]],
@@ -161,7 +173,7 @@ class ExactEvaluator:
         queries = _embed(query_tower, self._user_features, batch_size)
         items = _embed(item_tower, self._item_features, batch_size)
         idx, _ = exact_top_k(queries, items, max(self.ks), self._seen)
-        ranked = [[self.item_ids[i] for i in row] for row in idx]
+        ranked = ranked_ids(idx, self.item_ids)
         out: Dict[str, float] = {}
         for k in self.ks:
             m = recall_ndcg_at_k(ranked, self._relevant, k)
@@ -204,7 +216,7 @@ def evaluate_retrieval(workdir: str, version: int, config: EvaluationConfig, wit
     kmax = max(config.ks)
 
     exact_idx, exact_scores = exact_top_k(queries, item_emb, kmax, seen_idx)
-    exact_ranked = [[item_ids[i] for i in row] for row in exact_idx]
+    exact_ranked = ranked_ids(exact_idx, item_ids)
 
     # Through the index: ask for enough neighbours to survive the seen-item filter.
     idx_ranked, idx_scores = [], np.full((len(users), kmax), NEG_INF)

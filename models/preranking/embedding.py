@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-from models.features import Kind, Schema
+from models.features import Kind, Schema, checked_numeric_stats
 from models.tf_compat import keras, tf
 from models.towers import make_lookup
 
@@ -50,7 +50,7 @@ class FeatureEmbedding(keras.layers.Layer):
         if isinstance(embedding_dim, bool) or int(embedding_dim) != embedding_dim or embedding_dim < 1:
             raise ValueError(f"`embedding_dim` should be a positive integer. Received: embedding_dim={embedding_dim!r}")
         self.embedding_dim = int(embedding_dim)
-        self.numeric_stats = {k: [float(x) for x in v] for k, v in (numeric_stats or {}).items()}
+        self.numeric_stats = checked_numeric_stats(numeric_stats)
         needed = []
         for name in self.features:
             f = self.schema.feature(name)

@@ -451,6 +451,11 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
     unknown = sorted(set(dict(config.external_feature_costs)) - set(candidates))
     if unknown:
         raise ValueError(f"`external_feature_costs` names {unknown}, which are not candidate features {candidates}")
+    # Checked now, not when the search ends: a pre-ranker must tell candidates apart.
+    item_names = [f.name for f in schema.item_features]
+    if not set(item_names) & set(candidates):
+        raise ValueError(f"`candidate_features` should hold at least one item feature of {item_names}. "
+                         f"Received: candidate_features={candidates}")
     all_names = [f.name for f in schema.features]
     train_x = inputs_from_frame(schema, train_frame, all_names)
     train_y = train_frame[LABEL].to_numpy(np.float32)

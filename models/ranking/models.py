@@ -53,7 +53,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from models.features import ITEM_ID, PAD_TOKEN, USER_ID, Feature, Kind, Schema, pad_values
+from models.features import (ITEM_ID, PAD_TOKEN, USER_ID, Feature, Kind, Schema, checked_numeric_stats,
+                             pad_values)
 from models.ranking.co_action import (ORDER_COMBINATIONS, SEQUENCE_POOLINGS, CoActionUnit)
 from models.signatures import (ENCODE_ITEMS_SIGNATURE, ENCODED_SCORING_SIGNATURE, MULTI_USER_SIGNATURE,
                                SERVING_DEFAULT, USER_INDEX, several_user_arguments)
@@ -449,10 +450,7 @@ class RankingModel(keras.Model):
         if missing:
             raise ValueError(f"`vocabularies` lacks {missing}; the schema needs {self.schema.vocabulary_names()}")
         self.vocabularies = {v: [str(t) for t in vocabularies[v]] for v in self.schema.vocabulary_names()}
-        self.numeric_stats = {k: [float(x) for x in v] for k, v in (numeric_stats or {}).items()}
-        for name, stats in self.numeric_stats.items():
-            if len(stats) != 2 or not stats[1] > 0:
-                raise ValueError(f"`numeric_stats[{name!r}]` should be (mean, std > 0). Received: {stats}")
+        self.numeric_stats = checked_numeric_stats(numeric_stats)
         self.lookups = {v: make_lookup(self.vocabularies[v], v) for v in self.schema.vocabulary_names()}
         # Python ints (the lookup reports a tensor inside tf.function).
         self._vocab_sizes = {v: int(self.lookups[v].vocabulary_size()) for v in self.schema.vocabulary_names()}
@@ -551,18 +549,24 @@ class RankingModel(keras.Model):
 
         Args:
           user_features: the user's features, unbatched (categorical ``[]``, sequence
-            ``[L]``) or with batch 1 (``[1]``, ``[1, L]``).
+            ``[L]``), with batch 1 (``[1]``, ``[1, L]``) or, as `candidate_logits`
+            takes them, with batch N (row i for candidate i). Several users' candidates
+            are scored by `candidate_logits` with `user_index`.
           item_features: the candidates' features, ``[N]`` / ``[N, L]``.
         """
-        specs = self.schema.tensor_specs("user")
+        items = {name: tf.convert_to_tensor(item_features[name], dtype=spec.dtype)
+                 for name, spec in self.schema.tensor_specs("item").items()}
+        n = items[ITEM_ID].shape[0]
         user = {}
-        for name, spec in specs.items():
+        for name, spec in self.schema.tensor_specs("user").items():
             if name not in user_features:
                 raise ValueError(f"`user_features` lacks {name!r}")
             x = tf.convert_to_tensor(user_features[name], dtype=spec.dtype)
             user[name] = x[tf.newaxis] if x.shape.rank == spec.shape.rank - 1 else x
-        items = {name: tf.convert_to_tensor(item_features[name], dtype=spec.dtype)
-                 for name, spec in self.schema.tensor_specs("item").items()}
+            if user[name].shape[0] not in (1, n):
+                raise ValueError(f"`user_features` should hold one user (batch 1) or one row per candidate "
+                                 f"(batch {n}). Received: user_features[{name!r}] with batch {user[name].shape[0]} "
+                                 f"for {n} candidates")
         return tf.sigmoid(self.candidate_logits(user, items))
 
     def tensor_specs(self):

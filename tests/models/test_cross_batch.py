@@ -409,8 +409,14 @@ def test_config_round_trip():
     assert (clone.drift_correction, clone.item_gradient) == ("none", "all")
     mem = CrossBatchMemory(7, 3)
     assert CrossBatchMemory.from_config(mem.get_config()).memory_size == 7
-    with pytest.raises(ValueError, match="temperature"):
-        CrossBatchRetrieval(8, temperature=0)
+    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"`temperature` should be a finite number > 0. "
+                                             rf"Received: temperature={temperature}$"):
+            CrossBatchRetrieval(8, temperature=temperature)
+        q, ids = tf.ones((2, 3)), tf.constant([1, 2], tf.int64)
+        for fn in (sampled_softmax_loss, sampled_softmax_logits):
+            with pytest.raises(ValueError, match=rf"Received: temperature={temperature}$"):
+                fn(q, q, positive_ids=ids, candidate_ids=ids, temperature=temperature)
     with pytest.raises(ValueError, match="drift_correction='median'"):
         CrossBatchRetrieval(8, drift_correction="median")
     with pytest.raises(ValueError, match="item_gradient='bank'"):
@@ -564,3 +570,16 @@ def test_ccl_with_uniform_negatives_ignores_the_batch_and_the_bank():
     with pytest.raises(ValueError, match="ccl_negatives"):
         CrossBatchRetrieval(4, loss="ccl", ccl_negatives="batch")
     assert CrossBatchRetrieval.from_config(task.get_config()).get_config() == task.get_config()
+
+
+def test_an_embedding_dim_other_than_the_towers_is_named():
+    q = tf.ones((4, 8))
+    ids = tf.constant(["a", "b", "c", "d"])
+    for memory_size in (0, 32):
+        task = CrossBatchRetrieval(embedding_dim=16, memory_size=memory_size)
+        with pytest.raises(ValueError, match=r"`embedding_dim` should be the size of the towers' embeddings. "
+                                             r"Received: embedding_dim=16, query_embeddings of size 8"):
+            task(q, q, ids)
+    task = CrossBatchRetrieval(embedding_dim=8)
+    with pytest.raises(ValueError, match="embedding_dim=8, candidate_embeddings of size 5"):
+        task(q, tf.ones((4, 5)), ids)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from models.features import (HISTORY, ITEM_ID, OOV_TOKEN, USER_ID, Feature, Kind, Schema, normalize_value,
-                             numeric_stats, pad_values, padded_batch)
+from models.features import (HISTORY, ITEM_ID, OOV_TOKEN, USER_ID, Feature, Kind, Schema, checked_numeric_stats,
+                             feature_lists, normalize_value, numeric_stats, pad_values, padded_batch)
 
 
 def _schema(**kw):
@@ -95,3 +95,23 @@ def test_numeric_stats_standardize_numeric_features_only():
         numeric_stats(schema, {**columns, "price": [1.0, float("nan"), 2.0]})
     with pytest.raises(ValueError, match="lacks the numeric feature 'flag'"):
         numeric_stats(schema, {k: v for k, v in columns.items() if k != "flag"})
+
+
+def test_checked_numeric_stats_keeps_good_stats_and_names_bad_ones():
+    assert checked_numeric_stats(None) == {}
+    assert checked_numeric_stats({"price": (1, 0.5)}) == {"price": [1.0, 0.5]}
+    for stats in ([5.0, 0.0], [5.0, -1.0], [5.0, float("nan")], [5.0, float("inf")], [float("nan"), 1.0],
+                  [5.0]):
+        with pytest.raises(ValueError) as err:
+            checked_numeric_stats({"price": stats})
+        assert str(err.value) == ("`numeric_stats['price']` should be (mean, std) with a finite mean and a finite "
+                                  f"std > 0. Received: numeric_stats['price']={[float(x) for x in stats]}")
+
+
+def test_feature_lists_decodes_bytes_and_keeps_any_str():
+    from models.tf_compat import tf
+
+    columns = {"brand": np.array(["café", "東京"], object), "tags": tf.constant([["ü", ""], ["a", "b"]]),
+               "price": np.array([1.5, 2.0], np.float32), "ascii": np.array([b"x", b"y"])}
+    assert feature_lists(columns) == {"brand": ["café", "東京"], "tags": [["ü", ""], ["a", "b"]],
+                                      "price": [1.5, 2.0], "ascii": ["x", "y"]}

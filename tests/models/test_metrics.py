@@ -45,6 +45,19 @@ def test_recall_vs_exact_counts_ties_as_hits():
     assert recall_vs_exact(np.array([[0.9, -np.inf, -np.inf]]), exact, 3) == pytest.approx(1 / 3)
 
 
+def test_recall_vs_exact_judges_a_short_exact_top_k_on_its_finite_entries():
+    # Only 3 items were left for K=5: the exact top-5 ends in two -inf slots.
+    exact = np.array([[3.0, 2.0, 1.0, -np.inf, -np.inf]])
+    assert recall_vs_exact(exact, exact, 5) == 1.0
+    assert recall_vs_exact(np.array([[3.0, 1.0, -np.inf, -np.inf, -np.inf]]), exact, 5) == pytest.approx(2 / 3)
+    # Two users: 3 of 3 and 1 of 2 (its second exact score is 4) -> (1 + 1/2) / 2.
+    exact2 = np.array([[3.0, 2.0, 1.0, -np.inf], [5.0, 4.0, -np.inf, -np.inf]])
+    approx2 = np.array([[3.0, 2.0, 1.0, -np.inf], [5.0, -np.inf, -np.inf, -np.inf]])
+    assert recall_vs_exact(approx2, exact2, 4) == pytest.approx(0.75)
+    # Nothing left to find: the row counts 0 (divided by max(0, 1)).
+    assert recall_vs_exact(np.full((1, 2), -np.inf), np.full((1, 2), -np.inf), 2) == 0.0
+
+
 def test_errors():
     with pytest.raises(ValueError, match="k"):
         recall_ndcg_at_k([["a"]], [{"a"}], 0)

@@ -26,9 +26,13 @@ def test_loss_matches_numpy_reference():
     assert got == pytest.approx(ref, rel=1e-4)
 
 
-def test_loss_rejects_bad_temperature():
-    with pytest.raises(ValueError, match="temperature"):
-        ssl.contrastive_loss(tf.ones((2, 2)), tf.ones((2, 2)), 0.0)
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_loss_and_task_reject_a_temperature_that_is_not_finite_and_positive(temperature):
+    message = rf"`temperature` should be a finite number > 0. Received: temperature={temperature}$"
+    with pytest.raises(ValueError, match=message):
+        ssl.contrastive_loss(tf.ones((2, 2)), tf.ones((2, 2)), temperature)
+    with pytest.raises(ValueError, match=message):
+        ssl.ItemSelfSupervision([4, 4], masking="independent", temperature=temperature)
 
 
 def test_uniform_item_stream_is_uniform_chi_square():

@@ -117,6 +117,10 @@ def test_tower_errors_name_the_problem():
         Tower(SCHEMA, "item", {ITEM_ID: ["i1"]})
     with pytest.raises(ValueError, match="output_dim"):
         Tower(SCHEMA, "item", VOCABS, output_dim=0)
+    for std in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match=rf"`numeric_stats\['age'\]` should be .*finite std > 0. "
+                                             rf"Received: numeric_stats\['age'\]=\[40.0, {std}\]"):
+            Tower(SCHEMA, "user", VOCABS, numeric_stats={"age": [40.0, std]})
 
 
 def test_item_log_q_lookup_and_floor():
@@ -128,6 +132,29 @@ def test_item_log_q_lookup_and_floor():
     np.testing.assert_allclose(log_q_with_floor(np.array([0.0, 0.1]), 0.01), np.log([0.01, 0.1]))
     with pytest.raises(ValueError, match="same length"):
         ItemLogQ(["i1"], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"`probabilities` should be in \[0, 1\]. Received: probabilities\[1\]=nan "
+                                         r"\(1 of 2 values are not\)"):
+        ItemLogQ(["i1", "i2"], [0.5, float("nan")])
+    with pytest.raises(ValueError, match=r"Received: probabilities\[1\]=1.5 \(2 of 3 values are not\)"):
+        ItemLogQ(["i1", "i2", "i3"], [0.5, 1.5, -0.1])
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("temperature", float("nan"), "`temperature` should be a finite number > 0. Received: temperature=nan"),
+    ("temperature", float("inf"), "`temperature` should be a finite number > 0. Received: temperature=inf"),
+    ("temperature", 0.0, "`temperature` should be a finite number > 0. Received: temperature=0.0"),
+    ("ssl_weight", float("nan"), "`ssl_weight` should be a finite number >= 0. Received: ssl_weight=nan"),
+    ("ssl_weight", float("inf"), "`ssl_weight` should be a finite number >= 0. Received: ssl_weight=inf"),
+    ("ssl_weight", -0.5, "`ssl_weight` should be a finite number >= 0. Received: ssl_weight=-0.5"),
+    ("embedding_l2", float("nan"), "`embedding_l2` should be a finite number >= 0. Received: embedding_l2=nan"),
+    ("embedding_l2", float("inf"), "`embedding_l2` should be a finite number >= 0. Received: embedding_l2=inf"),
+    ("embedding_l2", -1e-3, "`embedding_l2` should be a finite number >= 0. Received: embedding_l2=-0.001"),
+    ("num_mixed_negatives", -3, "`num_mixed_negatives` should be >= 0. Received: num_mixed_negatives=-3"),
+])
+def test_two_tower_rejects_bad_hyper_parameters_by_name(name, value, message):
+    with pytest.raises(ValueError) as err:
+        TwoTowerModel(SCHEMA, VOCABS, embedding_dim=4, feature_dim=4, hidden_units=(8,), **{name: value})
+    assert str(err.value) == message
 
 
 def test_two_tower_loss_matches_hand_computed_softmax_and_one_step_fit():

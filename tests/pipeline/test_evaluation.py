@@ -48,3 +48,32 @@ def test_top_k_excluding_ranks_a_given_score_matrix():
     idx, top = top_k_excluding(scores.copy(), 2, [[1], []])
     assert idx.tolist() == [[3, 2], [0, 2]]
     np.testing.assert_allclose(top, [[0.7, 0.5], [3.0, 2.0]])
+
+
+def test_top_k_excluding_never_returns_an_excluded_item_when_k_exceeds_what_is_left():
+    from models.metrics import recall_ndcg_at_k, recall_vs_exact
+    from pipeline.evaluation import NO_ITEM, exact_top_k, ranked_ids, top_k_excluding
+
+    # Row 0: columns 1, 2, 3 excluded -> only column 0 is left for k=3.
+    # Row 1: column 0 excluded -> 3 left, ranked 3 (4.0), 2 (3.0), 1 (2.0).
+    scores = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 2.0, 3.0, 4.0]])
+    idx, top = top_k_excluding(scores, 3, [[1, 2, 3], [0]])
+    assert idx.tolist() == [[0, NO_ITEM, NO_ITEM], [3, 2, 1]]
+    np.testing.assert_array_equal(top, [[1.0, -np.inf, -np.inf], [4.0, 3.0, 2.0]])
+    assert ranked_ids(idx, ["a", "b", "c", "d"]) == [["a"], ["d", "c", "b"]]
+
+    # Through the evaluation, both users scoring item j as j + 1. User 0 has seen b, c, d: only a
+    # is ranked, so of its test items {d, a} the seen d is never a hit -> recall@3 1/2,
+    # precision 1/3, NDCG = (1/log2 2) / (1 + 1/log2 3) = 1 / 1.63093.
+    # User 1 ranks d, c, b: its test item c at rank 2 -> recall 1, precision 1/3, NDCG 1/log2 3 = 0.63093.
+    queries, items = np.array([[1, 0], [1, 0]], np.float32), np.array([[1, 0], [2, 0], [3, 0], [4, 0]], np.float32)
+    exact_idx, exact_scores = exact_top_k(queries, items, 5, [[1, 2, 3], [0]])
+    assert exact_idx.tolist() == [[0, NO_ITEM, NO_ITEM, NO_ITEM], [3, 2, 1, NO_ITEM]]  # k capped at the 4 items
+    ranked = ranked_ids(exact_idx, ["a", "b", "c", "d"])
+    assert ranked == [["a"], ["d", "c", "b"]]
+    m = recall_ndcg_at_k(ranked, [["d", "a"], ["c"]], 3)
+    assert m["recall"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["precision"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert m["ndcg"] == pytest.approx((1 / 1.63093 + 0.63093) / 2, abs=1e-5)
+    # The exact top-K agrees with itself, its empty slots included (1 and 3 entries to find).
+    assert recall_vs_exact(exact_scores, exact_scores, 4) == 1.0

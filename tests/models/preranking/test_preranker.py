@@ -54,6 +54,18 @@ def test_candidate_scores_equal_the_row_aligned_batch_and_config_round_trips():
         PreRanker(SCHEMA, VOCABS, (ITEM_ID,), (0,))
 
 
+@pytest.mark.parametrize("stats", [[5.0, 0.0], [5.0, -1.0], [5.0, float("nan")], [float("nan"), 1.0]])
+def test_preranker_and_search_reject_numeric_stats_that_would_give_nan_logits(stats):
+    from models.preranking.autofas import AutoFASSearch
+
+    message = (r"`numeric_stats\['price'\]` should be \(mean, std\) with a finite mean and a finite std > 0. "
+               rf"Received: numeric_stats\['price'\]=\[{stats[0]}, {stats[1]}\]")
+    with pytest.raises(ValueError, match=message):
+        PreRanker(SCHEMA, VOCABS, CHOSEN, (4,), numeric_stats={"price": stats})
+    with pytest.raises(ValueError, match=message):
+        AutoFASSearch(SCHEMA, VOCABS, numeric_stats={"price": stats})
+
+
 def test_export_takes_only_the_chosen_features_and_loads_in_a_fresh_process(tmp_path):
     model = _model()
     path = export_preranker(model, str(tmp_path / "preranker"))

@@ -102,3 +102,17 @@ def test_train_preranker_end_to_end_on_tiny_synthetic_data():
     with pytest.raises(ValueError, match=f"one logit per train row \\({len(train)}\\).*per validation row "
                                          f"\\({len(valid)}\\).*\\[{len(train)}, {len(valid) - 1}\\]"):
         train_preranker(schema, vocabs, train, valid, None, quick, teacher_outputs=(outputs[0], outputs[1][1:]))
+
+
+def test_candidate_features_without_an_item_feature_are_rejected_before_any_work():
+    schema, frame = _impressions()
+    config = PrerankerConfig(candidate_features=(USER_ID, HISTORY))
+
+    def teacher(batch):  # never called: the check comes before any work
+        raise AssertionError("the teacher was called")
+
+    item_names = [f.name for f in schema.item_features]
+    with pytest.raises(ValueError) as err:
+        train_preranker(schema, {}, frame, None, teacher, config)
+    assert str(err.value) == (f"`candidate_features` should hold at least one item feature of {item_names}. "
+                              f"Received: candidate_features=['user_id', 'history']")

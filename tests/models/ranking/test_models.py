@@ -44,6 +44,12 @@ def test_shapes_score_candidates_and_config_round_trip(model_type):
     np.testing.assert_allclose(scores, tf.sigmoid(model(_tensors(tiled))).numpy(), rtol=1e-5)
     batch1 = {k: np.asarray(v, object)[None] for k, v in user.items()}
     np.testing.assert_allclose(model.score_candidates(batch1, items).numpy(), scores, rtol=1e-6)
+    # Two users for three candidates: neither one user nor one row per candidate.
+    two = {k: np.asarray([v, v], object) for k, v in user.items()}
+    with pytest.raises(ValueError, match=r"`user_features` should hold one user \(batch 1\) or one row per "
+                                         r"candidate \(batch 3\). Received: user_features\['user_id'\] with "
+                                         r"batch 2 for 3 candidates"):
+        model.score_candidates(two, items)
 
     config = model.get_config()
     json.dumps(config)
@@ -157,6 +163,10 @@ def test_errors_name_the_problem():
         RankingConfig.from_dict({"embedding_size": 3})
     with pytest.raises(ValueError, match="price"):
         DNN(SCHEMA, VOCABS, CONFIG)({k: v for k, v in _tensors(_batch()).items() if k != "price"})
+    for stats in ([1.0, 0.0], [1.0, float("nan")], [float("nan"), 1.0], [1.0, float("inf")]):
+        with pytest.raises(ValueError, match=rf"`numeric_stats\['price'\]` should be .* Received: "
+                                             rf"numeric_stats\['price'\]=\[{stats[0]}, {stats[1]}\]"):
+            DNN(SCHEMA, VOCABS, CONFIG, numeric_stats={"price": stats})
     no_seq = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
                     item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),))
     with pytest.raises(ValueError, match="sequence"):
