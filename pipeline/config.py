@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from pipeline.data.splits import SplitConfig
-from pipeline.promotion import PromotionConfig
+from pipeline.promotion import GATE_STAGE_METRICS, PromotionConfig
 from pipeline.data.synthetic import SyntheticConfig
 from serving.index_config import IndexConfig
 
@@ -62,9 +62,8 @@ CUTOFF_METRICS = {
     "index": ("recall", "ndcg", "recall_vs_exact"),
     "baseline.popularity": ("recall", "ndcg"),
 }
-# Other metrics a run writes that can gate a promotion (higher is better), and the stage
-# metrics that cannot (lower is better).
-GATE_STAGE_METRICS = ("ranker.auc", "ranker.gauc", "preranker.auc", "preranker.gauc")
+# The stage metrics that cannot gate a promotion (lower is better); those that can are
+# `GATE_STAGE_METRICS`.
 LOWER_IS_BETTER = ("log_loss", "ece", "latency_ms_median", "latency_ms_p99", "expected_latency_ms", "parameters",
                    "num_features")
 

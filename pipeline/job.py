@@ -635,6 +635,13 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
         def wanted(stage: str) -> bool:
             return only_stage is None or only_stage == stage
 
+        def skipped(stage: str, current: bool) -> None:
+            """A stage that does not run: an ``--only-stage`` run stops before a later stage whose
+            record does not match this run's inputs (no gate or report from stale records)."""
+            if only_stage is not None and STAGES.index(stage) > STAGES.index(only_stage) and not current:
+                raise _NotRunYet(stage)
+            metrics["skipped_stages"].append(stage)
+
         def prior(stage: str) -> Dict[str, Any]:
             record = state.load(stage)
             if record is None:
@@ -657,17 +664,21 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
                 with timer("data"):
                     state.record("data", fp_data, stage_data(config, workdir))
             else:
-                metrics["skipped_stages"].append("data")
+                skipped("data", True)
             metrics["data"] = prior("data")["summary"]
+            has_labels = Schema.load(os.path.join(data_dir, layout.SCHEMA_FILE)).has_label
+            if config.promotion.metric.split(".", 1)[0] in ("ranker", "preranker") and not has_labels:
+                raise ConfigError(f"`promotion.metric` {config.promotion.metric!r} is written by a stage that "
+                                  "needs labels, and the data have none: gate on a retrieval metric")
 
             # statistics
             fp_stats = digest({"stats": config_to_dict(config.stats), "data": prior("data")["fingerprint"]})
-            if wanted("statistics") and not state.is_current("statistics", fp_stats,
-                                                             [os.path.join(stats_dir, "item_frequencies.csv")]):
+            stats_current = state.is_current("statistics", fp_stats, [os.path.join(stats_dir, "item_frequencies.csv")])
+            if wanted("statistics") and not stats_current:
                 with timer("statistics"):
                     state.record("statistics", fp_stats, stage_stats(config, workdir))
             else:
-                metrics["skipped_stages"].append("statistics")
+                skipped("statistics", stats_current)
             metrics["statistics"] = prior("statistics")["summary"]
 
             # retrieval training (checkpointed: a killed run resumes from the last epoch)
@@ -675,28 +686,29 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
                              "stats": prior("statistics")["fingerprint"]})
             ckpt = os.path.join(workdir, "checkpoints", "retrieval", fp_ret[:16])
             model = None
-            if wanted("retrieval") and not state.is_current("retrieval", fp_ret, [os.path.join(ckpt, "final")]):
+            ret_current = state.is_current("retrieval", fp_ret, [os.path.join(ckpt, "final")])
+            if wanted("retrieval") and not ret_current:
                 with timer("retrieval_training"):
                     model, summary = stage_train(config, workdir, checkpoint_dir=ckpt)
                     state.record("retrieval", fp_ret, {**summary, "checkpoint": ckpt})
             else:
-                metrics["skipped_stages"].append("retrieval")
+                skipped("retrieval", ret_current)
             metrics["retrieval_training"] = prior("retrieval")["summary"]
 
             # ranker (labelled data only); its weights and vocabularies go to a checkpoint
             ranker_model = None
-            has_labels = Schema.load(os.path.join(data_dir, layout.SCHEMA_FILE)).has_label
             ranker_on = config.ranker.enabled and has_labels
             fp_rank = digest({"ranker": config_to_dict(config.ranker), "data": prior("data")["fingerprint"]})
             rank_ckpt = os.path.join(workdir, "checkpoints", "ranker", fp_rank[:16])
             if ranker_on:
-                if wanted("ranker") and not state.is_current(
-                        "ranker", fp_rank, [os.path.join(rank_ckpt, ranker_stage.VOCABULARIES_FILE)]):
+                rank_current = state.is_current("ranker", fp_rank,
+                                                [os.path.join(rank_ckpt, ranker_stage.VOCABULARIES_FILE)])
+                if wanted("ranker") and not rank_current:
                     with timer("ranker"):
                         ranker_model, summary = ranker_stage.stage_ranker(config, workdir, rank_ckpt)
                         state.record("ranker", fp_rank, summary)
                 else:
-                    metrics["skipped_stages"].append("ranker")
+                    skipped("ranker", rank_current)
                 metrics["ranker"] = prior("ranker")["summary"]
                 metrics.update(ranker_stage.flat_metrics(metrics["ranker"]))
             else:
@@ -711,8 +723,9 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
                              "ranker": prior("ranker")["fingerprint"] if ranker_on else None})
             pre_ckpt = os.path.join(workdir, "checkpoints", "preranker", fp_pre[:16])
             if preranker_on:
-                if wanted("preranker") and not state.is_current(
-                        "preranker", fp_pre, [os.path.join(pre_ckpt, preranker_stage.MODEL_CONFIG_FILE)]):
+                pre_current = state.is_current("preranker", fp_pre,
+                                               [os.path.join(pre_ckpt, preranker_stage.MODEL_CONFIG_FILE)])
+                if wanted("preranker") and not pre_current:
                     with timer("preranker"):
                         if ranker_model is None:
                             ranker_model = ranker_stage.restore_ranker(config, workdir,
@@ -721,7 +734,7 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
                                                                                    pre_ckpt)
                         state.record("preranker", fp_pre, summary)
                 else:
-                    metrics["skipped_stages"].append("preranker")
+                    skipped("preranker", pre_current)
                 metrics["preranker"] = prior("preranker")["summary"]
                 metrics.update(preranker_stage.flat_metrics(metrics["preranker"]))
             else:
@@ -739,7 +752,16 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
             version = rec["summary"]["version"] if rec else None
             export_outputs = ([exports.version_path(workdir, m, version) for m in exported] if version
                               else ["/nonexistent"])
-            if wanted("export") and not state.is_current("export", fp_exp, export_outputs):
+            export_current = state.is_current("export", fp_exp, export_outputs)
+            # A version's index is built once: a new index (other settings, --from-stage/--only-stage
+            # index) goes into a new version, exported again, never over one that may be served.
+            fp_idx = digest({"index": config_to_dict(config.index), "export": fp_exp})
+            index_path = exports.version_path(workdir, exports.INDEX, version) if version else None
+            new_index_over_built = (index_path is not None and wanted("index") and os.path.exists(index_path)
+                                    and not state.is_current("index", fp_idx, [index_path]))
+            if new_index_over_built:
+                log.info("the index of version %d changes: exporting a new version for it", version)
+            if (wanted("export") or new_index_over_built) and (not export_current or new_index_over_built):
                 with timer("export"):
                     _cleanup_incomplete_exports(workdir)
                     if model is None:
@@ -759,33 +781,35 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
                         export_ranker_version(preranker_model, workdir, version, exports.PRERANKER)
                     state.record("export", fp_exp, {"version": version, "models": exported})
             else:
-                metrics["skipped_stages"].append("export")
+                skipped("export", export_current)
             version = prior("export")["summary"]["version"]
 
             # index
-            fp_idx = digest({"index": config_to_dict(config.index), "export": prior("export")["fingerprint"]})
-            if wanted("index") and not state.is_current("index", fp_idx,
-                                                        [exports.version_path(workdir, exports.INDEX, version)]):
+            index_current = state.is_current("index", fp_idx, [exports.version_path(workdir, exports.INDEX, version)])
+            if wanted("index") and not index_current:
                 with timer("index"):
                     state.record("index", fp_idx, stage_index(config, workdir, version))
             else:
-                metrics["skipped_stages"].append("index")
+                skipped("index", index_current)
             metrics["index_build"] = prior("index")["summary"]["params"]
 
-            # evaluation
-            fp_eval = digest({"evaluation": config_to_dict(config.evaluation), "index": prior("index")["fingerprint"]})
-            if wanted("evaluation") and not state.is_current("evaluation", fp_eval):
+            # evaluation (of this version: a new version with the same models is measured again)
+            fp_eval = digest({"evaluation": config_to_dict(config.evaluation), "index": prior("index")["fingerprint"],
+                              "version": version})
+            eval_current = state.is_current("evaluation", fp_eval)
+            if wanted("evaluation") and not eval_current:
                 with timer("evaluation"):
                     state.record("evaluation", fp_eval, evaluate_retrieval(workdir, version, config.evaluation))
             else:
-                metrics["skipped_stages"].append("evaluation")
+                skipped("evaluation", eval_current)
             metrics.update(prior("evaluation")["summary"])
 
             # promotion: only a version that passes the quality gate becomes the served one
             metrics["export_version"] = version
             metrics["promotion"] = promote_if_better(
                 workdir, version, metrics, config.promotion, data_fingerprint=prior("data")["fingerprint"],
-                reevaluate=lambda v: evaluate_retrieval(workdir, v, config.evaluation, with_index=False))
+                reevaluate=lambda v: evaluate_retrieval(workdir, v, config.evaluation,
+                                                        with_index=config.promotion.metric.startswith("index.")))
             metrics["stage_seconds"] = timer.seconds
             metrics["total_seconds"] = round(time.time() - started, 3)
             metrics["config"] = config_to_dict(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob as globlib
 import hashlib
 import json
 import os
@@ -69,10 +70,19 @@ def digest(value: Any) -> str:
 
 
 def content_hash(paths: Iterable[str]) -> str:
-    """sha256 over the relative names and bytes of files (directories walked, sorted)."""
+    """sha256 over the names and bytes of files (directories walked, glob patterns expanded; sorted)."""
     h = hashlib.sha256()
     files: List[str] = []
+    concrete: List[str] = []
     for p in paths:
+        if not os.path.exists(p) and globlib.has_magic(p):  # a pattern: the files it matches now
+            h.update(f"glob:{p}".encode())
+            for match in sorted(globlib.glob(p)):
+                h.update(f"match:{match}".encode())
+                concrete.append(match)
+        else:
+            concrete.append(p)
+    for p in concrete:
         if os.path.isdir(p):
             for root, dirs, names in os.walk(p):
                 dirs.sort()

@@ -17,6 +17,10 @@ import logging
 import shutil
 from typing import Any, Callable, Dict, Optional
 
+# Metrics of the ranking stages that can gate a promotion (higher is better), besides the
+# cut-off metrics ``<prefix>.<name>@K`` of the retrieval evaluation.
+GATE_STAGE_METRICS = ("ranker.auc", "ranker.gauc", "preranker.auc", "preranker.gauc")
+
 log = logging.getLogger("recfunnel")
 
 
@@ -91,6 +95,10 @@ def promote_if_better(workdir: str, version: int, metrics: Dict[str, Any], confi
             log.info("promoted version %d measured again on this run's data: %s=%.4f (recorded %s)",
                      int(record["version"]), config.metric, float(fresh[config.metric]),
                      record["metrics"].get(config.metric))
+        else:
+            log.warning("the data changed since version %d was promoted, and %s cannot be measured again on "
+                        "this run's data: max_regression compares it with the figure recorded on its own data",
+                        int(record["version"]), config.metric)
     decision = gate(metrics, current, config)
     decision["version"] = int(version)
     if record is not None:
@@ -98,7 +106,8 @@ def promote_if_better(workdir: str, version: int, metrics: Dict[str, Any], confi
         decision["promoted_measured_on"] = "this run's data" if remeasured else "its own run's data"
     rejected = exports.rejected_versions(workdir)
     if decision["promote"]:
-        gated = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "@" in k}
+        gated = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and ("@" in k or k in GATE_STAGE_METRICS or k == config.metric)}
         exports.write_promoted(workdir, version, gated, data_fingerprint)
         rejected.pop(int(version), None)
         log.info("promoted export version %d (%s)", version, decision["reason"])
@@ -110,9 +119,12 @@ def promote_if_better(workdir: str, version: int, metrics: Dict[str, Any], confi
         vs = exports.versions(workdir, model)
         keep |= set(vs[-config.keep_versions:])
     current = exports.promoted_version(workdir)
+    # The pre-ranker and ranker the promoted version serves with, when it has none of its own.
+    serves_with = {model: exports.stage_version(workdir, model, current) for model in exports.OPTIONAL_MODELS
+                   if current is not None}
     for model in exports.ARTIFACTS:
         for v in exports.versions(workdir, model):
-            if v not in keep and v != current:
+            if v not in keep and v != current and v != serves_with.get(model):
                 shutil.rmtree(exports.version_path(workdir, model, v), ignore_errors=True)
     on_disk = {v for model in exports.ARTIFACTS for v in exports.versions(workdir, model)}
     exports.write_rejected(workdir, {v: r for v, r in rejected.items() if v in on_disk})

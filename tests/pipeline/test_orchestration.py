@@ -169,3 +169,58 @@ def test_the_promoted_version_is_measured_again_when_the_data_changed(tmp_path):
     assert exports.promoted(w)["version"] == 3 and exports.promoted(w)["data_fingerprint"] == "data-b"
     # Without a way to measure again (or with the old exports gone) the recorded metrics are used.
     assert not promote_if_better(w, 2, {"retrieval.recall@10": 0.20}, cfg, "data-c")["promote"]
+
+
+def test_a_glob_source_changes_its_hash_when_a_matching_file_appears(tmp_path):
+    from pipeline.orchestration import content_hash
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "day1.csv").write_text("u,i,t\n1,a,1\n")
+    pattern = str(tmp_path / "logs" / "*.csv")
+    first = content_hash([pattern])
+    assert content_hash([pattern]) == first
+    (tmp_path / "logs" / "day2.csv").write_text("u,i,t\n2,b,2\n")
+    second = content_hash([pattern])
+    assert second != first
+    (tmp_path / "logs" / "day2.csv").write_text("u,i,t\n2,b,3\n")
+    assert content_hash([pattern]) != second
+    (tmp_path / "logs" / "notes.txt").write_text("not matched")
+    assert content_hash([pattern]) == content_hash([pattern])
+
+
+def test_a_ranker_metric_gate_compares_with_the_promoted_figure(tmp_path):
+    from pipeline.promotion import promote_if_better
+    from serving import exports
+
+    w = str(tmp_path)
+    for v in (1, 2):
+        for model in exports.REQUIRED_MODELS:
+            os.makedirs(exports.version_path(w, model, v))
+    cfg = PromotionConfig(metric="ranker.auc", max_regression=0.0)
+    assert promote_if_better(w, 1, {"ranker.auc": 0.59, "retrieval.recall@10": 0.3}, cfg)["promote"]
+    assert exports.promoted(w)["metrics"] == {"ranker.auc": 0.59, "retrieval.recall@10": 0.3}
+    worse = promote_if_better(w, 2, {"ranker.auc": 0.51, "retrieval.recall@10": 0.3}, cfg)
+    assert not worse["promote"] and worse["promoted_value"] == 0.59 and "worse than the promoted" in worse["reason"]
+
+
+def test_pruning_keeps_the_optional_models_the_promoted_version_serves_with(tmp_path):
+    from pipeline.promotion import promote_if_better
+    from serving import exports
+
+    w = str(tmp_path)
+
+    def export(v, preranker):
+        for model in exports.REQUIRED_MODELS + (exports.SERVING_DATA,) + (("preranker",) if preranker else ()):
+            os.makedirs(exports.version_path(w, model, v))
+
+    keep_one = PromotionConfig(keep_versions=1)
+    export(1, preranker=True)
+    assert promote_if_better(w, 1, {"retrieval.recall@10": 0.3}, keep_one)["promote"]
+    export(2, preranker=False)  # served with version 1's pre-ranker
+    assert promote_if_better(w, 2, {"retrieval.recall@10": 0.3}, keep_one)["promote"]
+    assert exports.stage_version(w, "preranker", 2) == 1
+    export(3, preranker=True)
+    assert not promote_if_better(w, 3, {"retrieval.recall@10": 0.1}, PromotionConfig(keep_versions=1,
+                                                                                         min_value=0.2))["promote"]
+    assert exports.versions(w, "preranker") == [1, 3] and exports.stage_version(w, "preranker", 2) == 1
+    assert exports.versions(w, "index") == [2, 3]

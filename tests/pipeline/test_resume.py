@@ -129,6 +129,45 @@ def test_a_first_version_turned_down_by_its_gate_is_not_served(tmp_path):
     assert asked.returncode == 0 and json.loads(asked.stdout)["version"] == 1
 
 
+def test_a_new_index_is_a_new_version_and_only_stage_stops_before_stale_stages(tmp_path):
+    w = str(tmp_path / "w")
+    first, _ = _finish(w)
+    v = first["version"]
+    # Other index settings: the built index of a version that may be served is never rewritten.
+    out, _ = _finish(w, ("--set", "index.target_recall=0.9"))
+    assert out["version"] == v + 1 and out["promoted"] and "retrieval" in out["skipped_stages"]
+    assert _versions(w, "index") == [str(v), str(v + 1)]
+    out, _ = _finish(w, ("--set", "index.target_recall=0.9", "--from-stage", "index"))
+    assert out["version"] == v + 2 and out["promoted"]
+    # An export alone leaves a version without an index: the run stops there, nothing is gated or served from it.
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--set", "index.target_recall=0.9",
+                     "--only-stage", "export")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["version"] is None and out["promoted"] is None and "stage 'index' has not run yet" in proc.stderr
+    with open(os.path.join(w, "export", "promoted.json")) as f:
+        assert json.load(f)["version"] == v + 2
+    q = recfunnel("query", "--workdir", w, "--user-id", "u1", "-k", "2")
+    assert q.returncode == 0 and json.loads(q.stdout)["version"] == v + 2
+    # The next run indexes, evaluates and gates that version (evaluation is per version, not reused).
+    out, _ = _finish(w, ("--set", "index.target_recall=0.9"))
+    assert out["version"] == v + 3 and out["promoted"] and "evaluation" not in out["skipped_stages"]
+
+
+def test_a_ranker_gate_on_data_without_labels_stops_after_the_data_stage(tmp_path):
+    path = tmp_path / "log.csv"
+    rows = [f"u{u},i{(u * 7 + j * 3) % 40},{1000 + j}" for u in range(60) for j in range(8)]
+    path.write_text("u,i,t\n" + "\n".join(rows) + "\n")
+    w = str(tmp_path / "w")
+    proc = recfunnel("run", "--workdir", w, "--set", "data.source=csv", "--set", f"data.path={path}",
+                     "--set", "data.tabular.columns={user_id: u, item_id: i, timestamp: t}",
+                     "--set", "promotion.metric=ranker.auc")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "`promotion.metric` 'ranker.auc' is written by a stage that needs labels, and the data have none" in (
+        proc.stderr)
+    assert not os.path.exists(os.path.join(w, "export"))
+
+
 def test_lock_blocks_a_second_run(tmp_path):
     from pipeline.orchestration import WorkdirLock
 
