@@ -60,16 +60,18 @@ class _RaisingParser(_BeamArgumentParser):
         raise ValueError(f"Invalid Beam pipeline option: {message}")
 
 
-class _NotGiven:
-    def __repr__(self):
-        return "<not given>"
-
-
-_NOT_GIVEN = _NotGiven()
-
-
 def _wants_dask(flags: Sequence[str]) -> bool:
-    return any("dask" in f.lower() for f in flags)
+    """A ``--dask_*`` flag, or a ``--runner`` naming a Dask runner (not any value mentioning dask)."""
+    flags = list(flags)
+    for i, flag in enumerate(flags):
+        name, eq, value = flag.partition("=")
+        if name.lower().startswith("--dask"):
+            return True
+        if name == "--runner" and not eq and i + 1 < len(flags):
+            value = flags[i + 1]
+        if name == "--runner" and "dask" in value.lower():
+            return True
+    return False
 
 
 def _parser(flags: Sequence[str]) -> argparse.ArgumentParser:
@@ -104,11 +106,15 @@ def _unknown_flags(unknown: Sequence[str]) -> List[str]:
 
 
 def _explicit_options(parser: argparse.ArgumentParser, flags: Sequence[str]) -> Dict[str, object]:
-    """``{dest: value}`` of the options the flags set (defaults left out)."""
+    """``{dest: value}`` of the options the flags set (defaults left out).
+
+    Every default becomes None (what repeatable flags such as ``--experiments`` start a
+    list from), so an option left at None was not given.
+    """
     dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}  # pylint: disable=protected-access
-    parser.set_defaults(**{d: _NOT_GIVEN for d in dests})
+    parser.set_defaults(**dict.fromkeys(dests))
     known, _ = parser.parse_known_args(list(flags))
-    return {k: v for k, v in vars(known).items() if v is not _NOT_GIVEN}
+    return {k: v for k, v in vars(known).items() if v is not None}
 
 
 def _flag_of_dest(parser: argparse.ArgumentParser, name: str) -> str:

@@ -95,7 +95,7 @@ from apache_beam.runners.direct.direct_runner import DirectRunner
 
 from beam_jobs.feature_mi import FeatureMutualInformation
 from beam_jobs.item_frequencies import ItemFrequencies, SumCountsFn
-from beam_jobs.options import resolve_runner, validate_pipeline_args
+from beam_jobs.options import resolve_runner, runner_family, validate_pipeline_args
 from beam_jobs.singletons import CombineToSingleton, JoinSingletons
 from beam_jobs.vocabularies import Vocabularies, table_vocabulary_features
 from models import data_layout
@@ -626,6 +626,32 @@ def build_statistics_pipeline(pipeline: beam.Pipeline, data_dir: str, write_dir:
 # -- publishing -----------------------------------------------------------------
 def _is_local(path: str) -> bool:
     return "://" not in path
+
+
+def stage_dataset(local_dir: str, target_dir: str) -> None:
+    """Copies a dataset materialized on this machine to `target_dir`, on any filesystem Beam
+    knows (e.g. ``gs://`` for Dataflow, whose workers cannot read this machine's disk)."""
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
+            source = os.path.join(root, name)
+            parts = os.path.relpath(source, local_dir).split(os.sep)
+            target = FileSystems.join(target_dir, *parts)
+            if _is_local(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(source, "rb") as fin, FileSystems.create(target, compression_type="uncompressed") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def staging_dir(pipeline_args: Sequence[str]) -> Optional[str]:
+    """Where the dataset must be copied for the workers of the runner `pipeline_args` name: a new
+    directory under Dataflow's ``--temp_location``; None for runners that read this machine's disk
+    (Direct, and Flink, Spark or Dask with workers here)."""
+    options = PipelineOptions(list(pipeline_args))
+    if runner_family(resolve_runner(options.view_as(StandardOptions).runner)) != "dataflow":
+        return None
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    return f"{options.view_as(GoogleCloudOptions).temp_location.rstrip('/')}/recfunnel-stats-{uuid.uuid4().hex}"
 
 
 def _remove(path: str) -> None:

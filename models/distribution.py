@@ -82,8 +82,10 @@ def parse_tf_config(text: Optional[str]) -> Dict[str, Any]:
         raise ValueError(f"TF_CONFIG should have cluster.worker (a list of host:port). Received: TF_CONFIG={text!r}")
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         raise ValueError(f"TF_CONFIG should have task.type and task.index. Received: TF_CONFIG={text!r}")
+    if isinstance(task["index"], bool) or not isinstance(task["index"], int):
+        raise ValueError(f"TF_CONFIG task.index should be an integer. Received: TF_CONFIG={text!r}")
     members = cluster.get(task["type"])
-    if not isinstance(members, list) or not 0 <= int(task["index"]) < len(members):
+    if not isinstance(members, list) or not 0 <= task["index"] < len(members):
         raise ValueError(f"TF_CONFIG task {task} is not in the cluster {cluster}. Received: TF_CONFIG={text!r}")
     return config
 

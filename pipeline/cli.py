@@ -311,7 +311,7 @@ def _stats(args, pipeline_args: List[str]) -> int:
         print(f"recfunnel: --max-rejected-fraction should be in [0, 1]. Received: {fraction}", file=sys.stderr)
         return EXIT_USAGE
     from beam_jobs.options import validate_pipeline_args
-    from beam_jobs.stats_job import check_output_dir, run_statistics
+    from beam_jobs.stats_job import check_output_dir, run_statistics, stage_dataset, staging_dir
     from pipeline.config import load_config
     from pipeline.data.materialize import materialize
     from pipeline.job import read_source
@@ -331,14 +331,28 @@ def _stats(args, pipeline_args: List[str]) -> int:
         print(f"recfunnel: {e}", file=sys.stderr)
         return EXIT_USAGE
     raw = read_source(config)
+    remote = staging_dir(beam_args)  # Dataflow's workers read the dataset from Cloud Storage
     with tempfile.TemporaryDirectory(prefix="recfunnel-stats-") as tmp:
         data_dir = os.path.join(tmp, "data")
         read = materialize(raw, data_dir, config.data.split, config.data.positives, config.data.history_mode)
-        # Too many rejected rows raise `TooManyRejectedRows`, a `DataError`: exit 3.
-        summary = run_statistics(data_dir, args.output, pipeline_args=beam_args,
-                                 min_count=config.stats.min_count, max_rejected_fraction=fraction,
-                                 positives=read["positives"], upstream_rejections=read["read"],
-                                 source=args.data_dir or raw.source, data_dir_is_temporary=True)
+        if remote is not None:
+            from apache_beam.io.filesystems import FileSystems
+
+            logging.getLogger("recfunnel").info("copying the dataset to %s for the workers", remote)
+            stage_dataset(data_dir, f"{remote}/data")
+            data_dir = f"{remote}/data"
+        try:
+            # Too many rejected rows raise `TooManyRejectedRows`, a `DataError`: exit 3.
+            summary = run_statistics(data_dir, args.output, pipeline_args=beam_args,
+                                     min_count=config.stats.min_count, max_rejected_fraction=fraction,
+                                     positives=read["positives"], upstream_rejections=read["read"],
+                                     source=args.data_dir or raw.source, data_dir_is_temporary=True)
+        finally:
+            if remote is not None:
+                try:  # the trailing slash: a directory (a prefix on Cloud Storage)
+                    FileSystems.delete([remote.rstrip("/") + "/"])
+                except Exception as e:  # noqa: BLE001  (never hide the job's own outcome)
+                    logging.getLogger("recfunnel").warning("could not delete the staged dataset %s: %s", remote, e)
     print(json.dumps(summary, indent=2, default=str))
     return EXIT_OK
 

@@ -610,9 +610,15 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
     for name, value in (("from_stage", from_stage), ("only_stage", only_stage)):
         if value is not None and value not in STAGES:
             raise ValueError(f"`{name}` should be one of {STAGES}. Received: {value!r}")
-    # A typo in the Beam flags fails now, not after the data stage.
+    # A typo in the Beam flags, or a multi-worker job without its cluster, fails now, not after the data stage.
     check_beam_flags(config, {"data_dir": os.path.join(workdir, DATA_DIR),
                               "output_dir": os.path.join(workdir, STATS_DIR)})
+    if config.retrieval.distribution == "multi_worker":
+        from models.distribution import TF_CONFIG, parse_tf_config
+        try:
+            parse_tf_config(os.environ.get(TF_CONFIG))
+        except ValueError as e:
+            raise ConfigError(f"`retrieval.distribution=multi_worker`: {e}", key="retrieval.distribution") from None
     if only_stage not in (None, STAGES[0]) and not os.path.isdir(workdir):
         raise ConfigError(f"--only-stage {only_stage} needs the earlier stages' outputs, and workdir {workdir} does "
                           f"not exist: run the job without --only-stage first")

@@ -46,9 +46,10 @@ def python_subprocess(code: str, timeout: int = 300):
                           cwd=REPO)
 
 
-def recfunnel(*args, timeout: int = 600):
-    """Runs the `recfunnel` CLI in a fresh process; returns CompletedProcess (text)."""
+def recfunnel(*args, timeout: int = 600, env=None):
+    """Runs the `recfunnel` CLI in a fresh process (`env`: its environment, default this one's);
+    returns CompletedProcess (text)."""
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, env=env)

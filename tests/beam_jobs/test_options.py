@@ -19,6 +19,9 @@ GCS_PATHS = {"data_dir": "gs://b/data", "output_dir": "gs://b/stats"}
     ["--runner=SparkRunner", "--spark_master_url=spark://localhost:7077"],
     [f"--runner={DASK_RUNNER}", "--dask_client_address=127.0.0.1:8786", "--dask_partition_size=1"],
     [f"--runner={DASK_RUNNER}", "--dask_scheduler_file=/tmp/scheduler.json"],
+    ["--experiments=beam_fn_api", "--experiments=use_runner_v2"],  # repeatable flags
+    ["--environment_options=docker_container_image=x", "--sdk_harness_container_image_overrides=a,b"],
+    ["--job_name=dask-vs-direct"],                    # a value that mentions dask: not the Dask runner
 ])
 def test_accepted_flags_parse_to_the_same_options_as_beam(flags):
     options = validate_pipeline_args(flags)
@@ -99,3 +102,11 @@ def test_run_statistics_validates_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="DataflowRunner needs --project"):
         run_statistics(str(tmp_path / "missing"), str(tmp_path / "out"), pipeline_args=["--runner=DataflowRunner"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_dask_flags_or_a_dask_runner_ask_for_dask():
+    from beam_jobs.options import _wants_dask
+
+    assert _wants_dask(["--dask_client_address=tcp://127.0.0.1:8786"])
+    assert _wants_dask(["--runner", DASK_RUNNER]) and _wants_dask([f"--runner={DASK_RUNNER}"])
+    assert not _wants_dask(["--job_name=dask-vs-direct", "--temp_location=gs://dask-team/tmp"])

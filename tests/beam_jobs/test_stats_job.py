@@ -300,6 +300,28 @@ def test_multi_processing_runner_gives_identical_outputs(in_memory_run, dataset,
     assert read_outputs(other) == read_outputs(out)
 
 
+def test_a_staged_copy_of_the_dataset_gives_the_same_statistics(in_memory_run, dataset, tmp_path):
+    from beam_jobs.stats_job import stage_dataset, staging_dir
+
+    out, _ = in_memory_run
+    staged = str(tmp_path / "bucket" / "recfunnel-stats-x" / "data")
+    stage_dataset(dataset, staged)
+    copied = sorted(os.path.relpath(os.path.join(r, n), staged) for r, _, names in os.walk(staged) for n in names)
+    assert copied == sorted(os.path.relpath(os.path.join(r, n), dataset) for r, _, names in os.walk(dataset)
+                            for n in names)
+    other = str(tmp_path / "out")
+    run_statistics(staged, other, max_rejected_fraction=0.3)
+    got, want = read_outputs(other), read_outputs(out)
+    got["dead_letter.jsonl"] = [line.replace(staged, dataset) for line in got["dead_letter.jsonl"]]
+    for summary in (got, want):
+        del summary["summary.json"]  # names its data_dir and times the run
+    assert got == want
+    # Only Dataflow's workers need a copy, under its --temp_location.
+    dataflow = ["--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/tmp"]
+    assert staging_dir(dataflow).startswith("gs://b/tmp/recfunnel-stats-")
+    assert staging_dir([]) is None and staging_dir(["--runner=FlinkRunner", "--flink_master=h:8081"]) is None
+
+
 def test_argument_and_layout_errors(tmp_path):
     with pytest.raises(ValueError, match="min_count"):
         run_statistics(str(tmp_path), str(tmp_path / "out"), min_count=0)

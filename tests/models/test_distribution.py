@@ -25,6 +25,9 @@ def test_parse_tf_config_accepts_a_worker_of_the_cluster():
     (json.dumps({"cluster": CLUSTER}), "task.type and task.index"),
     (_tf_config(index=2), "is not in the cluster"),
     (_tf_config(task_type="ps"), "is not in the cluster"),
+    (_tf_config(index=None), "task.index should be an integer"),
+    (_tf_config(index="x"), "task.index should be an integer"),
+    (_tf_config(index=1.9), "task.index should be an integer"),
 ])
 def test_parse_tf_config_names_the_problem(text, match):
     with pytest.raises(ValueError, match=match):

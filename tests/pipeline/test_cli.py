@@ -200,6 +200,10 @@ def test_bad_config_is_rejected_before_any_work(tmp_path):
     proc = recfunnel("run", "--workdir", w, "--set", 'stats.pipeline_args=["--temp_locaton=x"]')
     assert proc.returncode == 2 and "`stats.pipeline_args`" in proc.stderr and "--temp_locaton" in proc.stderr
     assert "did you mean --temp_location" in proc.stderr and not os.path.exists(w)
+    proc = recfunnel("run", "--workdir", w, "--set", "retrieval.distribution=multi_worker",
+                     env={**os.environ, "TF_CONFIG": ""})
+    assert proc.returncode == 2 and "`retrieval.distribution=multi_worker`: " in proc.stderr
+    assert "needs the TF_CONFIG environment variable" in proc.stderr and not os.path.exists(w)
     proc = recfunnel("config", "--set", "stats.pipeline_args=[--runner=Bogus]")
     assert proc.returncode == 2 and "Unknown Beam runner: --runner=Bogus" in proc.stderr
     (tmp_path / "afile").write_text("")
