@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from models.tf_compat import tf
-from serving.index_config import INDEX_KINDS, IndexConfig  # noqa: F401 (part of this module's API)
+from serving.index_config import INDEX_KINDS, MIN_SCANN_ITEMS, IndexConfig  # noqa: F401 (part of this module's API)
 
 MANIFEST_FILE = "manifest.json"
 SAVED_MODEL_DIR = "saved_model"
@@ -226,7 +226,9 @@ def tune_leaves_to_search(searcher, embeddings: np.ndarray, queries: np.ndarray,
     `models.metrics.recall_vs_exact`), so ties cannot flip it. When even all
     partitions miss the target, the fewest reaching their recall minus
     `unreachable_tolerance` (searching them all would cost more for no more than that).
-    Returns the chosen count and the (leaves, recall) curve measured up to it, ascending.
+    Returns ``(leaves, curve, report)``: the chosen count, the (leaves, recall) curve
+    measured up to it, ascending, and ``{"target_reached": bool}``; when false, also
+    ``ceiling`` (the recall searching every partition at `reorder`) and ``tuned_for``.
 
     Args:
       searcher: a built ScaNN searcher (TensorFlow ops).
@@ -246,12 +248,14 @@ def tune_leaves_to_search(searcher, embeddings: np.ndarray, queries: np.ndarray,
         return _recall_at(searcher, embeddings, queries, exact, k, n, reorder)
 
     leaves, measured = _fewest_leaves(recall_of, num_leaves, target_recall)
+    report: Dict[str, Any] = {"target_reached": leaves is not None}
     if leaves is None:  # out of reach: the fewest partitions within the tolerance of searching all
         ceiling = measured[num_leaves]
         leaves, measured = _fewest_leaves(recall_of, num_leaves, ceiling - unreachable_tolerance, measured=measured)
+        report.update(ceiling=round(float(ceiling), 4), tuned_for=round(float(ceiling - unreachable_tolerance), 4))
         log.warning("index tuning: recall@%d %.4f is out of reach (%.4f searching all %d partitions); searching %d "
                     "partitions for %.4f", k, target_recall, ceiling, num_leaves, leaves, measured[leaves])
-    return leaves, [(n, r) for n, r in sorted(measured.items()) if n <= leaves]
+    return leaves, [(n, r) for n, r in sorted(measured.items()) if n <= leaves], report
 
 
 def tune_search(searcher, embeddings: np.ndarray, queries: np.ndarray, num_leaves: int, target_recall: float,
@@ -341,7 +345,11 @@ def build_index(embeddings: np.ndarray, item_ids: Sequence[str], config: IndexCo
       config: the index settings.
       tuning_queries: ``[Q, D]`` sample queries; with ``leaves_to_search=0`` the
         number of searched partitions (and with ``reorder=0`` and `tune_reorder` the
-        re-scoring depth) is tuned on them to reach the target recall.
+        re-scoring depth) is tuned on them to reach the target recall; ``params["tuning"]``
+        then reports ``target_reached`` (when false, ``ceiling`` and ``tuned_for`` too).
+
+    A corpus of fewer than `MIN_SCANN_ITEMS` items gets a brute-force index whatever the
+    kind (logged, and said in ``params["brute_force_reason"]``).
     """
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
@@ -351,6 +359,8 @@ def build_index(embeddings: np.ndarray, item_ids: Sequence[str], config: IndexCo
     if not np.all(np.isfinite(embeddings)):
         raise ValueError("`embeddings` contain NaN or infinite values; the item tower diverged")
     params = config.resolved(embeddings.shape[0])
+    if "brute_force_reason" in params:
+        log.warning("index: %s", params["brute_force_reason"])
     if params["kind"] == "brute_force":
         return _BruteForceModule(embeddings, item_ids), params
     from scann import scann_ops
@@ -373,9 +383,10 @@ def build_index(embeddings: np.ndarray, item_ids: Sequence[str], config: IndexCo
             params["reorder"] = int(reorder)
             tuning.update(report)
         else:
-            leaves, curve = tune_leaves_to_search(searcher, embeddings, queries, params["num_leaves"],
-                                                  config.target_recall, reorder=params["reorder"])
+            leaves, curve, report = tune_leaves_to_search(searcher, embeddings, queries, params["num_leaves"],
+                                                          config.target_recall, reorder=params["reorder"])
             tuning["curve"] = [[int(a), round(float(b), 4)] for a, b in curve]
+            tuning.update(report)
         params["leaves_to_search"] = int(leaves)
         params["tuning"] = tuning
     return _ScannModule(searcher, item_ids, embeddings.shape[1], embeddings.shape[0],

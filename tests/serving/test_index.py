@@ -169,7 +169,9 @@ def test_tuning_picks_the_fastest_pair_reaching_the_target():
     # Searching partitions only (a fixed depth): the same rule.
     from serving.index import tune_leaves_to_search
 
-    leaves, curve = tune_leaves_to_search(searcher, db, q, 20, 1.0, reorder=20, unreachable_tolerance=0.02)
+    leaves, curve, report = tune_leaves_to_search(searcher, db, q, 20, 1.0, reorder=20, unreachable_tolerance=0.02)
+    assert report == {"target_reached": False, "ceiling": round(_recall_at(searcher, db, q, exact, 10, 20, 20), 4),
+                      "tuned_for": round(_recall_at(searcher, db, q, exact, 10, 20, 20) - 0.02, 4)}
     assert curve[-1] == (leaves, _recall_at(searcher, db, q, exact, 10, leaves, 20))
     assert curve[-1][1] >= ceiling - 0.02 and all(r < ceiling - 0.02 for n, r in curve[:-1] if n == leaves - 1)
     # When the usual depths miss, deeper re-scoring is tried (here up to all 5,000 items: exact).
@@ -213,3 +215,82 @@ def test_queries_whose_partitions_hold_fewer_than_k_points_search_more_of_them()
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, db[ids]), atol=1e-5)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
     np.testing.assert_array_equal(ids[full], raw_ids.numpy()[full])
+
+
+@pytest.mark.parametrize("num_items", [1, 5, 15])
+@pytest.mark.parametrize("config", [IndexConfig(kind="scann"), IndexConfig(kind="auto", brute_force_max_items=0)],
+                         ids=["scann", "auto"])
+def test_a_corpus_too_small_for_scann_is_searched_exactly(num_items, config, tmp_path, caplog):
+    """ScaNN's hashing trains 16 clusters per block and refuses fewer items: below that the
+    index is brute force, and the manifest says why."""
+    # Item j = [j, 1]: the query [1, 0] scores item j at j, the query [-1, 0] at -j.
+    db = np.stack([np.arange(num_items), np.ones(num_items)], axis=1).astype(np.float32)
+    q = np.array([[1.0, 0.0], [-1.0, 0.0]], np.float32)
+    with caplog.at_level("WARNING", logger="recfunnel.serving"):
+        module, params = build_index(db, [f"i{j}" for j in range(num_items)], config, tuning_queries=q)
+    assert params["kind"] == "brute_force"
+    assert f"at least 16 items, the corpus has {num_items}" in params["brute_force_reason"]
+    assert params["brute_force_reason"] in caplog.text
+    path = str(tmp_path / "index")
+    save_index(module, params, path, item_tower_version="1", embedding_dim=2, num_items=num_items)
+    index = load_index(path)
+    assert index.manifest["params"]["brute_force_reason"] == params["brute_force_reason"]
+    scores, ids = index.search(q, 10)
+    k = min(10, num_items)  # e.g. N=5: [4, 3, 2, 1, 0] and [0, -1, -2, -3, -4]
+    np.testing.assert_allclose(scores[0], np.arange(num_items - 1, num_items - 1 - k, -1), atol=1e-6)
+    np.testing.assert_allclose(scores[1], -np.arange(k), atol=1e-6)
+    assert ids[0].tolist() == [f"i{j}" for j in range(num_items - 1, num_items - 1 - k, -1)]
+    assert ids[1].tolist() == [f"i{j}" for j in range(k)]
+
+
+def test_sixteen_items_are_enough_for_scann():
+    db = _clustered(16, 8, 11)
+    q = _clustered(20, 8, 12)
+    module, params = build_index(db, [f"i{j}" for j in range(16)], IndexConfig(kind="scann"), tuning_queries=q)
+    assert params["kind"] == "scann" and "brute_force_reason" not in params
+    scores = module.search(q, 10)["scores"].numpy()
+    assert scores.shape == (20, 10) and np.all(np.isfinite(scores))
+
+
+def test_a_training_sample_smaller_than_the_partitions_is_rejected():
+    # 2,000 items: about sqrt(2000) = 44.7 -> 45 partitions; 10 points cannot seed 45 clusters.
+    with pytest.raises(ValueError, match=r"`index.training_sample_size` should be 0 \(all items\) or at least the 45 "
+                                         r"partitions.*Received: training_sample_size=10"):
+        IndexConfig(kind="scann", training_sample_size=10).resolved(2000)
+    with pytest.raises(ValueError, match=r"at least `index.num_leaves`=50. Received: training_sample_size=49"):
+        IndexConfig(num_leaves=50, training_sample_size=49)
+    # Too small a corpus for ScaNN: brute force, the sample is irrelevant.
+    assert IndexConfig(kind="scann", training_sample_size=1).resolved(15)["kind"] == "brute_force"
+    # Exactly one point per partition is enough.
+    db = _clustered(2000, 8, 13)
+    module, params = build_index(db, [f"i{j}" for j in range(2000)], IndexConfig(kind="scann", training_sample_size=45))
+    assert params["num_leaves"] == 45 and params["training_sample_size"] == 45
+    assert np.all(np.isfinite(module.search(db[:3], 10)["scores"].numpy()))
+
+
+def test_an_unreachable_target_at_a_fixed_depth_is_reported_in_the_manifest(tmp_path):
+    from scann import scann_ops
+
+    from serving.index import _recall_at, exact_top_k
+
+    db = _clustered(3000, 16, 5)
+    q = _clustered(200, 16, 6)
+    ids = [f"i{j}" for j in range(3000)]
+    # Re-scoring only 10 candidates: quantization errors cap recall@10 well below 1.
+    module, params = build_index(db, ids, IndexConfig(kind="scann", num_leaves=20, reorder=10, target_recall=1.0),
+                                 tuning_queries=q)
+    path = str(tmp_path / "index")
+    save_index(module, params, path, item_tower_version="1", embedding_dim=16, num_items=3000)
+    tuning = load_index(path).manifest["params"]["tuning"]
+    assert tuning["target_reached"] is False
+    assert isinstance(tuning["ceiling"], float) and tuning["ceiling"] < 1.0
+    # the ceiling is the recall of searching all 20 partitions at that depth
+    exact, _ = exact_top_k(q, db, 10)
+    searcher = scann_ops.searcher_from_module(module.state)
+    assert tuning["ceiling"] == round(_recall_at(searcher, db, q, exact, 10, 20, 10), 4)
+    assert tuning["tuned_for"] == pytest.approx(tuning["ceiling"] - 0.005, abs=1e-4)  # both rounded to 4 places
+    assert tuning["curve"][-1][1] >= tuning["tuned_for"]
+    # A reachable target at a fixed depth: reported as reached, no ceiling.
+    _, params = build_index(db, ids, IndexConfig(kind="scann", num_leaves=20, reorder=3000, target_recall=0.9),
+                            tuning_queries=q)
+    assert params["tuning"]["target_reached"] is True and "ceiling" not in params["tuning"]
