@@ -201,11 +201,9 @@ def _query(args) -> int:
     if not os.path.isdir(args.workdir):
         print(f"recfunnel: workdir not found: {args.workdir}", file=sys.stderr)
         return EXIT_USAGE
-    from serving.exports import BadRecordError
-
     try:  # nothing exported yet, no such version, every version turned down by its gate, or a damaged export
         rec = Recommender(args.workdir, args.version)
-    except (OSError, BadRecordError) as e:
+    except (OSError, ValueError) as e:  # BadRecordError, or parts of an export that do not belong together
         print(f"recfunnel: cannot load the export of {args.workdir}: {_describe_load_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -205,6 +205,10 @@ class DataConfig:
         if self.synthetic.history_length != self.history_length:
             object.__setattr__(self, "synthetic", dataclasses.replace(self.synthetic,
                                                                       history_length=self.history_length))
+        if self.tabular and self.source not in TABULAR_SOURCES:
+            raise ConfigError(f"`data.tabular` holds the options of the {' and '.join(TABULAR_SOURCES)} sources, and "
+                              f"`data.source` is {self.source!r}: set data.source or leave data.tabular empty. "
+                              f"Received: data.tabular={self.tabular}", key="data.tabular")
         if self.source in TABULAR_SOURCES:
             _check_tabular(self.source, self.tabular)
             if "format" not in self.tabular:

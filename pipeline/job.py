@@ -355,6 +355,18 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
             log.info("retrieval epoch %d/%d: loss %.4f (epoch mean)%s", epoch + 1, r.epochs,
                      logs.get("main_loss", logs.get("loss", float("nan"))), parts)
 
+    class _EpochLog(keras.callbacks.Callback):
+        """Appends each finished epoch's figures to a JSON-lines file, which outlives a killed run."""
+
+        def __init__(self, path: str):
+            super().__init__()
+            self.path = path
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"epoch": int(epoch), **{k: float(v) for k, v in (logs or {}).items() if k in _EPOCH_KEYS}}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     cbs = [_Progress(), *callbacks]
     if r.learning_rate_schedule != "constant":
         from models.learning_rate import EpochLearningRate
@@ -373,14 +385,19 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
                                      every_n_steps=r.drift_every_n_steps,
                                      log_dir=os.path.join(workdir, "logs", "feature_drift") if checkpoint_dir else None)
         cbs.append(drift)
+    epoch_log = os.path.join(checkpoint_dir, EPOCH_LOG) if checkpoint_dir else None
     if checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
         cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs", "retrieval"), write_graph=False,
                                                update_freq="epoch"))
+        cbs.append(_EpochLog(epoch_log))
         cbs.append(keras.callbacks.BackupAndRestore(os.path.join(checkpoint_dir, "backup")))
     start = time.time()
-    history = model.fit(train, epochs=r.epochs, verbose=0, callbacks=cbs)
+    history = model.fit(train, epochs=r.epochs, verbose=0, callbacks=cbs).history
+    if epoch_log is not None:  # every epoch, those before a resume included
+        history = _read_epoch_log(epoch_log, r.epochs, history)
     # The epoch means of the retrieval loss (Keras' "loss" is only the last step's).
-    losses = [float(x) for x in history.history.get("main_loss", history.history.get("loss", []))]
+    losses = [float(x) for x in history.get("main_loss", history.get("loss", []))]
     if losses and not np.isfinite(losses[-1]):
         raise FloatingPointError(f"retrieval training diverged: losses {losses}")
     if checkpoint_dir:
@@ -388,11 +405,29 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
     summary = {"loss": losses, "seconds": round(time.time() - start, 3),
                "replicas": int(model.distribute_strategy.num_replicas_in_sync)}
     for name in ("ssl_loss", "bank_share", "learning_rate"):
-        if name in history.history:
-            summary[name] = [float(x) for x in history.history[name]]
+        if name in history:
+            summary[name] = [float(x) for x in history[name]]
     if drift is not None:
         summary["feature_drift"] = {"every_n_steps": r.drift_every_n_steps, "rows": drift.history}
     return model, summary
+
+
+EPOCH_LOG = "epochs.jsonl"
+_EPOCH_KEYS = ("loss", "main_loss", "ssl_loss", "bank_share", "learning_rate")
+
+
+def _read_epoch_log(path: str, epochs: int, fallback: Dict[str, list]) -> Dict[str, list]:
+    """Per key, the figures of epochs 0..epochs-1 from `path` (the last line of an epoch counts: an
+    epoch run again after a resume); `fallback` (Keras' history) when the file lacks an epoch."""
+    rows: Dict[int, Dict[str, float]] = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            rows[int(row.pop("epoch"))] = row
+    if any(e not in rows for e in range(epochs)):
+        return fallback
+    keys = [k for k in _EPOCH_KEYS if all(k in rows[e] for e in range(epochs))]
+    return {k: [rows[e][k] for e in range(epochs)] for k in keys}
 
 
 def restore_retrieval_model(config: RunConfig, workdir: str, checkpoint_dir: str):

@@ -435,8 +435,9 @@ def resolve_files(path: str, fmt: str = "auto", what: str = "interaction log") -
         listing = sorted(os.listdir(path))
         hint = (f"; it holds {' and '.join(sorted(other))} files: set {key_hint} to read them"
                 if other else "")
+        expected = sorted(e for e, kind in _EXTENSIONS.items() if fmt == "auto" or kind == fmt)
         raise DataError(path, None, None, f"no {what} files in this directory: expected names ending in "
-                                          f"{', '.join(sorted(_EXTENSIONS))}"
+                                          f"{', '.join(expected)}"
                                           + (f" (format={fmt!r})" if fmt != "auto" else "")
                                           + f"; found {listing[:20]}{' ...' if len(listing) > 20 else ''}{hint}")
     kinds = {k for _, k in out}

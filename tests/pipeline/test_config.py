@@ -674,3 +674,9 @@ def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
     path.write_text("retrieval:\n  # epochs: 3\ndata:\n  source: synthetic\n  tabular:\n")
     assert load_config(str(path), []).retrieval.epochs == RetrievalConfig().epochs
     assert load_config(str(path), ["retrieval.epochs=3"]).retrieval.epochs == 3
+
+
+def test_tabular_options_with_another_source_are_an_error():
+    with pytest.raises(ConfigError, match=r"^--set data.tabular.bogus=1: `data.tabular` holds the options of the csv "
+                                          r"and parquet sources, and `data.source` is 'synthetic'"):
+        load_config(None, ["data.tabular.bogus=1"])

@@ -224,3 +224,16 @@ def test_pruning_keeps_the_optional_models_the_promoted_version_serves_with(tmp_
                                                                                          min_value=0.2))["promote"]
     assert exports.versions(w, "preranker") == [1, 3] and exports.stage_version(w, "preranker", 2) == 1
     assert exports.versions(w, "index") == [2, 3]
+
+
+def test_the_epoch_log_gives_every_epoch_the_last_figures_written(tmp_path):
+    from pipeline.job import _read_epoch_log
+
+    path = tmp_path / "epochs.jsonl"
+    # Epoch 1 ran twice (killed after logging it, before its backup), and only epoch 2 logged a rate.
+    path.write_text('{"epoch": 0, "loss": 9.0, "main_loss": 5.0}\n{"epoch": 1, "loss": 8.0, "main_loss": 4.0}\n'
+                    '{"epoch": 1, "loss": 7.5, "main_loss": 3.5}\n'
+                    '{"epoch": 2, "loss": 7.0, "main_loss": 3.0, "learning_rate": 0.1}\n')
+    fallback = {"main_loss": [3.0]}
+    assert _read_epoch_log(str(path), 3, fallback) == {"loss": [9.0, 7.5, 7.0], "main_loss": [5.0, 3.5, 3.0]}
+    assert _read_epoch_log(str(path), 4, fallback) is fallback  # an epoch missing: what Keras saw

@@ -819,7 +819,9 @@ def test_tabular_format_from_the_file_name_and_mismatches_name_the_key(tmp_path)
                                         r"format='csv'; set `format` \(`data.tabular.format` in a run config\) "
                                         r"to 'tsv'"):
         read_tabular(p, cols, format="csv")
-    with pytest.raises(DataError, match=r"holds tsv files: set `format` \(`data.tabular.format`"):
+    with pytest.raises(DataError, match=r"expected names ending in \.csv, \.csv\.bz2, \.csv\.gz, \.csv\.zst "
+                                        r"\(format='csv'\); found \['x.tsv'\]; it holds tsv files: set `format` "
+                                        r"\(`data.tabular.format`"):
         read_tabular(str(tmp_path), cols, format="csv")
 
 

@@ -69,8 +69,12 @@ def test_sigkill_then_rerun_completes(tmp_path, marker):
     with open(os.path.join(w, "export", "promoted.json")) as f:
         assert json.load(f)["version"] == out["version"]
     if "epoch 2/" in marker:
-        # BackupAndRestore resumed after the finished epoch(s) instead of starting over.
+        # BackupAndRestore resumed after the finished epoch(s) instead of starting over, and the report still
+        # has the loss of every epoch, those before the kill included.
         assert "retrieval epoch 1/4" not in log
+        with open(os.path.join(w, "reports", "latest", "metrics.json")) as f:
+            losses = json.load(f)["retrieval_training"]["loss"]
+        assert len(losses) == 4 and all(loss > 0 for loss in losses)
     q = recfunnel("query", "--workdir", w, "--user-id", "u1", "-k", "3")
     assert q.returncode == 0, q.stderr[-2000:]
 
