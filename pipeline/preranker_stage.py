@@ -79,12 +79,13 @@ def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple
         "operators": list(details["operators"]),
         "expected_latency_ms": details["expected_latency_ms"],
         "search": ranker_stage.json_safe(details), "parameters": int(model.count_params()),
-        "latency": ranker_stage.measure_latency(model, schema, frame),
+        # Timed for the candidates it scores when serving, as its latency model is.
+        "latency": ranker_stage.measure_latency(model, schema, frame, num_candidates=config.preranker.candidates),
         "checkpoint": checkpoint_dir, "seconds": round(time.time() - start, 3),
     }
     log.info("preranker: features %s, layers %s; test AUC %.4f; %s ms median for %d candidates",
              summary["features"], summary["hidden_units"], metrics["auc"], summary["latency"]["median_ms"],
-             ranker_stage.LATENCY_CANDIDATES)
+             config.preranker.candidates)
     return model, summary
 
 

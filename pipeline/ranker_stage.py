@@ -100,7 +100,8 @@ def _compiled_model(config, schema: Schema, vocabularies, numeric_stats=None):
     return model
 
 
-def measure_latency(model, schema: Schema, frame, calls: int = 50) -> Dict[str, float]:
+def measure_latency(model, schema: Schema, frame, calls: int = 50,
+                    num_candidates: int = LATENCY_CANDIDATES) -> Dict[str, float]:
     """Median/p99 milliseconds of scoring 1,000 candidates of one user as the serving
     cascade scores them: through the encoded-items function, the candidates' features
     encoded once in advance (`models.signatures`)."""
@@ -111,7 +112,7 @@ def measure_latency(model, schema: Schema, frame, calls: int = 50) -> Dict[str, 
     rng = np.random.default_rng(0)
     user_row = frame.iloc[[int(rng.integers(len(frame)))]]
     items = frame.drop_duplicates(ITEM_ID)
-    pick = rng.choice(len(items), size=LATENCY_CANDIDATES, replace=len(items) < LATENCY_CANDIDATES)
+    pick = rng.choice(len(items), size=num_candidates, replace=len(items) < num_candidates)
     user_specs, item_specs = model.tensor_specs()  # a pre-ranker takes only its selected features
     user = inputs_from_frame(schema, user_row, list(user_specs))
     candidates = inputs_from_frame(schema, items.iloc[pick], list(item_specs))
@@ -119,7 +120,7 @@ def measure_latency(model, schema: Schema, frame, calls: int = 50) -> Dict[str, 
     encoded = encode_items_function(model, item_specs)(**{k: tf.constant(v) for k, v in candidates.items()})
     fn = multi_user_scoring_function(model, user_specs, item_specs, items_encoded=True)
     args = several_user_arguments({k: tf.constant(v) for k, v in user.items()}, {k: encoded[k] for k in item_specs},
-                                  tf.zeros([LATENCY_CANDIDATES], tf.int32))
+                                  tf.zeros([num_candidates], tf.int32))
     for _ in range(5):
         fn(**args)["scores"].numpy()
     times = []
@@ -128,7 +129,7 @@ def measure_latency(model, schema: Schema, frame, calls: int = 50) -> Dict[str, 
         fn(**args)["scores"].numpy()
         times.append((time.perf_counter() - start) * 1000.0)
     return {"median_ms": round(float(np.median(times)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
-            "candidates": LATENCY_CANDIDATES, "items": "encoded in advance"}
+            "candidates": int(num_candidates), "items": "encoded in advance"}
 
 
 def stage_ranker(config, workdir: str, checkpoint_dir: str) -> Tuple[Any, Dict[str, Any]]:

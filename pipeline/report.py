@@ -97,9 +97,12 @@ def _plots(metrics: Dict[str, Any], stats_dir: Optional[str], out_dir: str) -> L
 
     pre = metrics.get("preranker") or {}
     if ranker.get("latency") and pre.get("latency") and (pre.get("metrics") or {}).get("auc") is not None:
-        points = [(ranker.get("model", "ranker") + " (teacher)", ranker["latency"]["median_ms"],
+        sizes = (ranker["latency"].get("candidates"), pre["latency"].get("candidates"))
+        # Each is timed for the candidates it scores when serving: say so when they differ.
+        named = ([f" ({n} candidates)" for n in sizes] if sizes[0] != sizes[1] else ["", ""])
+        points = [(ranker.get("model", "ranker") + " (teacher)" + named[0], ranker["latency"]["median_ms"],
                    (ranker.get("metrics") or {}).get("auc")),
-                  ("AutoFAS pre-ranker", pre["latency"]["median_ms"], pre["metrics"]["auc"])]
+                  ("AutoFAS pre-ranker" + named[1], pre["latency"]["median_ms"], pre["metrics"]["auc"])]
         keep_by_feature = (pre.get("search") or {}).get("keep_probabilities") or {}
         names = sorted(keep_by_feature, key=lambda n: -keep_by_feature[n])
         keep = [keep_by_feature[n] for n in names]
@@ -110,7 +113,8 @@ def _plots(metrics: Dict[str, Any], stats_dir: Optional[str], out_dir: str) -> L
                 ax.scatter([ms], [auc], s=40)
                 ax.annotate(label, (ms, auc), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel(f"measured median ms per {ranker['latency'].get('candidates', '')} candidates")
+        ax.set_xlabel(f"measured median ms per {sizes[0]} candidates" if sizes[0] == sizes[1]
+                      else "measured median ms per call")
         ax.set_ylabel("test AUC")
         ax.set_title("AutoFAS: quality vs latency")
         if axes.shape[1] == 2:

@@ -11,7 +11,7 @@ TINY = os.path.join(REPO, "pipeline", "configs", "tiny.yaml")
 
 
 OVERRIDES = ("preranker.enabled=true", "retrieval.ssl_weight=0.3", "preranker.search_epochs=2",
-             "preranker.retrain_epochs=2", "retrieval.learning_rate_schedule=cosine")
+             "preranker.retrain_epochs=2", "retrieval.learning_rate_schedule=cosine", "preranker.candidates=300")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,8 @@ def test_run_writes_the_public_contract(workdir):
     assert os.listdir(os.path.join(workdir, "export", "preranker")) == ["1"]
     assert metrics["preranker"]["features"] and 0.0 <= metrics["preranker.auc"] <= 1.0
     assert metrics["preranker.latency_ms_median"] > 0 and metrics["preranker.expected_latency_ms"] > 0
+    # each timed for the candidates it scores when serving, as the pre-ranker's latency model is
+    assert metrics["preranker"]["latency"]["candidates"] == 300 and metrics["ranker"]["latency"]["candidates"] == 1000
     page = open(os.path.join(workdir, "reports", "latest", "index.html")).read()
     assert 'src="preranker_tradeoff.png"' in page
     # the version's own copy of the tables it serves with; no version turned down
