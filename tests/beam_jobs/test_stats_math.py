@@ -164,6 +164,21 @@ def test_empty_string_and_missing_mean_empty_value_and_duplicates_count_once():
     assert a.marginals["g"] == {(1, EMPTY_VALUE): 3, (1, "y"): 1}
 
 
+def test_all_string_columns_map_the_empty_string_to_empty_value():
+    # Only str cells (no None): the single-valued fast path, which must agree with the general one.
+    strings = stats_math.mutual_information_counts({"f": ["", "x"], "g": ["y", ""]})
+    assert strings.marginals["f"] == {(1, EMPTY_VALUE): 1, (1, "x"): 1}
+    assert strings.marginals["g"] == {(1, EMPTY_VALUE): 1, (1, "y"): 1}
+    # Joint keys carry the feature values in feature order: (x, <empty>) and (<empty>, y).
+    assert strings.joints[("f", "g")] == {(1, "x", EMPTY_VALUE): 1, (1, EMPTY_VALUE, "y"): 1}
+    # A batch whose missing value is "" and one whose missing value is None count under the same key.
+    with_none = stats_math.mutual_information_counts({"f": [None, "x"], "g": ["y", None]})
+    assert with_none.marginals == strings.marginals and with_none.joints == strings.joints
+    merged = stats_math.merge_mutual_information_counts([strings, with_none])
+    assert merged.marginals["f"] == {(1, EMPTY_VALUE): 2, (1, "x"): 2}
+    assert merged.joints[("f", "g")] == {(1, "x", EMPTY_VALUE): 2, (1, EMPTY_VALUE, "y"): 2}
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_merging_batches_gives_bit_identical_statistics(seed):
     rng = np.random.default_rng(seed)

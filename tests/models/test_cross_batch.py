@@ -401,6 +401,48 @@ def test_one_step_fit_with_bank_hard_and_mixed_negatives():
         TwoTowerModel(schema, vocabs, corpus=corpus, num_mixed_negatives=3)
 
 
+def test_mixed_negatives_are_corrected_by_the_mixture_of_their_unigram_q():
+    # The model draws U uniform corpus items; every column (batch and uniform) is corrected by
+    # Q(i) = (B·q(i) + U/N) / (B + U) with q(i) from `item_log_q`, the uniform items' own q too.
+    from models.features import ITEM_ID, USER_ID, Feature, Kind, Schema, padded_batch
+    from models.logq import ItemLogQ
+    from models.two_tower import TwoTowerModel
+
+    keras.utils.set_random_seed(0)
+    schema = Schema(user_features=(Feature(USER_ID, Kind.CATEGORICAL, "user"),),
+                    item_features=(Feature(ITEM_ID, Kind.CATEGORICAL, "item"),))
+    items = [f"i{k}" for k in range(10)]
+    probs = np.arange(1, 11) / 55.0
+    corpus = padded_batch(schema, "item", [{ITEM_ID: i} for i in items])
+    model = TwoTowerModel(schema, {USER_ID: ["u0", "u1", "u2", "u3"], ITEM_ID: items},
+                          item_log_q=ItemLogQ(items, probs), embedding_dim=4, feature_dim=4, hidden_units=(6,),
+                          task=CrossBatchRetrieval(4, temperature=0.5), corpus=corpus, num_mixed_negatives=5)
+    positives = np.array([0, 3, 3, 8])
+    batch = {USER_ID: tf.constant(["u0", "u1", "u2", "u3"]), ITEM_ID: tf.constant([items[k] for k in positives])}
+    model._main_loss(batch, training=False)  # build (initializers draw random numbers)
+    tf.random.set_seed(11)
+    got = float(model._main_loss(batch, training=False))
+    tf.random.set_seed(11)
+    drawn = tf.random.uniform([5], 0, 10, dtype=tf.int32).numpy()  # the model's draw, replayed
+    q = model.query_tower({USER_ID: batch[USER_ID]}).numpy()
+    c = model.item_tower({ITEM_ID: batch[ITEM_ID]}).numpy()
+    u = model.item_tower({ITEM_ID: tf.constant([items[k] for k in drawn])}).numpy()
+    cand_items = np.concatenate([positives, drawn])
+    mixture = np.log((4 * probs[cand_items] + 5 / 10) / 9)
+
+    def loss(log_q):
+        logits = q @ np.concatenate([c, u]).T / 0.5 - log_q[None, :]
+        for i in range(4):  # accidental hits: other columns with row i's item
+            logits[i, (cand_items == positives[i]) & (np.arange(9) != i)] = -np.inf
+        return _np_loss(logits).sum()
+
+    assert got == pytest.approx(loss(mixture), rel=1e-5)
+    # Had the uniform items come with q = 1 (log q = 0), the loss would differ.
+    wrong = mixture.copy()
+    wrong[4:] = np.log((4 * 1.0 + 5 / 10) / 9)
+    assert abs(loss(wrong) - loss(mixture)) > 1e-2
+
+
 def test_config_round_trip():
     task = CrossBatchRetrieval(8, memory_size=16, warmup_steps=3, temperature=0.1, num_hard_negatives=4,
                                drift_correction="none", item_gradient="all")

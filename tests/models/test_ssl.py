@@ -83,6 +83,24 @@ def test_in_graph_cfm_masks_planted_group_together():
         assert sorted(np.flatnonzero(a)) in ([0, 1, 2], [3, 4, 5])
 
 
+def test_in_graph_cfm_puts_the_seed_in_its_group_even_when_its_own_mi_is_not_the_largest():
+    # Zero diagonal: the seed's own score is below its partners' and the other block's, so
+    # only the forced seed keeps the group whole. Seed 0: partners 1, 2 (MI 1) + seed = [0, 1, 2];
+    # ranked by MI alone it would be [1, 2, 3] (0.01 beats the diagonal's 0).
+    mi = np.full((6, 6), 0.01)
+    mi[:3, :3] = 1.0
+    mi[3:, 3:] = 1.0
+    np.fill_diagonal(mi, 0.0)
+    groups = set()
+    for _ in range(50):
+        a, b = (x.numpy() for x in ssl.draw_masks("correlated", 6, mi))
+        assert not np.any(a & b) and np.all(a | b)
+        group = sorted(np.flatnonzero(a).tolist())
+        assert group in ([0, 1, 2], [3, 4, 5])
+        groups.add(tuple(group))
+    assert len(groups) == 2  # seeds from both blocks were drawn
+
+
 def test_independent_and_no_masking():
     pairs = [tuple(x.numpy() for x in ssl.draw_masks("independent", 6)) for _ in range(50)]
     assert any(np.any(a & b) for a, b in pairs)  # not complementary
@@ -236,6 +254,50 @@ def test_total_loss_is_main_plus_weighted_ssl_and_uses_the_ssl_stream():
     streamed = dict(batch, **{ssl.SSL_PREFIX + k: v for k, v in other.items()})
     expected = main + 0.25 * float(model.ssl(model.item_tower, other, training=False))
     assert float(model.compute_loss(streamed, training=False)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ssl_stream_with_a_repeated_item_does_not_use_its_copy_as_a_negative():
+    model, batch = _tiny_two_tower(masking="none", ssl_weight=0.25)
+    main = float(model._main_loss(batch, training=False))
+    # "i9" twice: drawn with replacement, the stream repeats items.
+    other = {"item_id": tf.constant(["i9", "i9", "i10"]), "category": tf.constant(["c2", "c2", "c0"]),
+             "tags": tf.constant([["t0", "", ""], ["t0", "", ""], ["t1", "t2", ""]])}
+    streamed = dict(batch, **{ssl.SSL_PREFIX + k: v for k, v in other.items()})
+    total = float(model.compute_loss(streamed, training=False))
+    z = model.item_tower(other)  # no masking, no dropout: both views are the tower's output
+    with_ids = 3 * float(ssl.contrastive_loss(z, z, 0.5, ids=other["item_id"]))  # Σ over the 3 pairs
+    without_ids = 3 * float(ssl.contrastive_loss(z, z, 0.5))
+    assert total == pytest.approx(main + 0.25 * with_ids, rel=1e-5)
+    assert with_ids < without_ids - 0.1  # the copy, as a negative, would tie with the positive
+
+
+def test_value_dropout_drops_tags_in_each_view_by_brute_force():
+    # No masking, value dropout 0.9: each view's row i is the tower's output on row i with a
+    # non-empty subset of its tags kept, and under a fixed seed some views lose tags.
+    from itertools import combinations
+
+    model, batch = _tiny_two_tower(masking="none", value_dropout=0.9)
+    items = {k: batch[k] for k in ("item_id", "category", "tags")}
+    z = model.item_tower(items).numpy()
+    tags = [[t for t in row if t] for row in batch["tags"].numpy().astype(str).tolist()]
+    tf.random.set_seed(5)
+    views = [v.numpy() for v in model.ssl.views(model.item_tower, items, training=True)]
+    proper = 0
+    for i, row in enumerate(tags):
+        subsets = [list(c) for k in range(1, len(row) + 1) for c in combinations(row, k)]
+        variants = {"item_id": tf.repeat(items["item_id"][i:i + 1], len(subsets)),
+                    "category": tf.repeat(items["category"][i:i + 1], len(subsets)),
+                    "tags": tf.constant([s + [""] * (3 - len(s)) for s in subsets])}
+        outputs = model.item_tower(variants).numpy()
+        for view in views:
+            match = [k for k in range(len(subsets)) if np.allclose(view[i], outputs[k], atol=1e-5)]
+            assert match, (i, view[i])
+            proper += len(subsets[match[0]]) < len(row)
+    assert proper >= 2  # rows with 2 and 3 tags keep all of them with probability 0.01 and 0.001
+    assert not np.allclose(views[0], z, atol=1e-5) or not np.allclose(views[1], z, atol=1e-5)
+    # Without training (or at rate 0) both views are the tower's output.
+    for view in model.ssl.views(model.item_tower, items, training=False):
+        np.testing.assert_allclose(view.numpy(), z, rtol=1e-5, atol=1e-6)
 
 
 def test_fit_logs_both_loss_components():

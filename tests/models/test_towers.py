@@ -112,6 +112,22 @@ def test_tower_shapes_normalization_and_config_round_trip():
     assert clone({k: tf.constant(v) for k, v in _users().items()}).shape == (2, 5)
 
 
+def test_numeric_stats_standardize_as_x_minus_mean_over_std():
+    # Stats [40, 10] on ages x give the tower stats [0, 1] gives on (x - 40) / 10, same weights.
+    users = {k: tf.constant(v) for k, v in _users().items()}
+    keras.utils.set_random_seed(0)
+    scaled = Tower(SCHEMA, "user", VOCABS, feature_dim=4, hidden_units=(8,), output_dim=5,
+                   numeric_stats={"age": [40.0, 10.0]})
+    plain = Tower(SCHEMA, "user", VOCABS, feature_dim=4, hidden_units=(8,), output_dim=5)
+    got = scaled(users).numpy()
+    plain(users)
+    plain.set_weights(scaled.get_weights())
+    standardized = dict(users, age=(users["age"] - 40.0) / 10.0)  # ages 30, 50 → -1, 1
+    np.testing.assert_allclose(got, plain(standardized).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scaled.embed_features(users).numpy()[:, 4], [-1.0, 1.0], rtol=1e-6)
+    assert not np.allclose(got, plain(users).numpy(), atol=1e-3)  # the output depends on the age
+
+
 def test_tower_errors_name_the_problem():
     with pytest.raises(ValueError, match="no vocabulary for feature 'tags'"):
         Tower(SCHEMA, "item", {ITEM_ID: ["i1"]})

@@ -3,16 +3,32 @@
 import numpy as np
 import pytest
 
+from pipeline import evaluation
 from pipeline.evaluation import exact_top_k
 
 
-@pytest.mark.parametrize("max_block_elements", [1, 50, 2 ** 24])
-def test_exact_top_k_matches_a_full_sort_with_exclusions(max_block_elements):
+# 37 users × 53 items: a block holds max(1, min(1024, max_block_elements // 53)) users.
+@pytest.mark.parametrize("max_block_elements,block_rows", [
+    (1, [1] * 37),                 # fewer elements than one row: still one user per block
+    (50, [1] * 37),
+    (53 * 5 + 52, [5] * 7 + [2]),  # 317 // 53 = 5 users per block
+    (2 ** 24, [37]),               # the 1024-row cap, more than the 37 users
+])
+def test_exact_top_k_matches_a_full_sort_with_exclusions(max_block_elements, block_rows, monkeypatch):
     rng = np.random.default_rng(0)
     queries = rng.normal(size=(37, 8)).astype(np.float32)
     items = rng.normal(size=(53, 8)).astype(np.float32)
     exclude = [rng.choice(53, size=int(rng.integers(0, 6)), replace=False).tolist() for _ in range(37)]
+    seen_shapes, real_top_k = [], evaluation.top_k_excluding
+
+    def spy(scores, k, block_exclude):
+        seen_shapes.append(scores.shape)
+        return real_top_k(scores, k, block_exclude)
+
+    monkeypatch.setattr(evaluation, "top_k_excluding", spy)
     idx, scores = exact_top_k(queries, items, 7, exclude, max_block_elements=max_block_elements)
+    # Memory stays bounded: each scored block is [rows, 53] with the rows the bound allows.
+    assert seen_shapes == [(rows, 53) for rows in block_rows]
     full = queries @ items.T
     for u, ex in enumerate(exclude):
         allowed = np.setdiff1d(np.arange(53), ex)

@@ -8,7 +8,8 @@ from tiny_schema import SCHEMA, VOCABS
 from models.features import HISTORY, ITEM_ID, USER_ID
 from models.preranking.autofas import (AutoFASSearch, FeatureMask, MixOp, derive_architecture, derive_from_model,
                                        straight_through_bernoulli)
-from models.preranking.latency import IDENTITY
+from models.preranking.latency import (IDENTITY, expected_architecture_latency, expected_feature_latency,
+                                       expected_input_width)
 from models.preranking.preranker import PreRanker
 from models.preranking.training import AutoFASSearchTrainer, PrerankerConfig
 from models.tf_compat import keras, tf
@@ -97,6 +98,26 @@ def test_gradients_reach_theta_and_alpha():
     assert all(g is not None for g in g_weights[:3])
 
 
+def _loss1_theta_gradients(model, b, labels, seed, latency_weight):
+    """∂Loss1/∂θ (mask objective "labels") from the latency formulas, and the same without T_arch."""
+    assert model.feature_widths == [4, 4, 4, 4, 4, 4, 1]
+    costs = [0.1 * (i + 1) for i in range(len(FEATURES))]
+    grads = []
+    for with_architecture in (True, False):
+        with tf.GradientTape() as tape:
+            logits = model(b, seed=seed, training=True)
+            bce = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+            theta = tf.clip_by_value(model.mask.theta, 0.0, 1.0)
+            latency = expected_feature_latency(theta, costs)
+            if with_architecture:
+                alphas = [tf.stop_gradient(tf.nn.softmax(m.alpha)) for m in model.mixops]
+                width = expected_input_width(theta, [4, 4, 4, 4, 4, 4, 1])
+                latency += expected_architecture_latency(alphas, (IDENTITY, 4, 8), width, table())
+            loss1 = bce + latency_weight * latency
+        grads.append(tape.gradient(loss1, model.mask.theta).numpy())
+    return grads
+
+
 def test_gradient_block_loss1_moves_only_masks_and_loss2_only_architecture_and_weights():
     model = _search()
     lr = 0.01
@@ -114,11 +135,56 @@ def test_gradient_block_loss1_moves_only_masks_and_loss2_only_architecture_and_w
     d2_theta, *d2_alpha = tape.gradient(out["loss2"], variables)
     # Without the block both losses would move both groups.
     assert np.abs(d2_theta.numpy()).sum() > 0 and all(np.abs(g.numpy()).sum() > 0 for g in d1_alpha)
+    # ∂Loss1/∂θ built here from its parts: BCE + λ·(Σ θ_i L_i + T_arch(stop_gradient(softmax α), Σ θ_i d_i)),
+    # L_i = 0.1·(i + 1) (`table`), d_i = 4 per embedded feature and 1 for the price.
+    expected_d1_theta, without_architecture = _loss1_theta_gradients(model, b, labels, seed, latency_weight=0.2)
+    np.testing.assert_allclose(d1_theta.numpy(), expected_d1_theta, rtol=1e-5, atol=1e-7)
+    # The architecture's latency reaches θ through the input width: leaving it out is visibly different.
+    assert np.abs(expected_d1_theta - without_architecture).min() > 1e-3
     before = [v.numpy().copy() for v in variables]
     trainer.train_step(b, labels, teacher, seed)
-    np.testing.assert_allclose(model.mask.theta.numpy() - before[0], -lr * d1_theta.numpy(), atol=1e-6)
+    np.testing.assert_allclose(model.mask.theta.numpy() - before[0], -lr * expected_d1_theta, atol=1e-6)
     for v, b0, g in zip(model.architecture_variables, before[1:], d2_alpha):
         np.testing.assert_allclose(v.numpy() - b0, -lr * g.numpy(), atol=1e-6)
+
+
+def test_a_step_clips_theta_back_into_the_unit_interval():
+    model = _search()
+    # θ near 0 and a latency term 250× the default: one SGD step of lr 1 would take θ far below 0.
+    trainer = AutoFASSearchTrainer(model, table(), PrerankerConfig(latency_weight=5.0),
+                                   optimizers=(keras.optimizers.SGD(1.0), keras.optimizers.SGD(0.01),
+                                               keras.optimizers.SGD(0.01)))
+    model.mask.theta.assign(np.linspace(0.01, 0.07, len(FEATURES)))
+    b, seed = _tensors(batch()), [5, 9]
+    labels, teacher = tf.constant([1.0, 0.0, 0.0, 1.0]), tf.constant([2.0, -1.0, 0.5, 1.0])
+    _, g_mask, _, _ = trainer.gradients(b, labels, teacher, tf.constant(seed))
+    unclipped = model.mask.theta.numpy() - g_mask[0].numpy()
+    assert np.all(unclipped < 0)
+    trainer.train_step(b, labels, teacher, seed)
+    np.testing.assert_array_equal(model.mask.theta.numpy(), np.zeros(len(FEATURES)))
+
+
+def test_warmup_epochs_train_only_the_weights():
+    model = _search()
+    config = PrerankerConfig(batch_size=4, latency_weight=0.2)
+    trainer = AutoFASSearchTrainer(model, table(), config)
+    initial = [v.numpy().copy() for v in model.mask_variables + model.architecture_variables]
+    weights = [v.numpy().copy() for v in model.weight_variables]
+    after_epoch = []
+
+    def on_epoch(epoch, record):
+        after_epoch.append(([v.numpy().copy() for v in model.mask_variables + model.architecture_variables],
+                            [v.numpy().copy() for v in model.weight_variables]))
+
+    trainer.fit(batch(), [1.0, 0.0, 0.0, 1.0], [2.0, -1.0, 0.5, 1.0], epochs=2, warmup_epochs=1, on_epoch=on_epoch)
+    (search_1, weights_1), (search_2, _) = after_epoch
+    # Warm-up epoch (one batch of 4): θ and every α exactly as initialized, the weights moved.
+    for got, want in zip(search_1, initial):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(got, want) for got, want in zip(weights_1, weights))
+    # The search epoch after it moves θ and every α.
+    for got, want in zip(search_2, initial):
+        assert not np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("objective", ["labels", "distillation"])

@@ -66,6 +66,21 @@ def test_preranker_and_search_reject_numeric_stats_that_would_give_nan_logits(st
         AutoFASSearch(SCHEMA, VOCABS, numeric_stats={"price": stats})
 
 
+def test_numeric_stats_standardize_as_x_minus_mean_over_std():
+    # Stats [1, 0.5] on prices x give the logits stats [0, 1] give on (x - 1) / 0.5, same weights.
+    model = _model()
+    plain = PreRanker(SCHEMA, VOCABS, CHOSEN, (6, 3), embedding_dim=4)
+    b = {k: tf.constant(v) for k, v in batch().items()}
+    plain(b)
+    plain.set_weights(model.get_weights())
+    got = model(b).numpy()
+    standardized = dict(b, price=(b["price"] - 1.0) / 0.5)  # prices 1, 2, 0.5, 1.5 → 0, 2, -1, 1
+    np.testing.assert_allclose(got, plain(standardized).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.embedding.encode_one("price", b["price"]).numpy(), [0.0, 2.0, -1.0, 1.0],
+                               atol=1e-6)
+    assert not np.allclose(got, plain(b).numpy(), atol=1e-4)  # the logits depend on the price
+
+
 def test_export_takes_only_the_chosen_features_and_loads_in_a_fresh_process(tmp_path):
     model = _model()
     path = export_preranker(model, str(tmp_path / "preranker"))

@@ -73,6 +73,21 @@ def test_calibrated_predictions_have_ratio_near_one(seed):
     assert 0.5 < m["auc"] < 1 and m["gauc_users"] == 50
 
 
+def test_ctr_metrics_by_hand():
+    # Users a (clicks 1 0, p .85 .45) and b (clicks 1 0 0, p .25 .65 .15).
+    # AUC: .85 beats all 3 non-clicks, .25 beats only .15 -> 4/6.  GAUC: a 1.0 (2 rows), b 1/2 (3 rows) -> 3.5/5.
+    # log loss = -(log .85 + log .55 + log .25 + log .35 + log .85) / 5.
+    # Ratio: predicted CTR 2.35/5 = .47, observed 2/5 = .4 -> 1.175.
+    # ECE over 10 bins, one row each: (|.85-1| + .45 + |.25-1| + .65 + .15) / 5 = 2.15 / 5 = .43.
+    users, y, p = ["a", "a", "b", "b", "b"], [1, 0, 1, 0, 0], [0.85, 0.45, 0.25, 0.65, 0.15]
+    m = ctr_metrics(users, y, p)
+    assert m == pytest.approx({"auc": 4 / 6, "gauc": 0.7, "gauc_users": 2,
+                               "log_loss": -np.log([0.85, 0.55, 0.25, 0.35, 0.85]).mean(),
+                               "calibration_ratio": 1.175, "ece": 0.43})
+    cal = calibration(y, p)
+    assert (m["log_loss"], m["calibration_ratio"], m["ece"]) == (log_loss(y, p), cal["ratio"], cal["ece"])
+
+
 def test_metric_errors_name_the_argument():
     with pytest.raises(ValueError, match="both classes"):
         auc([1, 1], [0.1, 0.2])

@@ -144,6 +144,22 @@ def test_vocabularies_and_inputs_from_frame():
     assert DNN(SCHEMA, vocabs, CONFIG)({k: tf.constant(v) for k, v in inputs.items()}).shape == (3,)
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_numeric_stats_standardize_as_x_minus_mean_over_std(model_type):
+    # Stats [1, 0.5] on prices x give the logits stats [0, 1] give on (x - 1) / 0.5, same weights.
+    keras.utils.set_random_seed(0)
+    scaled = build_ranker(model_type, SCHEMA, VOCABS, CONFIG, numeric_stats={"price": [1.0, 0.5]})
+    plain = build_ranker(model_type, SCHEMA, VOCABS, CONFIG)
+    batch = _tensors(_batch())
+    got = scaled(batch).numpy()
+    plain(batch)
+    plain.set_weights(scaled.get_weights())
+    standardized = dict(batch, price=(batch["price"] - 1.0) / 0.5)  # prices 1, 2, 0.5 → 0, 2, -1
+    np.testing.assert_allclose(got, plain(standardized).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scaled.lookup(batch)["price"].numpy(), [0.0, 2.0, -1.0], atol=1e-6)
+    assert not np.allclose(got, plain(batch).numpy(), atol=1e-4)  # the logits depend on the price
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="lacks"):
         DNN(SCHEMA, {USER_ID: ["u1"]}, CONFIG)
