@@ -844,11 +844,12 @@ class _Loader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
+            if not isinstance(key, typing.Hashable):
+                continue  # the base constructor rejects it
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
-            if isinstance(key, typing.Hashable):
-                seen[key] = key_node.start_mark.line
+            seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -882,7 +883,8 @@ def parse_override(text: str) -> Tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = raw.strip() if raw.strip()[:1] in ("%", "@", "`") else _load_yaml(raw) if raw.strip() else ""
+        text = raw.strip()
+        value = text if not text or text[0] in "%@`" else _load_yaml(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse the value: {e}") from None
     return key, value

@@ -64,7 +64,7 @@ from models.ranking.sequences import build_sequences
 from pipeline.data.canonical import DataError, RowErrors
 from pipeline.data.movielens import (OCCUPATIONS_1M, age_bucket, decade_of, movielens_schema, split_title,
                                      title_tokens)
-from pipeline.data.tabular import MAX_SECONDS
+from pipeline.data.tabular import MAX_SECONDS, timestamp_out_of_range
 
 SAMPLE_FILES = {
     "criteo": "criteo_sample.txt",
@@ -353,8 +353,7 @@ def read_movielens_sample(path: str, bad_rows: str = "fail", history_length: int
         if not seconds.lstrip("-").isdigit():
             raise _BadField("timestamp", f"timestamp {seconds!r} is not a number of seconds", "bad timestamp")
         if abs(int(seconds)) > MAX_SECONDS:
-            raise _BadField("timestamp", f"timestamp {seconds!r} is out of range: more than 2**62 seconds from 1970",
-                            "bad timestamp")
+            raise _BadField("timestamp", timestamp_out_of_range(seconds), "bad timestamp")
         if r["gender"] not in ("M", "F"):
             raise _BadField("gender", f"gender {r['gender']!r} is not M or F", "bad gender")
         if r["age"] not in ML1M_AGE_CODES:

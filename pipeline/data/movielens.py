@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 from models.features import HISTORY, ITEM_ID, LABEL, RATING, TIMESTAMP, USER_ID, Feature, Kind, Schema
 from pipeline.data.canonical import DataError, RawDataset, RowErrors
 from pipeline.data.tabular import (DelimitedRows, FileProblems, check_history_length, lookup_ids,
-                                   parse_numbers, parse_seconds, read_delimited, user_grouped_chunks)
+                                   parse_numbers, parse_seconds, read_delimited, timestamp_out_of_range,
+                                   user_grouped_chunks)
 
 LAYOUTS = ("auto", "atomic", "100k", "1m")
 UNKNOWN = "unknown"
@@ -388,8 +389,7 @@ def _read_ratings(rows: DelimitedRows, cols: Dict[str, pa.Array], users: pd.Inde
     problems.reject(bad_ts, TIMESTAMP, "bad timestamp",
                     lambda r: f"timestamp {cols[TIMESTAMP][r].as_py()!r} is not a number of seconds")
     problems.reject(huge, TIMESTAMP, "bad timestamp",
-                    lambda r: f"timestamp {cols[TIMESTAMP][r].as_py()!r} is out of range: more than 2**62 seconds "
-                              "from 1970")
+                    lambda r: timestamp_out_of_range(cols[TIMESTAMP][r].as_py()))
     keep = problems.flush()
     return {"user": codes["user"][keep], "item": codes["item"][keep], TIMESTAMP: seconds[keep],
             RATING: ratings[keep].astype(np.float32)}

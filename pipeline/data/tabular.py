@@ -166,8 +166,7 @@ def read_text_lines(path: str, encoding: str = "utf-8", header: bool = False, de
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        before = raw[:e.start]
-        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+        line = _line_break_count(raw[:e.start]) + 1
         raise DataError(path, line, None,
                         f"not valid {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     if text.startswith("\ufeff"):
@@ -287,6 +286,18 @@ def parse_numbers(values: Strings) -> Tuple[np.ndarray, np.ndarray]:
         numbers = pd.to_numeric(pd.Series(_objects(values), dtype=object), errors="coerce").to_numpy(
             dtype=np.float64, na_value=np.nan)
     return numbers, ~np.isfinite(numbers)
+
+
+def timestamp_out_of_range(value: Any) -> str:
+    """The message of a timestamp more than `MAX_SECONDS` from 1970 (every reader's)."""
+    return f"timestamp {value!r} is out of range: more than 2**62 seconds from 1970"
+
+
+def _line_break_count(text: Union[str, bytes]) -> int:
+    """Line breaks in `text`: ``\\n``, ``\\r`` and ``\\r\\n`` (one) each end a line, as the readers split them
+    (`_line_breaks` counts them in a whole column)."""
+    nl, cr, crlf = ("\n", "\r", "\r\n") if isinstance(text, str) else (b"\n", b"\r", b"\r\n")
+    return text.count(nl) + text.count(cr) - text.count(crlf)
 
 
 def parse_seconds(values: Strings) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -625,8 +636,7 @@ def _read_text_columns(path: str, fmt: str, wanted: Mapping[str, str], errors: R
     is_ragged[ragged_at] = True
     extra = np.zeros(len(is_ragged), dtype=np.int64)  # line breaks inside the record
     extra[~is_ragged] = _concat(all_breaks, np.int64)
-    extra[ragged_at] = [text.count("\n") + text.count("\r") - text.count("\r\n") if text else 0
-                        for _, _, text in ragged]
+    extra[ragged_at] = [_line_break_count(text) if text else 0 for _, _, text in ragged]
     starts = first + np.arange(len(extra)) + np.cumsum(extra) - extra
     # Blank lines come back as rows of empty values, and so do lines of bare delimiters: those are rows.
     row_at = np.flatnonzero(~is_ragged)
@@ -1107,8 +1117,7 @@ def read_tabular(path: str, columns: Mapping[str, str], user_table: Optional[str
         problems.reject(bad, TIMESTAMP, "bad timestamp",
                         lambda r: f"timestamp {ts_array[r].as_py()!r} is not {expected}")
         problems.reject(huge, TIMESTAMP, "bad timestamp",
-                        lambda r: f"timestamp {ts_array[r].as_py()!r} is out of range: more than 2**62 seconds "
-                                  "from 1970")
+                        lambda r: timestamp_out_of_range(ts_array[r].as_py()))
         extra = {}
         for key in (RATING, LABEL):
             if key in cols:
