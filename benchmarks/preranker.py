@@ -76,6 +76,7 @@ def _ints(text: str):
 
 def _parse_args(argv=None) -> argparse.Namespace:
     from models.preranking.training import MASK_OBJECTIVES, RETRAIN_SELECTIONS, PrerankerConfig
+    from ranking import HISTORY_EVENTS
 
     d = PrerankerConfig()  # the model's defaults are the benchmark's
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +87,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-users", type=int, default=2000)
     p.add_argument("--synthetic-items", type=int, default=2000)
     p.add_argument("--history-length", type=int, default=20)
+    p.add_argument("--history-events", choices=HISTORY_EVENTS, default="clicks",
+                   help="events a history holds: earlier clicked training events (the job's) or every earlier event "
+                        "(see benchmarks/ranking.py)")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--users", type=int, default=1000, help="test users scored for recall (all when fewer)")

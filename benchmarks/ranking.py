@@ -12,9 +12,12 @@ Data:
   ``<repo>/../shared/data/movielens-100k`` (``--data-dir``), label = rating >= 4.
 
 One training row per impression; its ``history`` holds the user's items of events
-strictly before the event's timestamp (`models.ranking.sequences.build_sequences`, all
-impressions/ratings of the user, not only clicks: the synthetic history effect is
-planted on previous impressions). Split per user by time: each user's last
+strictly before the event's timestamp (`models.ranking.sequences.build_sequences`).
+Which events: ``--history-events clicks`` (the default, what `recfunnel run` trains and
+serves with) takes the user's clicked (label 1) *training* events only, as the serving
+user store holds them; ``impressions`` takes every earlier event, test events and
+non-clicks included (the synthetic history effect is planted on previous impressions;
+no serving store holds this). Split per user by time: each user's last
 ``--test-fraction`` of events (at least one) is the test set. Vocabularies come from
 the training rows only (unseen test values go to the OOV bucket).
 
@@ -48,6 +51,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 DATASETS = ("synthetic", "movielens-100k")
+HISTORY_EVENTS = ("clicks", "impressions")
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -64,6 +68,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-users", type=int, default=4000)
     p.add_argument("--synthetic-items", type=int, default=2000)
     p.add_argument("--history-length", type=int, default=20)
+    p.add_argument("--history-events", choices=HISTORY_EVENTS, default="clicks",
+                   help="events a history holds: earlier clicked training events (the job's) or every earlier event")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=3, help="maximum epochs (the same budget for every model)")
     p.add_argument("--validation-fraction", type=float, default=0.1,
@@ -113,12 +119,14 @@ def _parse_args(argv=None) -> argparse.Namespace:
 # Data.
 # ---------------------------------------------------------------------------------
 def load_impressions(args) -> Tuple[Any, Any, str]:
-    """``(schema, frame, source)``: one row per event with user, item, history, label."""
+    """``(schema, frame, source)``: one row per event with user, item, history
+    (``args.history_events``), label."""
     import numpy as np
     import pandas as pd
 
     from models.features import HISTORY, ITEM_ID, LABEL, TIMESTAMP, USER_ID
     from models.ranking.sequences import build_sequences
+    from models.ranking.training import last_events_mask
 
     if args.dataset == "synthetic":
         from pipeline.data.synthetic import SyntheticConfig, generate_synthetic
@@ -136,8 +144,14 @@ def load_impressions(args) -> Tuple[Any, Any, str]:
     frame = events.merge(raw.users, on=USER_ID, how="left").merge(raw.items, on=ITEM_ID, how="left")
     if frame[[c for c in raw.users.columns] + [c for c in raw.items.columns]].isna().any().any():
         raise ValueError("some events reference users or items missing from the tables")
+    eligible = None
+    if args.history_events == "clicks":
+        # The test split `main` takes (the same mask), and the clicked events before it.
+        test = last_events_mask(frame[USER_ID].to_numpy(), frame[TIMESTAMP].to_numpy(), args.test_fraction)
+        eligible = ~test & (frame[LABEL].to_numpy() > 0)
     frame[HISTORY] = list(build_sequences(frame[USER_ID].to_numpy(), frame[ITEM_ID].to_numpy(),
-                                          frame[TIMESTAMP].to_numpy(), schema.feature(HISTORY).max_length))
+                                          frame[TIMESTAMP].to_numpy(), schema.feature(HISTORY).max_length,
+                                          eligible=eligible))
     frame[LABEL] = frame[LABEL].astype(np.float32)
     return schema, frame, raw.source
 

@@ -2,10 +2,11 @@
 
 Rows are the materialized interactions (train and test splits) joined with the user
 and item tables. Each row's ``history`` is rebuilt from the events themselves: the
-same user's items strictly before the event's timestamp (`build_sequences`), so a
-test event sees the training events and the earlier test events, never itself or
-later ones. At serving time the user store's history (the last training items) plays
-that role.
+same user's *training positives* strictly before the event's timestamp
+(`build_sequences`), the events the retrieval examples and the serving user store draw
+their histories from. A test event thus sees the history it would be served with
+(the user store holds each user's last training positives), never itself, a later
+event, a test event or an impression without a click.
 
 The model trains on the train split (each user's last `validation_fraction` of it
 held out to choose the epoch) and is measured on the test split: AUC, GAUC, log loss,
@@ -40,8 +41,23 @@ class NoLabelsError(ValueError):
     """The dataset has no ``label`` column, so there is nothing to rank against."""
 
 
+def history_sources(data_dir: str, frame) -> np.ndarray:
+    """``[n]`` bool: which events of `frame` may enter a behaviour history.
+
+    The training events the dataset counts as positives (`materialize`'s positives mode:
+    label > 0, or every event), as in the materialized examples and the user store.
+    """
+    with open(os.path.join(data_dir, layout.READ_REPORT_FILE)) as f:
+        mode = json.load(f)["positives"]
+    eligible = frame["split"].to_numpy() == "train"
+    if mode == "label":
+        eligible &= frame[LABEL].to_numpy() > 0
+    return eligible
+
+
 def ranking_frame(data_dir: str, schema: Schema):
-    """All labelled events of a materialized dataset, one row each, with a ``split`` column.
+    """All labelled events of a materialized dataset, one row each, with a ``split`` column
+    and each event's ``history`` (`history_sources`, strictly before the event).
 
     Raises:
       NoLabelsError: the dataset has no labels.
@@ -73,7 +89,8 @@ def ranking_frame(data_dir: str, schema: Schema):
                              f"table, e.g. user_id={row[USER_ID]!r} item_id={row[ITEM_ID]!r}")
     if any(f.name == HISTORY for f in schema.user_features):
         frame[HISTORY] = list(build_sequences(frame[USER_ID].to_numpy(), frame[ITEM_ID].to_numpy(),
-                                              frame[TIMESTAMP].to_numpy(), schema.feature(HISTORY).max_length))
+                                              frame[TIMESTAMP].to_numpy(), schema.feature(HISTORY).max_length,
+                                              eligible=history_sources(data_dir, frame)))
     frame[LABEL] = frame[LABEL].astype(np.float32)
     return frame
 

@@ -52,8 +52,10 @@ class PrerankerConfig:
       operator_widths: dense candidate widths of every Mixop.
       include_identity: add the identity operator (lets the network get shallower).
       latency_weight: λ of Loss1, per ms of expected latency. The costs are this
-        machine's, so λ and λ2 are too: on the synthetic benchmark data λ = 0.02 kept
-        exactly the features carrying planted signal, λ = 0.1 dropped most of them.
+        machine's, so λ and λ2 are too. With Loss1 on the labels, λ = 0.02 kept exactly
+        the features carrying planted signal on the synthetic benchmark data and 0.1
+        dropped most of them; with the distilled Loss1 (the default), 0.1 keeps the
+        features the ranker relies on (`benchmarks/RESULTS.md`).
       distillation_weight: λ1 of Loss2 and of the retraining loss, in [0, 1].
       architecture_latency_weight: λ2 of Loss2, per ms.
       initial_keep_probability: θ at the start of the search.
@@ -73,10 +75,11 @@ class PrerankerConfig:
         synthetic benchmark data it stopped the hand-designed MLP at epoch 11 (recall
         of the ranker's top 10: 0.9875), the loss at epoch 15 (0.9912).
       mask_objective: the task term of Loss1, which trains the feature masks:
-        ``"labels"`` (BCE, the paper's Loss1) or ``"distillation"`` (the distilled loss
-        of Loss2). On labels alone the search drops features the ranker relies on
-        (brand and tags on the synthetic benchmark data, which cost the pre-ranker
-        part of the ranker's top 10; `benchmarks/RESULTS.md`).
+        ``"distillation"`` (the distilled loss of Loss2, the default) or ``"labels"``
+        (BCE, the paper's Loss1). On labels alone the search drops features the ranker
+        relies on (the behaviour history, or brand and tags, on the synthetic benchmark
+        data, which cost the pre-ranker part of the ranker's top 10;
+        `benchmarks/RESULTS.md`).
       search_warmup_epochs: first search epochs that train only the network weights
         (on Loss2, with sampled masks) before θ and α move: untrained dense operators
         look worse than the identity, and a search without warm-up chose the identity
@@ -105,9 +108,9 @@ class PrerankerConfig:
     num_mixops: int = 3
     operator_widths: Tuple[int, ...] = (16, 32, 64, 128)
     include_identity: bool = True
-    latency_weight: float = 0.02
+    latency_weight: float = 0.1
     distillation_weight: float = 0.5
-    architecture_latency_weight: float = 0.1
+    architecture_latency_weight: float = 0.03
     initial_keep_probability: float = 0.9
     keep_threshold: float = 0.5
     search_epochs: int = 3
@@ -115,7 +118,7 @@ class PrerankerConfig:
     retrain_epochs: int = 20
     retrain_patience: int = 2
     retrain_selection: str = "distillation"
-    mask_objective: str = "labels"
+    mask_objective: str = "distillation"
     batch_size: int = 512
     learning_rate: float = 0.003
     architecture_learning_rate: float = 0.05

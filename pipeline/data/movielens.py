@@ -79,7 +79,7 @@ def movielens_schema(name: str = "movielens-100k", history_length: int = 50) -> 
             Feature("occupation", Kind.CATEGORICAL, "user"),
             Feature("zip_prefix", Kind.CATEGORICAL, "user", description="first character of the zip code"),
             Feature(HISTORY, Kind.SEQUENCE, "user", max_length=check_history_length(history_length),
-                    description="movies rated before the event, oldest first"),
+                    description="positive movies (by default rated 4 or more) before the event, oldest first"),
         ),
         item_features=(
             Feature(ITEM_ID, Kind.CATEGORICAL, "item"),

@@ -269,7 +269,7 @@ def test_item_gradients_match_the_model():
 def test_preranker_defaults_are_the_models():
     """The stage's defaults, and the pre-ranking benchmark's, are `PrerankerConfig`'s, but
     for the job's two time bounds (a sample of the events for the search, fewer latency
-    calls) and the smaller feature-latency weight that its sampled search needs."""
+    calls)."""
     import dataclasses
     import importlib.util
     import os
@@ -279,9 +279,9 @@ def test_preranker_defaults_are_the_models():
 
     model = PrerankerConfig()
     job = autofas_config(RunConfig())
-    assert (job.search_max_events, job.latency_repeats, job.latency_weight) == (30_000, 15, 0.01)
-    assert (model.search_max_events, model.latency_repeats, model.latency_weight) == (0, 30, 0.02)
-    assert dataclasses.replace(job, search_max_events=0, latency_repeats=30, latency_weight=0.02) == model
+    assert (job.search_max_events, job.latency_repeats) == (30_000, 15)
+    assert (model.search_max_events, model.latency_repeats) == (0, 30)
+    assert dataclasses.replace(job, search_max_events=0, latency_repeats=30) == model
     assert autofas_config(load_config(None, ["preranker.candidates=300"])).candidates == 300
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "benchmarks", "preranker.py")
     spec = importlib.util.spec_from_file_location("preranker_benchmark", path)

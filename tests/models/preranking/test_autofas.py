@@ -121,7 +121,8 @@ def _loss1_theta_gradients(model, b, labels, seed, latency_weight):
 def test_gradient_block_loss1_moves_only_masks_and_loss2_only_architecture_and_weights():
     model = _search()
     lr = 0.01
-    trainer = AutoFASSearchTrainer(model, table(), PrerankerConfig(latency_weight=0.2, architecture_latency_weight=0.3),
+    config = PrerankerConfig(latency_weight=0.2, architecture_latency_weight=0.3, mask_objective="labels")
+    trainer = AutoFASSearchTrainer(model, table(), config,
                                    optimizers=(keras.optimizers.SGD(lr), keras.optimizers.SGD(lr),
                                                keras.optimizers.SGD(lr)))
     b = _tensors(batch())
@@ -190,7 +191,8 @@ def test_warmup_epochs_train_only_the_weights():
 @pytest.mark.parametrize("objective", ["labels", "distillation"])
 def test_loss1_task_term_is_the_configured_objective(objective):
     model = _search()
-    config = PrerankerConfig(latency_weight=0.2, distillation_weight=0.25, mask_objective=objective)
+    config = PrerankerConfig(latency_weight=0.2, distillation_weight=0.25, architecture_latency_weight=0.1,
+                             mask_objective=objective)
     trainer = AutoFASSearchTrainer(model, table(), config)
     labels = tf.constant([1.0, 0.0, 0.0, 1.0])
     teacher = tf.constant([2.0, -1.0, 0.5, 1.0])
@@ -200,7 +202,7 @@ def test_loss1_task_term_is_the_configured_objective(objective):
                                           else 0.75 * float(out["bce"]) + 0.25 * float(out["distillation"]))
     expected_latency = 0.2 * (float(out["feature_latency_ms"]) + float(out["architecture_latency_ms"]))
     assert latency_part == pytest.approx(expected_latency, rel=1e-5)
-    loss2_task = float(out["loss2"]) - 0.1 * float(out["architecture_latency_ms"])  # λ2 default 0.1
+    loss2_task = float(out["loss2"]) - 0.1 * float(out["architecture_latency_ms"])  # λ2
     assert loss2_task == pytest.approx(0.75 * float(out["bce"]) + 0.25 * float(out["distillation"]), rel=1e-5)
     with pytest.raises(ValueError, match="mask_objective"):
         PrerankerConfig(mask_objective="ranker")
