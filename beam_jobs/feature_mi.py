@@ -13,7 +13,7 @@ import apache_beam as beam
 
 from beam_jobs import stats_math
 from beam_jobs.singletons import CombineToSingleton
-from beam_jobs.item_frequencies import batch_columns
+from beam_jobs.item_frequencies import batch_columns, batch_rows
 
 
 class CountFeatureCooccurrences(beam.DoFn):
@@ -25,7 +25,7 @@ class CountFeatureCooccurrences(beam.DoFn):
 
     def process(self, batch) -> Iterable[stats_math.MutualInformationCounts]:
         columns = batch_columns(batch, self._features)
-        yield stats_math.mutual_information_counts(columns, self._features)
+        yield stats_math.mutual_information_counts(columns, self._features, num_items=batch_rows(batch))
 
 
 class MergeMutualInformationCountsFn(beam.CombineFn):

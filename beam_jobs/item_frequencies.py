@@ -62,6 +62,18 @@ def batch_columns(batch: Any, names: Iterable[str]) -> Dict[str, Any]:
     return out
 
 
+def batch_rows(batch: Any) -> int:
+    """The number of rows of a batch (any type `batch_column` takes)."""
+    if _is_arrow(batch):
+        return int(batch.num_rows)
+    if hasattr(batch, "columns"):
+        return len(batch)
+    if isinstance(batch, Mapping):
+        return len(next(iter(batch.values()))) if batch else 0
+    raise TypeError("A batch should be a pyarrow RecordBatch/Table, a DataFrame or a dict of "
+                    f"columns. Received: {type(batch).__name__}")
+
+
 class CountBatchValues(beam.DoFn):
     """Counts the distinct values of one column of each batch with `np.unique`."""
 

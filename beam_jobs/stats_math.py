@@ -357,14 +357,17 @@ def _count_rows(*columns: np.ndarray) -> Tuple[List[np.ndarray], np.ndarray]:
 
 
 def mutual_information_counts(columns: Mapping[str, Sequence[Any]],
-                              features: Optional[Sequence[str]] = None
-                              ) -> MutualInformationCounts:
+                              features: Optional[Sequence[str]] = None,
+                              num_items: Optional[int] = None) -> MutualInformationCounts:
     """Partial MI counts of one batch of items.
 
     Args:
       columns: ``{feature: [n_items]}``; each cell is a string (single-valued; ``None``
         or ``""`` = missing) or a list of strings (multi-valued; empty = missing).
       features: which columns, in matrix order (default: all, in mapping order).
+      num_items: the batch's number of items, which the columns must have; needed to
+        count the items of a catalogue without features (default: the columns' length,
+        0 without columns).
 
     Returns:
       A `MutualInformationCounts` to merge with the other batches'.
@@ -374,6 +377,8 @@ def mutual_information_counts(columns: Mapping[str, Sequence[Any]],
     if missing:
         raise ValueError(f"`columns` lacks features {missing}. Received columns: {sorted(columns)}")
     lengths = {f: len(columns[f]) for f in features}
+    if num_items is not None:
+        lengths = {**lengths, "num_items": int(num_items)}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"All `columns` should have the same number of items. Received: {lengths}")
     n = next(iter(lengths.values())) if lengths else 0

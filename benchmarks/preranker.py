@@ -5,9 +5,9 @@ MLP and the CAN ranker itself.
         [--plot FILE.svg] [--lambda2 0 0.03 0.1 0.3 1] [--users 1000]
 
 Data and split as in `benchmarks/ranking.py` (one row per impression, history of the
-user's earlier events; each user's last ``--test-fraction`` of events is the test set,
-the last ``--validation-fraction`` of the rest picks epochs). Vocabularies come from the
-training rows.
+user's earlier clicked training events by default, ``--history-events``; each user's last
+``--test-fraction`` of events is the test set, the last ``--validation-fraction`` of the
+rest picks epochs). Vocabularies come from the training rows.
 
 Models, all trained on the training rows:
 

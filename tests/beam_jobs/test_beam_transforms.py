@@ -110,6 +110,15 @@ def test_feature_mutual_information_over_batches():
         assert_that(report, _close_to(expected))
 
 
+def test_feature_mutual_information_counts_the_items_of_a_catalogue_without_features():
+    # Only the id (e.g. the BARS splits): an empty matrix, but the items are still counted.
+    batches = [pa.table({"item_id": ["1", "2", "3"]}), {"item_id": ["4", "5"]},
+               pa.table({"item_id": pa.array([], pa.string())})]
+    with TestPipeline() as p:
+        report = p | beam.Create(batches, reshuffle=False) | FeatureMutualInformation([])
+        assert_that(report, equal_to([{"features": [], "mi": [], "normalized_mi": [], "num_items": 5}]))
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_feature_mutual_information_equals_single_process_result_exactly(seed):
     rng = np.random.default_rng(seed)

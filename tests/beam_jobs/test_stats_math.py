@@ -108,6 +108,14 @@ def test_counts_are_integer_and_keyed_by_denominator():
                                         (1, "q"): 1, (1, EMPTY_VALUE): 1}
 
 
+def test_counts_take_the_number_of_items_and_check_it_against_the_columns():
+    assert stats_math.mutual_information_counts({}, [], num_items=7).num_items == 7
+    assert stats_math.mutual_information_counts({}, []).num_items == 0
+    assert stats_math.mutual_information_counts({"brand": ["x", "y"]}, num_items=2).num_items == 2
+    with pytest.raises(ValueError, match="same number of items"):
+        stats_math.mutual_information_counts({"brand": ["x", "y"]}, num_items=3)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_mutual_information_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
