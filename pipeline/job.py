@@ -626,6 +626,15 @@ class _NotRunYet(Exception):
         self.stage = stage
 
 
+def ranker_fingerprint(config: RunConfig, data_fingerprint: str) -> str:
+    """The ranking stage's fingerprint: its config, the data's, and the rule its
+    histories follow (`ranker_stage.HISTORY_RULE`)."""
+    from pipeline.orchestration import digest
+
+    return digest({"ranker": config_to_dict(config.ranker), "data": data_fingerprint,
+                   "histories": ranker_stage.HISTORY_RULE})
+
+
 def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
         only_stage: Optional[str] = None) -> Dict[str, Any]:
     """Runs the job; returns the metrics written to ``reports/latest/metrics.json``.
@@ -739,7 +748,7 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
             # ranker (labelled data only); its weights and vocabularies go to a checkpoint
             ranker_model = None
             ranker_on = config.ranker.enabled and has_labels
-            fp_rank = digest({"ranker": config_to_dict(config.ranker), "data": prior("data")["fingerprint"]})
+            fp_rank = ranker_fingerprint(config, prior("data")["fingerprint"])
             rank_ckpt = os.path.join(workdir, "checkpoints", "ranker", fp_rank[:16])
             if ranker_on:
                 rank_current = state.is_current("ranker", fp_rank,

@@ -41,6 +41,11 @@ class NoLabelsError(ValueError):
     """The dataset has no ``label`` column, so there is nothing to rank against."""
 
 
+# The rule `history_sources` follows, part of the stage's fingerprint: a workdir whose ranker
+# was trained under an earlier rule (every earlier event) retrains once.
+HISTORY_RULE = "positives of the training split, strictly before the event"
+
+
 def history_sources(data_dir: str, frame) -> np.ndarray:
     """``[n]`` bool: which events of `frame` may enter a behaviour history.
 

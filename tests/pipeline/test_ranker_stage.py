@@ -87,3 +87,17 @@ def test_last_events_mask():
     assert last_events_mask(users, times, 0.5).tolist() == [True, False, True, False, False, True, True]
     with pytest.raises(ValueError, match="fraction=1.0"):
         last_events_mask(users, times, 1.0)
+
+
+def test_the_history_rule_is_part_of_the_stage_fingerprint(monkeypatch):
+    """A workdir whose ranker was trained under another history rule retrains (and so does
+    the pre-ranker, whose fingerprint holds the ranker's)."""
+    from pipeline import ranker_stage
+    from pipeline.config import RunConfig
+    from pipeline.job import ranker_fingerprint
+
+    config = RunConfig()
+    now = ranker_fingerprint(config, "data-1")
+    assert ranker_fingerprint(config, "data-1") == now and ranker_fingerprint(config, "data-2") != now
+    monkeypatch.setattr(ranker_stage, "HISTORY_RULE", "every earlier event")
+    assert ranker_fingerprint(config, "data-1") != now
