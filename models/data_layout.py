@@ -19,6 +19,7 @@ training examples are stored as tf.Example so tf.data parses them in parallel.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import List, Optional
 
@@ -70,6 +71,13 @@ def example_files(data_dir: str, split: str) -> List[str]:
             f"No {split} example shards in {os.path.join(data_dir, EXAMPLES_DIR)} "
             f"(expected {split}-00000-of-0000N.tfrecord.gz)")
     return files
+
+
+def positives_mode(data_dir: str) -> str:
+    """The read report's ``positives``: ``label`` (events with label > 0 are positives) or
+    ``all`` (every event is)."""
+    with open(os.path.join(data_dir, READ_REPORT_FILE)) as f:
+        return json.load(f)["positives"]
 
 
 def _check_split(split: str) -> None:

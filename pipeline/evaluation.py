@@ -11,7 +11,6 @@ only on test items outside the `head_fraction` most frequent training items.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Sequence
 
@@ -29,8 +28,7 @@ NO_ITEM = -1  # an empty slot of `top_k_excluding` (fewer items left than k)
 
 def test_positives(data_dir: str) -> Dict[str, List[str]]:
     """user → test items that count as positives (by the dataset's positives mode)."""
-    with open(os.path.join(data_dir, layout.READ_REPORT_FILE)) as f:
-        mode = json.load(f)["positives"]
+    mode = layout.positives_mode(data_dir)
     out: Dict[str, List[str]] = {}
     for path in layout.interaction_files(data_dir, "test"):
         cols = [USER_ID, ITEM_ID] + ([LABEL] if mode == "label" else [])

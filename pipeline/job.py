@@ -277,9 +277,7 @@ def load_retrieval_inputs(config: RunConfig, workdir: str):
     vocabs = read_vocabularies(stats_dir, schema)
     ids, _, probs = read_item_frequencies(stats_dir)
     log_q = ItemLogQ(ids, probs, name="item_log_q")
-    with open(os.path.join(data_dir, layout.READ_REPORT_FILE)) as f:
-        mode = json.load(f)["positives"]
-    return schema, vocabs, log_q, numeric_stats(data_dir, schema), mode
+    return schema, vocabs, log_q, numeric_stats(data_dir, schema), layout.positives_mode(data_dir)
 
 
 def new_retrieval_model(config: RunConfig, workdir: str, task=None):

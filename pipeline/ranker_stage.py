@@ -52,10 +52,8 @@ def history_sources(data_dir: str, frame) -> np.ndarray:
     The training events the dataset counts as positives (`materialize`'s positives mode:
     label > 0, or every event), as in the materialized examples and the user store.
     """
-    with open(os.path.join(data_dir, layout.READ_REPORT_FILE)) as f:
-        mode = json.load(f)["positives"]
     eligible = frame["split"].to_numpy() == "train"
-    if mode == "label":
+    if layout.positives_mode(data_dir) == "label":
         eligible &= frame[LABEL].to_numpy() > 0
     return eligible
 
@@ -124,9 +122,9 @@ def _compiled_model(config, schema: Schema, vocabularies, numeric_stats=None):
 
 def measure_latency(model, schema: Schema, frame, calls: int = 50,
                     num_candidates: int = LATENCY_CANDIDATES) -> Dict[str, float]:
-    """Median/p99 milliseconds of scoring 1,000 candidates of one user as the serving
-    cascade scores them: through the encoded-items function, the candidates' features
-    encoded once in advance (`models.signatures`)."""
+    """Median/p99 milliseconds of scoring `num_candidates` candidates of one user as the
+    serving cascade scores them: through the encoded-items function, the candidates'
+    features encoded once in advance (`models.signatures`)."""
     from models.ranking.models import encode_items_function, inputs_from_frame, multi_user_scoring_function
     from models.signatures import several_user_arguments
     from models.tf_compat import tf

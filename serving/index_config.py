@@ -39,7 +39,7 @@ class IndexConfig:
       training_sample_size: points used to train the partitioner; 0 = all. k-means needs at
         least one point per partition: a positive value below `num_leaves` (or, with
         ``num_leaves=0``, below the resolved partitions) is rejected with a ValueError rather
-        than raised silently, since it names a sample the build cannot use (the hashing
+        than silently raised to it, since it names a sample the build cannot use (the hashing
         trains on its own sample of the whole corpus, so it adds no bound here).
       tune_reorder: with ``reorder=0`` and sample queries, tune the re-scoring depth
         too: for each depth in `serving.index.REORDER_CANDIDATES` the fewest partitions reaching
