@@ -77,14 +77,13 @@ def main() -> None:
 
     from benchmarks.retrieval_bars import prepare
     from models.input_pipeline import example_dataset
-    from models.data_layout import READ_REPORT_FILE, example_files
+    from models.data_layout import example_files, read_report
     from pipeline import job
     from pipeline.config import load_config
 
     base = prepare(args.data_dir, args.cache, 50, "all_other")
     data_dir = os.path.join(base, job.DATA_DIR)
-    with open(os.path.join(data_dir, READ_REPORT_FILE)) as f:
-        train_rows = json.load(f)["rows"]["train"]
+    train_rows = read_report(data_dir)["rows"]["train"]
     # Batches drop the remainder: a batch larger than the data would never come.
     if not all(1 <= b <= train_rows for b in batch_sizes):
         p.error(f"--batch-sizes should be between 1 and the {train_rows} training rows of {args.data_dir}. "

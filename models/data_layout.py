@@ -73,11 +73,16 @@ def example_files(data_dir: str, split: str) -> List[str]:
     return files
 
 
+def read_report(data_dir: str) -> dict:
+    """The read report `materialize` wrote in `data_dir` (`READ_REPORT_FILE`)."""
+    with open(os.path.join(data_dir, READ_REPORT_FILE)) as f:
+        return json.load(f)
+
+
 def positives_mode(data_dir: str) -> str:
     """The read report's ``positives``: ``label`` (events with label > 0 are positives) or
     ``all`` (every event is)."""
-    with open(os.path.join(data_dir, READ_REPORT_FILE)) as f:
-        return json.load(f)["positives"]
+    return read_report(data_dir)["positives"]
 
 
 def _check_split(split: str) -> None:

@@ -114,8 +114,7 @@ def stage_stats(config: RunConfig, workdir: str) -> Dict[str, Any]:
     from beam_jobs.stats_job import run_statistics
 
     data_dir = os.path.join(workdir, DATA_DIR)
-    with open(os.path.join(data_dir, layout.READ_REPORT_FILE)) as f:
-        read = json.load(f)
+    read = layout.read_report(data_dir)
     return run_statistics(data_dir, os.path.join(workdir, STATS_DIR),
                           pipeline_args=list(config.stats.pipeline_args), min_count=config.stats.min_count,
                           max_rejected_fraction=config.stats.max_rejected_fraction,
