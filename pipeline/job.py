@@ -16,6 +16,7 @@ import filecmp
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -279,11 +280,21 @@ def load_retrieval_inputs(config: RunConfig, workdir: str):
     return schema, vocabs, log_q, numeric_stats(data_dir, schema), layout.positives_mode(data_dir)
 
 
-def new_retrieval_model(config: RunConfig, workdir: str, task=None):
+def new_retrieval_model(config: RunConfig, workdir: str, task=None, resumable: bool = False):
     """A freshly built (untrained) retrieval model and its training dataset.
 
     `task`: a callable returning a loss layer to use instead of `retrieval_task(config)`
     (called under the strategy's scope; see `build_retrieval_model`).
+
+    `resumable`: the dataset is made for a run that may resume (`stage_train` with a
+    checkpoint directory). On one replica (``distribution: default``) and with the row
+    count in the data's read report, an epoch then has exactly its number of batches, so
+    the optimizer counts one iteration per step, and epoch e's order is drawn from
+    (``retrieval.seed``, e), with e = the optimizer's iterations / steps per epoch when
+    the pass starts. A run resumed at epoch e from its checkpoint (weights, optimizer
+    state) therefore sees the batches an uninterrupted run sees and trains the same model
+    (`tests/pipeline/test_resume.py`). Random draws inside training (dropout, mixed
+    negatives, the SSL task's items and masks) start their streams again on resume.
 
     The model is built and compiled under the `retrieval.distribution` strategy's
     scope (`models.distribution`; the strategy is created first, before any other
@@ -292,6 +303,7 @@ def new_retrieval_model(config: RunConfig, workdir: str, task=None):
     """
     from models.distribution import create_strategy, dataset_for_strategy, needs_static_batches
     from models.input_pipeline import example_dataset
+    from models.tf_compat import tf
 
     r = config.retrieval
     strategy = create_strategy(r.distribution)
@@ -306,10 +318,17 @@ def new_retrieval_model(config: RunConfig, workdir: str, task=None):
         corpus = item_corpus(data_dir, schema) if (r.negatives == "mixed" or ssl_stream) else None
         model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, corpus=corpus,
                                       feature_mi=feature_mi, task=task() if task is not None else None)
+    exact = {}
+    if resumable and r.distribution == "default":
+        rows = _training_rows(data_dir, mode)
+        if rows:
+            steps = tf.constant(-(-rows // r.batch_size), tf.int64)
+            iterations = model.optimizer.iterations
+            exact = dict(num_rows=rows, epoch=lambda: tf.cast(iterations, tf.int64) // steps)
     train = example_dataset(layout.example_files(data_dir, "train"), schema, r.batch_size,
                             shuffle=True, seed=r.seed, shuffle_buffer=r.shuffle_buffer,
                             positives_only=(mode == "label"),
-                            drop_remainder=needs_static_batches(strategy))
+                            drop_remainder=needs_static_batches(strategy), **exact)
     if ssl_stream:
         from models.ssl import uniform_item_dataset, with_ssl_items
 
@@ -320,6 +339,15 @@ def new_retrieval_model(config: RunConfig, workdir: str, task=None):
             _create_variables(model, train)  # every variable a distributed one, also when restoring
         train = dataset_for_strategy(train, strategy)
     return model, train
+
+
+def _training_rows(data_dir: str, mode: str) -> Optional[int]:
+    """Training rows retrieval learns from (the positives with ``mode == "label"``), from
+    the read report; None when the report does not say (older data directories)."""
+    report = layout.read_report(data_dir)
+    counts = report.get("positive_rows" if mode == "label" else "rows") or {}
+    rows = counts.get("train")
+    return int(rows) if isinstance(rows, int) and rows > 0 else None
 
 
 def _create_variables(model, dataset) -> None:
@@ -341,7 +369,7 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
     """
     from models.tf_compat import keras, tf
 
-    model, train = new_retrieval_model(config, workdir)
+    model, train = new_retrieval_model(config, workdir, resumable=checkpoint_dir is not None)
     r = config.retrieval
 
     class _Progress(keras.callbacks.Callback):
@@ -390,7 +418,20 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
         cbs.append(_EpochLog(epoch_log))
         cbs.append(keras.callbacks.BackupAndRestore(os.path.join(checkpoint_dir, "backup")))
     start = time.time()
-    history = model.fit(train, epochs=r.epochs, verbose=0, callbacks=cbs).history
+    unbuilt_warning = _UnbuiltModelWarning()
+    logging.getLogger("tensorflow").addFilter(unbuilt_warning)
+    try:
+        history = model.fit(train, epochs=r.epochs, verbose=0, callbacks=cbs).history
+    except tf.errors.FailedPreconditionError as e:
+        found = re.search(r"expected to contain (\d+) elements but contained ((?:only |at least )?\d+)", str(e))
+        if found is None:
+            raise
+        data_dir, read = os.path.join(workdir, DATA_DIR), found.group(2).replace("only ", "")
+        raise ValueError(f"The training examples of {data_dir} do not hold the rows its {layout.READ_REPORT_FILE} "
+                         f"counts: {found.group(1)} batches of {r.batch_size} expected, {read} read. The directory "
+                         f"changed after it was written; delete it to have the data stage write it again.") from None
+    finally:
+        logging.getLogger("tensorflow").removeFilter(unbuilt_warning)
     if epoch_log is not None:  # every epoch, those before a resume included
         history = _read_epoch_log(epoch_log, r.epochs, history)
     # The epoch means of the retrieval loss (Keras' "loss" is only the last step's).
@@ -407,6 +448,16 @@ def stage_train(config: RunConfig, workdir: str, callbacks=(), checkpoint_dir: O
     if drift is not None:
         summary["feature_drift"] = {"every_n_steps": r.drift_every_n_steps, "rows": drift.history}
     return model, summary
+
+
+class _UnbuiltModelWarning(logging.Filter):
+    """Drops Keras' warning that `BackupAndRestore` wants a built model: a TFRS model is never
+    "built" (it has no `call`), and its variables and the optimizer's are restored as they
+    are created (`tests/pipeline/test_resume.py` checks that a resumed run trains the same
+    model as an uninterrupted one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "BackupAndRestore callback, you model must be built" not in record.getMessage()
 
 
 EPOCH_LOG = "epochs.jsonl"
