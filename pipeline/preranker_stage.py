@@ -62,10 +62,13 @@ def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple
         held_out = last_events_mask(train_frame[USER_ID].to_numpy(), train_frame[TIMESTAMP].to_numpy(),
                                     config.ranker.validation_fraction)
         valid_frame, train_frame = train_frame[held_out], train_frame[~held_out]
-    log.info("preranker: AutoFAS search over %d training events (teacher: the %s ranker)", len(train_frame),
-             config.ranker.model)
+    p = config.preranker
+    searched = min(p.search_max_events, len(train_frame)) if p.search_max_events else len(train_frame)
+    log.info("preranker: AutoFAS search on %d of the %d training events, the derived network retrained on all of "
+             "them (teacher: the %s ranker)", searched, len(train_frame), config.ranker.model)
     model, details = train_preranker(schema, teacher.vocabularies, train_frame, valid_frame, teacher,
-                                     autofas_config(config), numeric_stats=teacher.numeric_stats)
+                                     autofas_config(config), numeric_stats=teacher.numeric_stats,
+                                     progress=_log_progress)
     logits = predict_logits(model, inputs_from_frame(schema, test_frame, model.features))
     probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     metrics = ctr_metrics(test_frame[USER_ID].to_numpy(), test_frame[LABEL].to_numpy(np.float32), probabilities)
@@ -89,6 +92,24 @@ def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple
     return model, summary
 
 
+def _log_progress(event: str, info: Dict[str, Any]) -> None:
+    """One log line per step of `train_preranker` (its `progress` events)."""
+    if event == "latency_table":
+        log.info("preranker: latency of every feature and layer shape measured in %.1f s", info["seconds"])
+    elif event == "search_epoch":
+        log.info("preranker search epoch %d/%d: loss2 %.4f, expected latency %.2f ms, %d of %d features kept",
+                 info["epoch"] + 1, info["epochs"], info["loss2"], info["expected_latency_ms"], info["kept"],
+                 len(info["keep_probabilities"]))
+    elif event == "derived":
+        log.info("preranker: derived %d features %s, layers %s; retraining", len(info["features"]),
+                 info["features"], info["hidden_units"])
+    elif event == "retrain_epoch":
+        scores = "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in info.items()
+                         if name.startswith("validation") and value is not None)
+        log.info("preranker retrain epoch %d/%d: loss %.4f%s", info["epoch"] + 1, info["epochs"], info["loss"],
+                 scores)
+
+
 def restore_preranker(checkpoint_dir: str):
     """The derived pre-ranker rebuilt from `checkpoint_dir` (as `stage_preranker` left it)."""
     from models.preranking.preranker import PreRanker
@@ -97,7 +118,8 @@ def restore_preranker(checkpoint_dir: str):
     with open(os.path.join(checkpoint_dir, MODEL_CONFIG_FILE)) as f:
         model = PreRanker.from_config(json.load(f))
     model.serving_function()  # builds every variable
-    tf.train.Checkpoint(model=model).read(os.path.join(checkpoint_dir, WEIGHTS)).assert_existing_objects_matched().expect_partial()
+    status = tf.train.Checkpoint(model=model).read(os.path.join(checkpoint_dir, WEIGHTS))
+    status.assert_existing_objects_matched().expect_partial()
     return model
 
 

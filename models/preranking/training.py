@@ -350,7 +350,8 @@ def predict_logits(model, features: Mapping[str, Any], batch_size: int = 4096) -
 def fit_distilled(model: PreRanker, train: Tuple[Mapping[str, Any], np.ndarray, np.ndarray],
                   validation: Optional[Tuple] = None, *, epochs: int,
                   batch_size: int, learning_rate: float, distillation_weight: float, seed: int = 0,
-                  patience: int = 1, select_on: str = "auc") -> Dict[str, Any]:
+                  patience: int = 1, select_on: str = "auc",
+                  on_epoch: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Trains a pre-ranker on ``(1 − λ1)·BCE + λ1·(r − p)²`` with epoch selection on the
     validation rows (stops after `patience` epochs without improvement, keeps the best).
 
@@ -361,6 +362,7 @@ def fit_distilled(model: PreRanker, train: Tuple[Mapping[str, Any], np.ndarray, 
       select_on: ``"auc"``: the epoch of highest validation AUC on the labels;
         ``"distillation"``: the epoch of lowest validation loss, the training objective
         itself (how well the pre-ranker reproduces the ranker as well as the labels).
+      on_epoch: called after each epoch with ``(epoch, {"loss", <validation score>})``.
 
     Returns:
       ``{"train_loss", "validation_auc", "epochs", "seconds"}``, plus
@@ -393,7 +395,8 @@ def fit_distilled(model: PreRanker, train: Tuple[Mapping[str, Any], np.ndarray, 
             aucs.append(round(auc(valid_y, logits), 5))
             return float(np.mean(distillation_loss(valid_y, valid_r, logits, distillation_weight)))
         selection = {"score_name": "validation_distillation_loss", "higher_is_better": False}
-    fit = fit_with_epoch_selection(model, ds, epochs, score, what="pre-ranker", patience=patience, **selection)
+    fit = fit_with_epoch_selection(model, ds, epochs, score, on_epoch=on_epoch, what="pre-ranker", patience=patience,
+                                   **selection)
     if aucs is not None:
         fit["validation_auc"] = aucs
     return fit
@@ -422,6 +425,7 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
                     numeric_stats: Optional[Mapping[str, Sequence[float]]] = None,
                     latency_table: Optional[LatencyTable] = None,
                     teacher_outputs: Optional[Tuple[np.ndarray, Optional[np.ndarray]]] = None,
+                    progress: Optional[Callable[[str, Dict[str, Any]], None]] = None,
                     ) -> Tuple[PreRanker, Dict[str, Any]]:
     """Searches, derives and retrains the AutoFAS pre-ranker.
 
@@ -438,6 +442,12 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
       teacher_outputs: reuse the teacher's logits of ``(train_frame, valid_frame)`` rows
         (`teacher_logits`; the second may be None without a validation frame), e.g. across
         a sweep over one teacher (None: compute them now).
+      progress: called as the work goes on, ``progress(event, info)``: ``"latency_table"``
+        (``seconds``), ``"search_epoch"`` (``epoch``, ``epochs``, ``events``, ``kept`` (the
+        features at or above the keep threshold) and the epoch's record of
+        `AutoFASSearchTrainer.fit`), ``"derived"`` (``features``, ``hidden_units``),
+        ``"retrain_epoch"`` (``epoch``, ``epochs``, ``loss`` and the validation score, as
+        `fit_with_epoch_selection` reports them).
 
     Returns:
       ``(PreRanker, metrics)``; metrics: ``features``, ``hidden_units``, ``operators``,
@@ -494,6 +504,8 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
             dict(config.external_feature_costs), config.latency_repeats, config.seed,
             items_encoded=config.latency_items_encoded)
         measure_seconds = time.perf_counter() - t
+        if progress is not None:
+            progress("latency_table", {"seconds": measure_seconds})
     else:
         measure_seconds = 0.0
     t = time.perf_counter()
@@ -504,9 +516,18 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
                                                                  replace=False))
         search_x = {n: np.asarray(v)[rows] for n, v in search_x.items()}
         search_y, search_r = train_y[rows], np.asarray(train_r)[rows]
-    search_history = trainer.fit(search_x, search_y, search_r, config.search_epochs, config.search_warmup_epochs)
+    on_search_epoch = None
+    if progress is not None:
+        def on_search_epoch(epoch, record):
+            kept = int(np.sum(search_model.mask.keep_probabilities().numpy() >= config.keep_threshold))
+            progress("search_epoch", {"epoch": epoch, "epochs": config.search_epochs, "events": len(search_y),
+                                      "kept": kept, **record})
+    search_history = trainer.fit(search_x, search_y, search_r, config.search_epochs, config.search_warmup_epochs,
+                                 on_epoch=on_search_epoch)
     search_seconds = time.perf_counter() - t
     derived: DerivedArchitecture = derive_from_model(search_model)
+    if progress is not None:
+        progress("derived", {"features": list(derived.features), "hidden_units": list(derived.hidden_units)})
 
     keras.utils.set_random_seed(config.seed)
     model = PreRanker(schema, vocabularies, derived.features, derived.hidden_units, config.embedding_dim,
@@ -514,7 +535,10 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
     fit = fit_distilled(model, (train_x, train_y, train_r), valid, epochs=config.retrain_epochs,
                         batch_size=config.batch_size, learning_rate=config.learning_rate,
                         distillation_weight=config.distillation_weight, seed=config.seed,
-                        patience=config.retrain_patience, select_on=config.retrain_selection)
+                        patience=config.retrain_patience, select_on=config.retrain_selection,
+                        on_epoch=None if progress is None else (
+                            lambda epoch, logs: progress("retrain_epoch", {"epoch": epoch,
+                                                                           "epochs": config.retrain_epochs, **logs})))
     metrics: Dict[str, Any] = {
         **derived.to_dict(),
         "candidate_features": candidates,

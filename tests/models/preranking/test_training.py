@@ -71,8 +71,21 @@ def test_train_preranker_end_to_end_on_tiny_synthetic_data():
     config = PrerankerConfig(embedding_dim=4, num_mixops=2, operator_widths=(8, 16), search_epochs=2,
                              retrain_epochs=2, retrain_selection="distillation", batch_size=128, candidates=50,
                              latency_repeats=3, external_feature_costs={"brand": 2.0})
-    model, metrics = train_preranker(schema, vocabs, train, valid, teacher, config)
+    events = []
+    model, metrics = train_preranker(schema, vocabs, train, valid, teacher, config,
+                                     progress=lambda event, info: events.append((event, info)))
     assert isinstance(model, PreRanker)
+    # Progress: the latency table, every search epoch, the derived network, every retraining epoch, in order.
+    names = [e for e, _ in events]
+    retrained = len(metrics["retrain"]["train_loss"])
+    assert names == ["latency_table", "search_epoch", "search_epoch", "derived"] + ["retrain_epoch"] * retrained
+    search = [info for e, info in events if e == "search_epoch"]
+    assert [(i["epoch"], i["epochs"], i["loss2"]) for i in search] == \
+        [(k, 2, metrics["search"][k]["loss2"]) for k in range(2)]
+    assert search[-1]["kept"] == sum(t >= config.keep_threshold for t in metrics["search"][-1]["keep_probabilities"])
+    assert events[3][1] == {"features": metrics["features"], "hidden_units": metrics["hidden_units"]}
+    assert [round(i["validation_distillation_loss"], 5) for e, i in events if e == "retrain_epoch"] == \
+        metrics["retrain"]["validation_distillation_loss"]
     assert model.features == metrics["features"] and model.hidden_units == metrics["hidden_units"]
     assert len(metrics["operators"]) == 2 and set(metrics["operators"]) <= {"identity", 8, 16}
     assert any(schema.feature(n).side == "item" for n in metrics["features"])
