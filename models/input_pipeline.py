@@ -75,9 +75,13 @@ def example_dataset(files: Sequence[str], schema: Schema, batch_size: int, *,
         ds = ds.map(lambda x: parse_examples(schema, x), num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=True)
     if num_rows is not None and not repeat:
-        batches = num_rows // batch_size if drop_remainder else -(-num_rows // batch_size)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches(num_rows, batch_size, drop_remainder)))
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def num_batches(num_rows: int, batch_size: int, drop_remainder: bool = False) -> int:
+    """Batches of `batch_size` that one pass over `num_rows` rows yields."""
+    return num_rows // batch_size if drop_remainder else -(-num_rows // batch_size)
 
 
 def _records(files: Sequence[str], shuffle: bool, seed, shuffle_buffer: int, reshuffle: bool) -> tf.data.Dataset:

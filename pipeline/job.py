@@ -302,7 +302,7 @@ def new_retrieval_model(config: RunConfig, workdir: str, task=None, resumable: b
     by the global batch size, with static batches when there are several replicas.
     """
     from models.distribution import create_strategy, dataset_for_strategy, needs_static_batches
-    from models.input_pipeline import example_dataset
+    from models.input_pipeline import example_dataset, num_batches
     from models.tf_compat import tf
 
     r = config.retrieval
@@ -319,16 +319,17 @@ def new_retrieval_model(config: RunConfig, workdir: str, task=None, resumable: b
         model = build_retrieval_model(config, schema, vocabs, log_q, num_stats, corpus=corpus,
                                       feature_mi=feature_mi, task=task() if task is not None else None)
     exact = {}
+    drop_remainder = needs_static_batches(strategy)
     if resumable and r.distribution == "default":
         rows = _training_rows(data_dir, mode)
         if rows:
-            steps = tf.constant(-(-rows // r.batch_size), tf.int64)
+            steps = tf.constant(num_batches(rows, r.batch_size, drop_remainder), tf.int64)
             iterations = model.optimizer.iterations
             exact = dict(num_rows=rows, epoch=lambda: tf.cast(iterations, tf.int64) // steps)
     train = example_dataset(layout.example_files(data_dir, "train"), schema, r.batch_size,
                             shuffle=True, seed=r.seed, shuffle_buffer=r.shuffle_buffer,
                             positives_only=(mode == "label"),
-                            drop_remainder=needs_static_batches(strategy), **exact)
+                            drop_remainder=drop_remainder, **exact)
     if ssl_stream:
         from models.ssl import uniform_item_dataset, with_ssl_items
 

@@ -457,6 +457,9 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
     """
     if not isinstance(config, PrerankerConfig):
         raise TypeError(f"`config` should be a PrerankerConfig. Received: {type(config).__name__}")
+    if progress is None:
+        def progress(event, info):
+            del event, info
     if LABEL not in train_frame:
         raise ValueError(f"`train_frame` should have a {LABEL!r} column; it has {list(train_frame.columns)}")
     start = time.perf_counter()
@@ -504,8 +507,7 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
             dict(config.external_feature_costs), config.latency_repeats, config.seed,
             items_encoded=config.latency_items_encoded)
         measure_seconds = time.perf_counter() - t
-        if progress is not None:
-            progress("latency_table", {"seconds": measure_seconds})
+        progress("latency_table", {"seconds": measure_seconds})
     else:
         measure_seconds = 0.0
     t = time.perf_counter()
@@ -516,18 +518,16 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
                                                                  replace=False))
         search_x = {n: np.asarray(v)[rows] for n, v in search_x.items()}
         search_y, search_r = train_y[rows], np.asarray(train_r)[rows]
-    on_search_epoch = None
-    if progress is not None:
-        def on_search_epoch(epoch, record):
-            kept = int(np.sum(search_model.mask.keep_probabilities().numpy() >= config.keep_threshold))
-            progress("search_epoch", {"epoch": epoch, "epochs": config.search_epochs, "events": len(search_y),
-                                      "kept": kept, **record})
+    def on_search_epoch(epoch, record):
+        kept = int(np.sum(search_model.mask.keep_probabilities().numpy() >= config.keep_threshold))
+        progress("search_epoch", {"epoch": epoch, "epochs": config.search_epochs, "events": len(search_y),
+                                  "kept": kept, **record})
+
     search_history = trainer.fit(search_x, search_y, search_r, config.search_epochs, config.search_warmup_epochs,
                                  on_epoch=on_search_epoch)
     search_seconds = time.perf_counter() - t
     derived: DerivedArchitecture = derive_from_model(search_model)
-    if progress is not None:
-        progress("derived", {"features": list(derived.features), "hidden_units": list(derived.hidden_units)})
+    progress("derived", {"features": list(derived.features), "hidden_units": list(derived.hidden_units)})
 
     keras.utils.set_random_seed(config.seed)
     model = PreRanker(schema, vocabularies, derived.features, derived.hidden_units, config.embedding_dim,
@@ -536,9 +536,9 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
                         batch_size=config.batch_size, learning_rate=config.learning_rate,
                         distillation_weight=config.distillation_weight, seed=config.seed,
                         patience=config.retrain_patience, select_on=config.retrain_selection,
-                        on_epoch=None if progress is None else (
-                            lambda epoch, logs: progress("retrain_epoch", {"epoch": epoch,
-                                                                           "epochs": config.retrain_epochs, **logs})))
+                        on_epoch=lambda epoch, logs: progress("retrain_epoch", {"epoch": epoch,
+                                                                                "epochs": config.retrain_epochs,
+                                                                                **logs}))
     metrics: Dict[str, Any] = {
         **derived.to_dict(),
         "candidate_features": candidates,
