@@ -189,3 +189,25 @@ def test_lock_blocks_a_second_run(tmp_path):
     with WorkdirLock(w):
         proc = recfunnel("run", "--config", TINY, "--workdir", w)
     assert proc.returncode == 4 and "another recfunnel run holds" in proc.stderr
+
+
+def test_training_data_that_no_longer_matches_its_read_report_is_named(tmp_path):
+    """A resumable run declares the batches its read report counts; a data directory changed after it was written
+    fails with a message naming it, not with tf.data's cardinality error."""
+    from models import data_layout as layout
+    from pipeline.config import load_config
+    from pipeline.job import DATA_DIR, stage_data, stage_stats, stage_train
+
+    config, workdir = load_config(TINY, []), str(tmp_path / "w")
+    stage_data(config, workdir)
+    stage_stats(config, workdir)
+    data_dir = os.path.join(workdir, DATA_DIR)
+    report = layout.read_report(data_dir)
+    counts = report["positive_rows" if report["positives"] == "label" else "rows"]
+    counts["train"] += 10 * config.retrieval.batch_size  # the report now promises ten batches the shards lack
+    with open(os.path.join(data_dir, layout.READ_REPORT_FILE), "w") as f:
+        json.dump(report, f)
+    with pytest.raises(ValueError, match=r"The training examples of .*data do not hold the rows its "
+                                         r"read_report\.json counts: \d+ batches of 128 expected, \d+ read\. "
+                                         r"The directory changed after it was written"):
+        stage_train(config, workdir, checkpoint_dir=str(tmp_path / "checkpoints"))
