@@ -598,6 +598,14 @@ class PrerankerStageConfig:
       batch_size, learning_rate, seed: training.
       external_feature_costs: feature → extra milliseconds per request for features a
         deployment fetches from an external store (added to the measured costs).
+      latency_table: a latency table (JSON) to search against instead of measuring one
+        on this machine: the table a run wrote (``latency_table.json`` in the run's
+        pre-ranker checkpoint, named in the log and in ``metrics.json`` under
+        ``preranker.latency_table``), taken from a run on a machine like the serving
+        CPUs, or kept so that scheduled runs search against the same costs every day
+        (the measurement's noise can move the chosen network). Its costs are used as
+        they are, so `external_feature_costs` must be empty (a run's table already
+        holds that run's). Empty: measure.
     """
 
     enabled: bool = True
@@ -618,8 +626,13 @@ class PrerankerStageConfig:
     learning_rate: float = 0.003
     seed: int = 0
     external_feature_costs: Dict[str, float] = dataclasses.field(default_factory=dict)
+    latency_table: str = ""
 
     def __post_init__(self):
+        if self.latency_table and self.external_feature_costs:
+            raise ConfigError(f"`preranker.latency_table` ({self.latency_table}) is used as it is: leave "
+                              f"`preranker.external_feature_costs` empty (a run's table already holds that run's "
+                              f"external costs). Received: {dict(self.external_feature_costs)}")
         for name in ("num_mixops", "search_epochs", "retrain_epochs", "retrain_patience", "batch_size",
                      "latency_repeats", "candidates"):
             if getattr(self, name) < 1:

@@ -818,8 +818,11 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
             # pre-ranker: AutoFAS distilled from this run's ranker
             preranker_model = None
             preranker_on = ranker_on and config.preranker.enabled
-            fp_pre = digest({"preranker": config_to_dict(config.preranker),
-                             "ranker": prior("ranker")["fingerprint"] if ranker_on else None})
+            pre_inputs = {"preranker": config_to_dict(config.preranker),
+                          "ranker": prior("ranker")["fingerprint"] if ranker_on else None}
+            if config.preranker.latency_table:  # the table's costs, not only its path
+                pre_inputs["latency_table"] = content_hash([config.preranker.latency_table])
+            fp_pre = digest(pre_inputs)
             pre_ckpt = os.path.join(workdir, "checkpoints", "preranker", fp_pre[:16])
             if preranker_on:
                 pre_current = state.is_current("preranker", fp_pre,

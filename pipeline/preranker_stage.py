@@ -26,6 +26,7 @@ log = logging.getLogger("recfunnel")
 
 MODEL_CONFIG_FILE = "preranker_config.json"
 WEIGHTS = "weights"
+LATENCY_TABLE_FILE = "latency_table.json"
 
 
 def autofas_config(config):
@@ -42,6 +43,29 @@ def autofas_config(config):
                            latency_repeats=p.latency_repeats, candidates=p.candidates,
                            batch_size=p.batch_size, learning_rate=p.learning_rate,
                            external_feature_costs=tuple(sorted(p.external_feature_costs.items())), seed=p.seed)
+
+
+def load_latency_table(config, schema: Schema):
+    """The table of `preranker.latency_table`, checked against this search (ConfigError
+    naming the file otherwise); None when the option is empty (measure)."""
+    from models.preranking.latency import LatencyTable
+    from pipeline.config import ConfigError
+
+    path = config.preranker.latency_table
+    if not path:
+        return None
+    try:
+        table = LatencyTable.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"`preranker.latency_table`: {path} was not found") from None
+    except (ValueError, TypeError) as e:  # JSON, keys or values
+        raise ConfigError(f"`preranker.latency_table`: {path} is not a latency table: {e}") from None
+    try:
+        table.check_covers([f.name for f in schema.features], config.preranker.operator_widths,
+                           config.preranker.candidates)
+    except ValueError as e:
+        raise ConfigError(f"`preranker.latency_table`: {path}: {e}") from None
+    return table
 
 
 def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple[Any, Dict[str, Any]]:
@@ -63,12 +87,13 @@ def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple
                                     config.ranker.validation_fraction)
         valid_frame, train_frame = train_frame[held_out], train_frame[~held_out]
     p = config.preranker
+    table = load_latency_table(config, schema)  # before any work
     searched = min(p.search_max_events, len(train_frame)) if p.search_max_events else len(train_frame)
     log.info("preranker: AutoFAS search on %d of the %d training events, the derived network retrained on all of "
              "them (teacher: the %s ranker)", searched, len(train_frame), config.ranker.model)
     model, details = train_preranker(schema, teacher.vocabularies, train_frame, valid_frame, teacher,
                                      autofas_config(config), numeric_stats=teacher.numeric_stats,
-                                     progress=_log_progress)
+                                     latency_table=table, progress=_log_progress)
     logits = predict_logits(model, inputs_from_frame(schema, test_frame, model.features))
     probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     metrics = ctr_metrics(test_frame[USER_ID].to_numpy(), test_frame[LABEL].to_numpy(np.float32), probabilities)
@@ -76,12 +101,20 @@ def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple
     with open(os.path.join(checkpoint_dir, MODEL_CONFIG_FILE), "w") as f:
         json.dump(model.get_config(), f)
     tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, WEIGHTS))
+    table_path = os.path.join(checkpoint_dir, LATENCY_TABLE_FILE)
+    with open(table_path, "w") as f:
+        json.dump(ranker_stage.json_safe(details["latency_table"]), f, indent=2)
+    log.info("preranker: searched against the latency table %s%s (set preranker.latency_table to it to reuse it)",
+             table_path, f", a copy of {p.latency_table}" if table is not None else " measured on this machine")
     summary = {
         "metrics": ranker_stage.json_safe(metrics),
         "features": list(details["features"]), "hidden_units": list(details["hidden_units"]),
         "operators": list(details["operators"]),
         "expected_latency_ms": details["expected_latency_ms"],
-        "search": ranker_stage.json_safe(details), "parameters": int(model.count_params()),
+        "latency_table": {"path": table_path,
+                          "source": os.path.abspath(p.latency_table) if table is not None else "measured"},
+        "search": ranker_stage.json_safe({k: v for k, v in details.items() if k != "latency_table"}),
+        "parameters": int(model.count_params()),
         # Timed for the candidates it scores when serving, as its latency model is.
         "latency": ranker_stage.measure_latency(model, schema, frame, num_candidates=config.preranker.candidates),
         "checkpoint": checkpoint_dir, "seconds": round(time.time() - start, 3),

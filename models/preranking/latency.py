@@ -113,6 +113,22 @@ class LatencyTable:
             out = out + slope * (tf.clip_by_value(a, lo, hi) - lo)
         return out
 
+    def check_covers(self, features: Sequence[str], operator_widths: Sequence[int], candidates: int) -> None:
+        """Raises ValueError unless the table prices a search over `features` and dense
+        operators of `operator_widths` for requests of `candidates` candidates."""
+        problems = []
+        if int(candidates) != self.candidates:
+            problems.append(f"it was measured for {self.candidates} candidates per request, not {int(candidates)}")
+        missing = [n for n in features if n not in self.feature_costs]
+        if missing:
+            problems.append(f"it has no cost for the features {missing}")
+        widths = sorted(set(int(w) for w in operator_widths) | {1})
+        unmeasured = [w for w in widths if w not in self.output_widths]
+        if unmeasured:
+            problems.append(f"it has no layer of output width {unmeasured} (measured: {list(self.output_widths)})")
+        if problems:
+            raise ValueError("The latency table does not fit this search: " + "; ".join(problems) + ".")
+
     # -- persistence -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         return {"candidates": int(self.candidates), "feature_costs": dict(self.feature_costs),

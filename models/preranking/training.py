@@ -438,7 +438,10 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
         logits, e.g. the CAN `RankingModel`).
       config: a `PrerankerConfig`.
       numeric_stats: feature → (mean, std).
-      latency_table: reuse a measured table (None: measure now).
+      latency_table: reuse a measured table (None: measure now), e.g. one measured on
+        the serving CPU; it must cover the candidate features, the operator widths and
+        `config.candidates` (`LatencyTable.check_covers`). Its feature costs are used as
+        they are (`config.external_feature_costs` is added only to a table measured now).
       teacher_outputs: reuse the teacher's logits of ``(train_frame, valid_frame)`` rows
         (`teacher_logits`; the second may be None without a validation frame), e.g. across
         a sweep over one teacher (None: compute them now).
@@ -453,7 +456,8 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
       ``(PreRanker, metrics)``; metrics: ``features``, ``hidden_units``, ``operators``,
       ``keep_probabilities``, ``operator_probabilities``, ``validation_auc``,
       ``expected_latency_ms`` (latency model of the derived network),
-      ``feature_costs_ms``, ``search`` (per-epoch losses), timings.
+      ``feature_costs_ms``, ``latency_table`` (the table searched against, as
+      `LatencyTable.to_dict`), ``search`` (per-epoch losses), timings.
     """
     if not isinstance(config, PrerankerConfig):
         raise TypeError(f"`config` should be a PrerankerConfig. Received: {type(config).__name__}")
@@ -472,6 +476,8 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
     if not set(item_names) & set(candidates):
         raise ValueError(f"`candidate_features` should hold at least one item feature of {item_names}. "
                          f"Received: candidate_features={candidates}")
+    if latency_table is not None:
+        latency_table.check_covers(candidates, config.operator_widths, config.candidates)
     all_names = [f.name for f in schema.features]
     train_x = inputs_from_frame(schema, train_frame, all_names)
     train_y = train_frame[LABEL].to_numpy(np.float32)
@@ -547,6 +553,7 @@ def train_preranker(schema: Schema, vocabularies: Mapping[str, Sequence[str]], t
         "expected_latency_ms": derived_latency(latency_table, derived.features, derived.hidden_units,
                                                model.embedding.widths),
         "feature_costs_ms": {k: round(v, 5) for k, v in latency_table.feature_costs.items()},
+        "latency_table": latency_table.to_dict(),
         "search": search_history,
         "search_events": int(len(search_y)),
         "seconds": {"teacher": round(teacher_seconds, 2), "latency_measurement": round(measure_seconds, 2),

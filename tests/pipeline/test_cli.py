@@ -77,6 +77,14 @@ def test_run_writes_the_public_contract(workdir):
     assert metrics["preranker"]["latency"]["candidates"] == 300 and metrics["ranker"]["latency"]["candidates"] == 1000
     page = open(os.path.join(workdir, "reports", "latest", "index.html")).read()
     assert 'src="preranker_tradeoff.png"' in page
+    # the latency table it searched against, written for reuse (`preranker.latency_table`)
+    from models.features import Schema
+    from models.preranking.latency import LatencyTable
+
+    used = metrics["preranker"]["latency_table"]
+    assert used["source"] == "measured"
+    schema = Schema.load(os.path.join(workdir, "data", "schema.json"))
+    LatencyTable.load(used["path"]).check_covers([f.name for f in schema.features], (16, 32, 64, 128), 300)
     # the version's own copy of the tables it serves with; no version turned down
     copy = os.path.join(workdir, "export", "serving_data", "1")
     assert sorted(os.listdir(copy)) == sorted(["schema.json", "users.parquet", "user_history.parquet", "items.parquet"])
@@ -238,3 +246,34 @@ print(json.dumps({{"q_inputs": sorted(q.structured_input_signature[1]), "shape":
     assert out["i_inputs"] == sorted(["item_id", "category", "subcategory", "brand", "price_bucket", "color", "tags"])
     assert out["shape"] == [3, 16]
     assert all(v < 0 for v in out["logq"])
+
+
+def test_a_run_searches_against_a_given_latency_table(workdir, tmp_path):
+    """`preranker.latency_table`: the stage runs again (the fingerprint holds the table), measures nothing and
+    searches against the given costs; the table it writes is a copy of them."""
+    import shutil
+
+    w = str(tmp_path / "w")
+    shutil.copytree(workdir, w)
+    with open(os.path.join(w, "reports", "latest", "metrics.json")) as f:
+        measured = json.load(f)["preranker"]["latency_table"]["path"].replace(workdir, w)
+    given = str(tmp_path / "serving_cpu_table.json")
+    with open(measured) as f:
+        table = json.load(f)
+    table["feature_costs"] = {name: 0.5 for name in table["feature_costs"]}  # as if measured on another machine
+    with open(given, "w") as f:
+        json.dump(table, f)
+    overrides = [*OVERRIDES, f"preranker.latency_table={given}"]
+    proc = recfunnel("run", "--config", TINY, "--workdir", w, "--only-stage", "preranker",
+                     *[a for o in overrides for a in ("--set", o)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latency of every feature and layer shape measured" not in proc.stderr
+    assert f"a copy of {given}" in proc.stderr
+    from pipeline.orchestration import StageState
+
+    pre = StageState(w).load("preranker")["summary"]  # the run stops before the stale export: no report
+    assert pre["latency_table"]["source"] == given
+    with open(pre["latency_table"]["path"]) as f:
+        assert json.load(f) == table
+    assert pre["search"]["feature_costs_ms"] == table["feature_costs"]
+    assert pre["search"]["seconds"]["latency_measurement"] == 0.0

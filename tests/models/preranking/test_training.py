@@ -45,6 +45,12 @@ def test_latency_helpers():
     # features .5 + .25; network 9 → 4: 1.8, 4 → 1: .1 + (.9 − .1)·3/8 = .4.
     out = derived_latency(table, ["a", "b"], (4,), [8, 1])
     assert out == {"features_ms": 0.75, "network_ms": pytest.approx(2.2), "total_ms": pytest.approx(2.95)}
+    table.check_covers(["a", "b"], (4,), 10)  # fits: nothing raised
+    with pytest.raises(ValueError) as err:
+        table.check_covers(["a", "c", "d"], (4, 8), 1000)
+    assert str(err.value) == ("The latency table does not fit this search: it was measured for 10 candidates per "
+                              "request, not 1000; it has no cost for the features ['c', 'd']; it has no layer of "
+                              "output width [8] (measured: [1, 4]).")
 
 
 def _impressions():
@@ -108,8 +114,18 @@ def test_train_preranker_end_to_end_on_tiny_synthetic_data():
     # The teacher's logits computed once can be passed in (a sweep over one teacher): the teacher is not called.
     outputs = (teacher_logits(teacher, inputs_from_frame(schema, train)),
                teacher_logits(teacher, inputs_from_frame(schema, valid)))
+    # The table searched against is returned whole, and a search can reuse it instead of measuring again.
+    table = LatencyTable.from_dict(json.loads(json.dumps(metrics["latency_table"])))
+    assert {k: round(v, 5) for k, v in table.feature_costs.items()} == metrics["feature_costs_ms"]
     quick = dataclasses.replace(config, search_epochs=1, search_warmup_epochs=0, retrain_epochs=1)
-    again, again_metrics = train_preranker(schema, vocabs, train, valid, None, quick, teacher_outputs=outputs)
+    reused = []
+    again, again_metrics = train_preranker(schema, vocabs, train, valid, None, quick, teacher_outputs=outputs,
+                                           latency_table=table, progress=lambda event, info: reused.append(event))
+    assert "latency_table" not in reused and again_metrics["seconds"]["latency_measurement"] == 0.0
+    assert again_metrics["latency_table"] == table.to_dict()  # used as it is: the external cost is not added twice
+    with pytest.raises(ValueError, match=r"measured for 50 candidates per request, not 60"):
+        train_preranker(schema, vocabs, train, valid, None, dataclasses.replace(quick, candidates=60),
+                        teacher_outputs=outputs, latency_table=table)
     retrain = again_metrics["retrain"]
     assert retrain["epochs"] == 1 and len(retrain["validation_distillation_loss"]) == 1
     with pytest.raises(ValueError, match=f"one logit per train row \\({len(train)}\\).*per validation row "
