@@ -712,6 +712,10 @@ def run(config: RunConfig, workdir: str, from_stage: Optional[str] = None,
             parse_tf_config(os.environ.get(TF_CONFIG))
         except ValueError as e:
             raise ConfigError(f"`retrieval.distribution=multi_worker`: {e}", key="retrieval.distribution") from None
+    if config.preranker.enabled and config.preranker.latency_table:
+        # A missing or malformed table fails now, not after the stages before the pre-ranker (whether it fits
+        # the data's features is checked when the schema exists).
+        preranker_stage.read_latency_table(config.preranker.latency_table)
     if only_stage not in (None, STAGES[0]) and not os.path.isdir(workdir):
         raise ConfigError(f"--only-stage {only_stage} needs the earlier stages' outputs, and workdir {workdir} does "
                           f"not exist: run the job without --only-stage first")

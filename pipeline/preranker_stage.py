@@ -45,21 +45,28 @@ def autofas_config(config):
                            external_feature_costs=tuple(sorted(p.external_feature_costs.items())), seed=p.seed)
 
 
+def read_latency_table(path: str):
+    """`LatencyTable.load`, a missing or malformed file a ConfigError naming it."""
+    from models.preranking.latency import LatencyTable
+    from pipeline.config import ConfigError
+
+    try:
+        return LatencyTable.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"`preranker.latency_table`: {path} was not found") from None
+    except (ValueError, TypeError) as e:  # JSON, keys or values
+        raise ConfigError(f"`preranker.latency_table`: {path} is not a latency table: {e}") from None
+
+
 def load_latency_table(config, schema: Schema):
     """The table of `preranker.latency_table`, checked against this search (ConfigError
     naming the file otherwise); None when the option is empty (measure)."""
-    from models.preranking.latency import LatencyTable
     from pipeline.config import ConfigError
 
     path = config.preranker.latency_table
     if not path:
         return None
-    try:
-        table = LatencyTable.load(path)
-    except FileNotFoundError:
-        raise ConfigError(f"`preranker.latency_table`: {path} was not found") from None
-    except (ValueError, TypeError) as e:  # JSON, keys or values
-        raise ConfigError(f"`preranker.latency_table`: {path} is not a latency table: {e}") from None
+    table = read_latency_table(path)
     try:
         table.check_covers([f.name for f in schema.features], config.preranker.operator_widths,
                            config.preranker.candidates)

@@ -58,3 +58,12 @@ def test_a_table_with_external_costs_is_refused_when_the_config_is_loaded():
     with pytest.raises(ConfigError, match=r"`preranker.latency_table` \(t.json\) is used as it is: leave "
                                           r"`preranker.external_feature_costs` empty"):
         load_config(None, ["preranker.latency_table=t.json", "preranker.external_feature_costs={geo: 1.5}"])
+
+
+def test_a_missing_table_fails_the_run_before_any_stage(tmp_path):
+    from pipeline.job import run
+
+    missing = str(tmp_path / "none.json")
+    with pytest.raises(ConfigError, match=f"`preranker.latency_table`: {missing} was not found"):
+        run(load_config(None, [f"preranker.latency_table={missing}"]), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
