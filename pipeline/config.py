@@ -600,12 +600,12 @@ class PrerankerStageConfig:
         deployment fetches from an external store (added to the measured costs).
       latency_table: a latency table (JSON) to search against instead of measuring one
         on this machine: the table a run wrote (``latency_table.json`` in the run's
-        pre-ranker checkpoint, named in the log and in ``metrics.json`` under
-        ``preranker.latency_table``), taken from a run on a machine like the serving
-        CPUs, or kept so that scheduled runs search against the same costs every day
-        (the measurement's noise can move the chosen network). Its costs are used as
-        they are, so `external_feature_costs` must be empty (a run's table already
-        holds that run's). Empty: measure.
+        pre-ranker checkpoint, named in the log and in ``metrics.json`` at
+        ``preranker`` → ``latency_table`` → ``path``), taken from a run on a machine
+        like the serving CPUs, or kept so that scheduled runs search against the same
+        costs every day (the measurement's noise can move the chosen network). Its
+        costs are used as they are, so `external_feature_costs` must be empty (a run's
+        table already holds that run's). Empty: measure.
     """
 
     enabled: bool = True
