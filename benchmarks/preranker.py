@@ -21,7 +21,9 @@ Models, all trained on the training rows:
 * **AutoFAS** (`models.preranking.train_preranker`): search, derive, retrain with
   distillation from the CAN ranker, one model per λ2 in ``--lambda2`` (the Pareto
   curve); the headline model is the one with λ2 = ``--headline-lambda2``. The latency
-  table is measured once on this machine and shared by the sweep.
+  table is measured once on this machine and shared by the sweep (or read from
+  ``--latency-table``, e.g. an earlier run's ``--out``, to compare searches over the same
+  costs).
 * **Hand MLP**: every feature (or ``--hand-features``) → ``--hand-hidden`` ReLU layers,
   trained with the same distillation loss and epochs as the AutoFAS retraining.
 
@@ -118,6 +120,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hand-hidden", type=_ints, default=(64, 32))
     p.add_argument("--hand-features", nargs="+", default=None,
                    help="features of the hand MLP (default: every feature of the schema)")
+    p.add_argument("--latency-table", default=None,
+                   help="search against this latency table instead of measuring one: a table JSON (as the job "
+                        "writes) or an earlier --out of this script (its latency_table), so that runs compare "
+                        "searches over the same costs")
     p.add_argument("--latency-calls", type=int, default=200)
     p.add_argument("--latency-repeats", type=int, default=d.latency_repeats)
     p.add_argument("--latency-items", choices=("encoded", "strings"),
@@ -135,6 +141,20 @@ def _parse_args(argv=None) -> argparse.Namespace:
     if args.headline_lambda2 not in args.lambda2:
         p.error(f"--headline-lambda2 {args.headline_lambda2} should be one of --lambda2 {args.lambda2}")
     return args
+
+
+def _given_latency_table(path, features, operator_widths, candidates):
+    """The `--latency-table` file (a table, or this script's output holding one), checked to fit the search."""
+    from models.preranking.latency import LatencyTable
+
+    with open(path) as f:
+        d = json.load(f)
+    table = LatencyTable.from_dict(d["latency_table"] if "latency_table" in d else d)
+    try:
+        table.check_covers(features, operator_widths, candidates)
+    except ValueError as e:
+        raise SystemExit(f"--latency-table {path}: {e}") from None
+    return table
 
 
 # ---------------------------------------------------------------------------------
@@ -422,11 +442,15 @@ def main(argv=None) -> None:
                            latency_repeats=args.latency_repeats, latency_items_encoded=items_encoded, seed=args.seed)
     input_width = sum(1 if f.kind.value == "numeric" else args.embedding_dim for f in schema.features)
     start = time.perf_counter()
-    table = measure_latency_table(schema, vocabs, {k: v[:n_cand] for k, v in train_x.items()}, names,
-                                  args.embedding_dim, args.operator_widths,
-                                  latency_grid(input_width, args.operator_widths), n_cand, None, args.latency_repeats,
-                                  args.seed, items_encoded=items_encoded)
-    log(f"latency table measured in {time.perf_counter() - start:.1f} s: features {table.feature_costs}")
+    if args.latency_table:
+        table = _given_latency_table(args.latency_table, names, args.operator_widths, n_cand)
+        log(f"latency table read from {args.latency_table}: features {table.feature_costs}")
+    else:
+        table = measure_latency_table(schema, vocabs, {k: v[:n_cand] for k, v in train_x.items()}, names,
+                                      args.embedding_dim, args.operator_widths,
+                                      latency_grid(input_width, args.operator_widths), n_cand, None,
+                                      args.latency_repeats, args.seed, items_encoded=items_encoded)
+        log(f"latency table measured in {time.perf_counter() - start:.1f} s: features {table.feature_costs}")
     # The ranker's logits, computed once for every sweep point and the hand MLP.
     teacher_train, teacher_valid = teacher_logits(ranker, train_x), teacher_logits(ranker, valid_x)
     sweep = []

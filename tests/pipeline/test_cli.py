@@ -253,6 +253,8 @@ def test_a_run_searches_against_a_given_latency_table(workdir, tmp_path):
     searches against the given costs; the table it writes is a copy of them."""
     import shutil
 
+    from pipeline.orchestration import StageState
+
     w = str(tmp_path / "w")
     shutil.copytree(workdir, w)
     with open(os.path.join(w, "reports", "latest", "metrics.json")) as f:
@@ -269,8 +271,6 @@ def test_a_run_searches_against_a_given_latency_table(workdir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "latency of every feature and layer shape measured" not in proc.stderr
     assert f"a copy of {given}" in proc.stderr
-    from pipeline.orchestration import StageState
-
     pre = StageState(w).load("preranker")["summary"]  # the run stops before the stale export: no report
     assert pre["latency_table"]["source"] == given
     with open(pre["latency_table"]["path"]) as f:

@@ -67,3 +67,22 @@ def test_a_missing_table_fails_the_run_before_any_stage(tmp_path):
     with pytest.raises(ConfigError, match=f"`preranker.latency_table`: {missing} was not found"):
         run(load_config(None, [f"preranker.latency_table={missing}"]), str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_the_benchmark_reads_a_table_or_an_earlier_output_holding_one(schema, tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "benchmarks", "preranker.py")
+    spec = importlib.util.spec_from_file_location("preranker_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    names = [f.name for f in schema.features]
+    table = _table(schema)
+    plain = table.save(str(tmp_path / "table.json"))
+    output = tmp_path / "out.json"
+    output.write_text(json.dumps({"dataset": "synthetic", "latency_table": table.to_dict()}))
+    for given in (plain, str(output)):
+        assert bench._given_latency_table(given, names, (16, 32, 64, 128), 1000) == table
+    with pytest.raises(SystemExit, match=f"--latency-table {plain}: .*not 300; .*output width \\[256\\]"):
+        bench._given_latency_table(plain, names, (16, 256), 300)
