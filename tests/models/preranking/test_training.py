@@ -117,6 +117,11 @@ def test_train_preranker_end_to_end_on_tiny_synthetic_data():
     # The table searched against is returned whole, and a search can reuse it instead of measuring again.
     table = LatencyTable.from_dict(json.loads(json.dumps(metrics["latency_table"])))
     assert {k: round(v, 5) for k, v in table.feature_costs.items()} == metrics["feature_costs_ms"]
+    # Given the table it measured, the same search searches the same way (measuring does not move the start).
+    _, same = train_preranker(schema, vocabs, train, valid, None, config, latency_table=table,
+                              teacher_outputs=(teacher_logits(teacher, inputs_from_frame(schema, train)),
+                                               teacher_logits(teacher, inputs_from_frame(schema, valid))))
+    assert same["search"] == metrics["search"] and same["features"] == metrics["features"]
     quick = dataclasses.replace(config, search_epochs=1, search_warmup_epochs=0, retrain_epochs=1)
     reused = []
     again, again_metrics = train_preranker(schema, vocabs, train, valid, None, quick, teacher_outputs=outputs,
