@@ -77,6 +77,7 @@ def load_latency_table(config, schema: Schema):
 
 def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple[Any, Dict[str, Any]]:
     """Searches, derives and retrains the pre-ranker; returns ``(model, summary)``."""
+    from models.preranking.latency import LatencyTable
     from models.preranking.training import predict_logits, train_preranker
     from models.ranking.metrics import ctr_metrics
     from models.ranking.models import inputs_from_frame
@@ -108,9 +109,7 @@ def stage_preranker(config, workdir: str, teacher, checkpoint_dir: str) -> Tuple
     with open(os.path.join(checkpoint_dir, MODEL_CONFIG_FILE), "w") as f:
         json.dump(model.get_config(), f)
     tf.train.Checkpoint(model=model).write(os.path.join(checkpoint_dir, WEIGHTS))
-    table_path = os.path.join(checkpoint_dir, LATENCY_TABLE_FILE)
-    with open(table_path, "w") as f:
-        json.dump(ranker_stage.json_safe(details["latency_table"]), f, indent=2)
+    table_path = LatencyTable.from_dict(details["latency_table"]).save(os.path.join(checkpoint_dir, LATENCY_TABLE_FILE))
     log.info("preranker: searched against the latency table %s%s (set preranker.latency_table to it to reuse it)",
              table_path, f", a copy of {p.latency_table}" if table is not None else " measured on this machine")
     summary = {

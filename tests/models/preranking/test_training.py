@@ -119,8 +119,7 @@ def test_train_preranker_end_to_end_on_tiny_synthetic_data():
     assert {k: round(v, 5) for k, v in table.feature_costs.items()} == metrics["feature_costs_ms"]
     # Given the table it measured, the same search searches the same way (measuring does not move the start).
     _, same = train_preranker(schema, vocabs, train, valid, None, config, latency_table=table,
-                              teacher_outputs=(teacher_logits(teacher, inputs_from_frame(schema, train)),
-                                               teacher_logits(teacher, inputs_from_frame(schema, valid))))
+                              teacher_outputs=outputs)
     assert same["search"] == metrics["search"] and same["features"] == metrics["features"]
     quick = dataclasses.replace(config, search_epochs=1, search_warmup_epochs=0, retrain_epochs=1)
     reused = []
